@@ -1,6 +1,203 @@
-"""Shared helpers: the framework's error type, seeding, device resolution and console reports."""
+"""Shared helpers: the framework's error type, seeding, device resolution, stage timing and console reports."""
 from __future__ import annotations
+
+import contextlib
+import platform
+import random
+import resource
+import sys
+import time
+from collections import defaultdict
+from typing import Any, Iterator
+
+import numpy as np
+import torch
 
 
 class FrameworkError(Exception):
     """A user-facing error: bad input, bad config or missing files. The CLI prints it as one line."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch (CPU and CUDA) so that a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA on a machine without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FrameworkError("device 'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for queued GPU work so wall-clock stage timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StageTimer:
+    """Accumulates wall-clock seconds per named stage (``with timer("features"): ...``)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.device)
+            self.seconds[stage] += time.perf_counter() - start
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{stage}": round(value, 4) for stage, value in self.seconds.items()}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that change numbers (P13): torch, torchvision, timm, numpy, python."""
+    import timm
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def _print_block(title: str, rows: dict[str, Any]) -> None:
+    width = max((len(str(key)) for key in rows), default=0)
+    print(f"\n== {title} ==", file=sys.stdout)
+    for key, value in rows.items():
+        print(f"  {str(key):<{width}}  {value}")
+
+
+def show_data_info(info: dict[str, Any]) -> None:
+    """Prints what the dataloader found: root, category, protocol and counts per split."""
+    _print_block("Data", info)
+
+
+def show_model_info(model: torch.nn.Module, extra: dict[str, Any] | None = None) -> None:
+    """Prints the model class, its parameter counts and backbone facts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    buffers = sum(b.numel() for b in model.buffers())
+    rows = {"model": type(model).__name__, "parameters": f"{total:,} ({trainable:,} trainable)", "buffers": f"{buffers:,}"}
+    _print_block("Model", {**rows, **(extra or {})})
+
+
+def show_train_info(config: dict, device: torch.device, run_dir: Any) -> None:
+    """Prints the trainer family, its settings, the device and where outputs go."""
+    rows = {"trainer": config["train"]["trainer"], "device": str(device), "seed": config["seed"], "run folder": run_dir}
+    rows.update({f"train.{k}": v for k, v in config["train"].items() if k != "trainer"})
+    _print_block("Training", rows)
+
+
+def _format_metric(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def show_results(results: dict[str, Any]) -> None:
+    """Prints the metrics and timings of a run as a readable two-column table."""
+    _print_block("Metrics", {key: _format_metric(value) for key, value in results["metrics"].items()})
+    timings = {key: f"{value:.2f} s" if key != "images_per_second" else f"{value:.1f}" for key, value in results["timings"].items()}
+    _print_block("Timings", timings)
+    _print_block("Run", {"peak memory": f"{results['peak_memory_mb']:.0f} MB", "backbone": results["backbone"],
+                         "weights": results["weights_source"], "run folder": results["run_dir"]})
+
+
+def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:
+    """Back to [0, 1] RGB from the dataloader's normalisation ("imagenet" or "none")."""
+    if normalize == "imagenet":
+        mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+        std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+        images = images * std + mean
+    return images.clamp(0, 1)
+
+
+def save_sample_figures(run_dir, predictions, dataset, threshold: float | None, count: int) -> list:
+    """PNG per sampled test image: image | ground truth | heat-map overlay | predicted mask.
+
+    Samples are spread evenly over the test split so every defect type tends to appear. ``dataset``
+    gives back each image (``dataset[i]["image"]``) in the order of ``predictions``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = run_dir / "figures"
+    folder.mkdir(exist_ok=True)
+    total = len(predictions.scores)
+    indices = np.unique(np.linspace(0, total - 1, num=min(count, total)).round().astype(int)) if count > 0 else []
+    low, high = float(predictions.maps.min()), float(predictions.maps.max())
+    normalize = dataset.normalize if hasattr(dataset, "normalize") else "imagenet"
+    paths = []
+    for index in indices:
+        image = dataset[int(index)]["image"].unsqueeze(0)
+        rgb = denormalize(image, normalize)[0].permute(1, 2, 0).numpy()
+        heat = predictions.maps[index, 0].numpy()
+        heat_rgb = np.asarray(torch.nn.functional.interpolate(
+            torch.from_numpy(heat)[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0])
+        figure, axes = plt.subplots(1, 4, figsize=(12, 3.3))
+        axes[0].imshow(rgb)
+        axes[0].set_title(f"{predictions.defect_types[index]}  score {predictions.scores[index]:.3g}", fontsize=8)
+        axes[1].imshow(predictions.masks[index, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[1].set_title("ground truth", fontsize=8)
+        axes[2].imshow(rgb)
+        axes[2].imshow(heat_rgb, cmap="jet", alpha=0.45, vmin=low, vmax=high)
+        axes[2].set_title("anomaly map", fontsize=8)
+        predicted = heat >= threshold if threshold is not None else np.zeros_like(heat, dtype=bool)
+        axes[3].imshow(predicted, cmap="gray", vmin=0, vmax=1)
+        axes[3].set_title(f"map >= threshold {threshold:.3g}" if threshold is not None else "no threshold", fontsize=8)
+        for axis in axes:
+            axis.axis("off")
+        path = folder / f"{index:04d}_{predictions.defect_types[index]}.png"
+        figure.savefig(path, dpi=80, bbox_inches="tight")
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def save_roc_curve(run_dir, labels: np.ndarray, scores: np.ndarray, auroc: float | None) -> Any:
+    """The image-level ROC curve as ``roc_curve.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    if len(np.unique(labels)) < 2:
+        return None
+    fpr, tpr, _ = roc_curve(labels, scores)
+    figure, axis = plt.subplots(figsize=(4, 4))
+    axis.plot(fpr, tpr, label=f"image AUROC {auroc:.4f}" if auroc is not None else None)
+    axis.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
+    axis.set_xlabel("false positive rate")
+    axis.set_ylabel("true positive rate")
+    axis.legend(loc="lower right")
+    path = run_dir / "roc_curve.png"
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return path

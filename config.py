@@ -1,0 +1,219 @@
+"""Plain-dict configuration: defaults per dataset, per model family and per model, merged in a fixed order.
+
+Merge order (later wins):
+    BASE_CONFIGS < DATA_CONFIGS[data.name] < TRAIN_CONFIGS[train.trainer] < MODEL_CONFIGS[model.name] < overrides
+The model's entry comes after its family's so that a paper's own recipe (STFPM's SGD lr 0.4, DRAEM's
+batch 8) wins over the family defaults. Overrides are nested dicts or dotted keys (``{"train.lr": 0.1}``).
+Every override must name a key that exists in the merged defaults and carry a value of its type.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from utils import FrameworkError
+
+BASE_CONFIGS: dict[str, Any] = {
+    "seed": 0,
+    "device": "auto",  # auto | cpu | cuda
+    "output_dir": "experiments",
+    "data": {
+        "name": "demo",
+        "category": None,
+        "root": None,  # else the dataset's environment variable (MVTEC_ROOT, VISA_ROOT, BTAD_ROOT, ANOMALY_DEMO_ROOT)
+        "image_size": 224,  # side of the model input
+        "crop_ratio": 0.875,  # resize to image_size / crop_ratio, then centre-crop; 1.0 = plain resize
+        "interpolation": "bilinear",  # bilinear | bicubic | lanczos (masks always nearest)
+        "normalize": "imagenet",  # imagenet | none
+        "batch_size": 32,
+        "num_workers": 0,
+        "val_fraction": 0.0,  # held-out share of train/good for validation and the threshold
+        "mask_size": None,  # side at which pixel metrics are computed; None = image_size
+        "cache": False,  # keep decoded, resized images in memory (multi-epoch training)
+    },
+    "model": {"name": "padim"},
+    "train": {"trainer": "memory"},
+    "eval": {
+        "threshold_quantile": 1.0,  # quantile of normal held-out (or in-sample) scores; 1.0 = max
+        "num_figures": 8,  # test images drawn as image | ground truth | heat map | predicted mask
+        "save_checkpoint": True,
+    },
+}
+
+DATA_CONFIGS: dict[str, dict] = {
+    "demo": {"data": {"category": "fabric"}},
+    "mvtec": {"data": {"category": "bottle"}},
+    "visa": {"data": {"category": "candle"}},
+    "btad": {"data": {"category": "01"}},
+}
+
+TRAIN_CONFIGS: dict[str, dict] = {
+    "memory": {"train": {"trainer": "memory"}},
+}
+
+MODEL_CONFIGS: dict[str, dict] = {
+    # PaDiM (Defard et al., ICPR-W 2020): xia's reference protocol, LANCZOS resize 256, centre crop 224.
+    "padim": {
+        "model": {
+            "backbone": "wide_resnet50_2",
+            "layers": [1, 2, 3],
+            "pretrained": True,
+            "weights": None,
+            "n_features": None,  # None = paper rule (R18 100, WR50 550, others see PadimModel)
+            "sigma": 4.0,
+            "feature_seed": 1024,
+        },
+        "train": {"trainer": "memory"},
+        "data": {"image_size": 224, "crop_ratio": 0.875, "interpolation": "lanczos"},
+    },
+    # PatchCore (Roth et al., CVPR 2022): official IM224 protocol, resize 256 (bilinear), centre crop 224.
+    "patchcore": {
+        "model": {
+            "backbone": "wide_resnet50_2",
+            "layers": [2, 3],
+            "pretrained": True,
+            "weights": None,
+            "patch_size": 3,
+            "pre_embed_dim": 1024,
+            "embed_dim": 1024,
+            "coreset_ratio": 0.1,
+            "projection_dim": 128,
+            "num_start_points": 10,
+            "coreset_seed": 0,
+            "score_mode": "reweighted",  # paper eq. 7 (b=9); "max" = the official code
+            "num_neighbors": 9,
+            "sigma": 4.0,
+            "bank_dtype": "float32",
+            "memory_budget_mb": 8192.0,
+            "chunk_mb": 64.0,
+        },
+        "train": {"trainer": "memory"},
+        "data": {"image_size": 224, "crop_ratio": 0.875, "interpolation": "bilinear", "batch_size": 8},
+    },
+}
+
+# Keys whose default is None, with the type a set value must have.
+NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
+    "data.category": (str,),
+    "data.root": (str,),
+    "data.mask_size": (int,),
+    "model.weights": (str,),
+    "model.n_features": (int,),
+}
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """A new dict: ``base`` with ``update`` merged in recursively."""
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def expand_dotted(overrides: dict) -> dict:
+    """Turns ``{"train.lr": 0.1}`` into ``{"train": {"lr": 0.1}}``; nested dicts pass through."""
+    nested: dict = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            value = expand_dotted(value)
+        parts = str(key).split(".")
+        target = nested
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise FrameworkError(f"Config key '{key}' mixes a value and a section")
+        if isinstance(value, dict) and isinstance(target.get(parts[-1]), dict):
+            target[parts[-1]] = deep_merge(target[parts[-1]], value)
+        else:
+            target[parts[-1]] = value
+    return nested
+
+
+def _pick(table: dict[str, dict], name: str, what: str, key: str) -> dict:
+    if name not in table:
+        raise FrameworkError(f"Unknown {what} '{name}' ({key}): known are {', '.join(sorted(table))}")
+    return table[name]
+
+
+def default_config(model: str, dataset: str, trainer: str | None = None) -> dict:
+    """The merged defaults for one model on one dataset, before overrides."""
+    model_entry = _pick(MODEL_CONFIGS, model, "model", "model.name")
+    family = trainer or model_entry["train"]["trainer"]
+    config = deep_merge(BASE_CONFIGS, _pick(DATA_CONFIGS, dataset, "dataset", "data.name"))
+    config = deep_merge(config, _pick(TRAIN_CONFIGS, family, "trainer", "train.trainer"))
+    config = deep_merge(config, model_entry)
+    config["model"]["name"], config["data"]["name"], config["train"]["trainer"] = model, dataset, family
+    return config
+
+
+def _check_value(path: str, default: Any, value: Any) -> Any:
+    """Returns ``value`` (ints widened to float where a float is expected) or refuses it naming the key."""
+    if default is None:
+        allowed = NULLABLE_TYPES.get(path)
+        if value is None or allowed is None or isinstance(value, allowed) and not isinstance(value, bool):
+            return value
+        expected = " or ".join(t.__name__ for t in allowed)
+        raise FrameworkError(f"Config key '{path}' must be {expected} or null, got {type(value).__name__} {value!r}")
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise FrameworkError(
+            f"Config key '{path}' must be {type(default).__name__} (default {default!r}), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _apply(config: dict, overrides: dict, prefix: str = "") -> None:
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        if key not in config:
+            known = ", ".join(f"{prefix}{k}" for k in sorted(config))
+            raise FrameworkError(f"Unknown config key '{path}': known keys here are {known}")
+        if isinstance(config[key], dict):
+            if not isinstance(value, dict):
+                raise FrameworkError(f"Config key '{path}' is a section; give a dict or dotted keys like '{path}.x'")
+            _apply(config[key], value, prefix=f"{path}.")
+        else:
+            config[key] = _check_value(path, config[key], value)
+
+
+def resolve_config(overrides: dict | None = None) -> dict:
+    """The complete run config: defaults for the chosen model and dataset, then the checked overrides."""
+    overrides = expand_dotted(overrides or {})
+    model = overrides.get("model", {}).get("name", BASE_CONFIGS["model"]["name"])
+    dataset = overrides.get("data", {}).get("name", BASE_CONFIGS["data"]["name"])
+    trainer = overrides.get("train", {}).get("trainer")
+    config = default_config(model, dataset, trainer)
+    _apply(config, overrides)
+    _check_consistency(config)
+    return config
+
+
+def _check_consistency(config: dict) -> None:
+    """Refuses values that are individually well typed but meaningless."""
+    data = config["data"]
+    if not 0.0 < data["crop_ratio"] <= 1.0:
+        raise FrameworkError(f"Config key 'data.crop_ratio' must be in (0, 1], got {data['crop_ratio']}")
+    if not 0.0 <= data["val_fraction"] < 1.0:
+        raise FrameworkError(f"Config key 'data.val_fraction' must be in [0, 1), got {data['val_fraction']}")
+    for key in ("image_size", "batch_size"):
+        if data[key] <= 0:
+            raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
+    if config["device"] not in ("auto", "cpu", "cuda"):
+        raise FrameworkError(f"Config key 'device' must be auto, cpu or cuda, got {config['device']!r}")
+    if not 0.0 <= config["eval"]["threshold_quantile"] <= 1.0:
+        raise FrameworkError("Config key 'eval.threshold_quantile' must be in [0, 1]")

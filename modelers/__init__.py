@@ -1,0 +1,2 @@
+"""Modelers: one per model, registered by name in MODELER_REGISTRY."""
+from modelers import modeler_padim, modeler_patchcore  # noqa: F401

@@ -1,0 +1,188 @@
+"""The Lightning-style wrapper between a pure model and the trainers.
+
+A modeler owns what the algorithm needs around the network: moving batches to the device, the loss,
+one optimisation step, anomaly maps and scores, optimisers, and checkpoints. Subclasses override only
+what differs; every family-independent step lives here so sibling modelers never copy each other.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.model_base import gaussian_blur2d, upsample_maps
+from utils import FrameworkError, StageTimer
+
+
+class NonFiniteLossError(FrameworkError):
+    """Raised when a loss becomes NaN or infinite, so training stops instead of silently diverging."""
+
+
+class BaseModeler:
+    """Wraps ``model`` (a pure nn.Module) with the steps every trainer calls.
+
+    Attributes:
+        one_pass: True for memory models, which collect statistics in ``training_step`` without an
+            optimiser and build their buffers in ``fit``; False for gradient-trained models.
+        timer: stage timings (``features``, ``maps``...) that benchmarks and results report.
+    """
+
+    one_pass = False
+    fit_stage = "fit_buffers"  # name of the buffer-building stage in timings
+
+    def __init__(self, model: nn.Module, config: dict) -> None:
+        self.model = model
+        self.config = config
+        self.device = torch.device("cpu")
+        self.timer = StageTimer()
+        self.metrics = None  # family metrics, attached by the trainer
+        self.use_amp = False
+
+    # -- device and modes -------------------------------------------------------------------------
+    def to(self, device: torch.device) -> "BaseModeler":
+        self.device = device
+        self.timer = StageTimer(device)
+        self.model.to(device)
+        self.use_amp = device.type == "cuda"
+        if device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        return self
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision on CUDA only; CPU runs stay in float32 so results are exact and comparable."""
+        if self.use_amp:
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def images(self, batch: dict) -> torch.Tensor:
+        """The batch's images on the modeler's device [B, 3, H, W]."""
+        return batch["image"].to(self.device, non_blocking=True)
+
+    # -- the seed's step methods ------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict[str, Any]:
+        """Runs the model on the batch's images."""
+        with self.timer("features"):
+            return self.model(self.images(batch))
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        """The training objective: ``{"loss": scalar, ...parts}``. Gradient models must override."""
+        raise NotImplementedError(f"{type(self).__name__} has no loss: it is a one-pass model")
+
+    def training_step(self, batch: dict, optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """One-pass models collect the batch; gradient models take one optimiser step."""
+        if self.one_pass:
+            with torch.inference_mode(), self.timer("features"):
+                self.model.update(self.images(batch))
+            return {}
+        self.model.train()
+        with self.autocast():
+            outputs = self.forward(batch)
+            losses = self.compute_loss(outputs, batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        self.backward(loss, optimizer)
+        return self._step_report(losses, outputs, batch, train=True)
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Back-propagates and steps; the trainer may attach a GradScaler for mixed precision."""
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    @torch.no_grad()
+    def validate_step(self, batch: dict) -> dict[str, float]:
+        """The training computation without back-propagation, on held-out normal images."""
+        self.model.eval()
+        with self.autocast():
+            outputs = self.forward(batch)
+            losses = self.compute_loss(outputs, batch)
+        return self._step_report(losses, outputs, batch, train=False)
+
+    def _step_report(self, losses: dict, outputs: dict, batch: dict, train: bool) -> dict[str, float]:
+        report = {name: float(value.detach()) for name, value in losses.items()}
+        if self.metrics is not None:
+            compute = self.metrics.compute_train_metrics if train else self.metrics.compute_valid_metrics
+            report.update(compute(outputs, batch))
+        return report
+
+    def evaluate_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Anomaly maps [B, 1, H, W] at the input resolution and image scores [B]."""
+        self.model.eval()
+        outputs = self.forward(batch)
+        with self.timer("maps"):
+            maps = self.compute_anomaly_maps(outputs, batch).float()
+            scores = self.compute_anomaly_scores(maps, outputs)
+        return {"anomaly_maps": maps, "anomaly_scores": scores}
+
+    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+        """Each model turns its outputs into a map [B, 1, H, W]."""
+        raise NotImplementedError
+
+    def compute_anomaly_scores(self, maps: torch.Tensor, outputs: dict) -> torch.Tensor:
+        """Image score = maximum of the map, unless a model defines otherwise."""
+        return maps.amax(dim=(1, 2, 3))
+
+    def begin_fit(self, num_images: int) -> None:
+        """Tells a one-pass model how many training images will come (PatchCore preallocates)."""
+        if self.one_pass:
+            self.model.begin_fit(num_images)
+
+    def fit(self) -> None:
+        """One-pass models build their buffers from what ``training_step`` collected."""
+        if self.one_pass:
+            with self.timer(self.fit_stage):
+                self.model.finalize()
+
+    # -- shared post-processing -------------------------------------------------------------------
+    @staticmethod
+    def smooth_to_input(patch_maps: torch.Tensor, size: tuple[int, int], sigma: float, mode: str = "bilinear"):
+        """Upsamples a patch-grid map [B, 1, h, w] to the input size, then Gaussian-smooths it."""
+        return gaussian_blur2d(upsample_maps(patch_maps, size, mode=mode), sigma)
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, Any]:
+        """Optimiser and scheduler from the config's ``train`` section (plain torch classes)."""
+        train = self.config["train"]
+        params = self.trainable_parameters()
+        name = train["optimizer"]
+        if name == "sgd":
+            optimizer = torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
+        elif name in ("adam", "adamw"):
+            optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+            optimizer = optimizer_class(params, lr=train["lr"], weight_decay=train["weight_decay"])
+        else:
+            raise FrameworkError(f"Config key 'train.optimizer' must be sgd, adam or adamw, got {name!r}")
+        return optimizer, self._scheduler(optimizer, train)
+
+    @staticmethod
+    def _scheduler(optimizer: torch.optim.Optimizer, train: dict):
+        name = train["scheduler"]
+        if name == "none":
+            return None
+        if name == "multistep":
+            milestones = [math.floor(fraction * train["epochs"]) for fraction in train["milestones"]]
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=train["gamma"])
+        if name == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train["epochs"])
+        raise FrameworkError(f"Config key 'train.scheduler' must be none, multistep or cosine, got {name!r}")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state: parameters and every fitted buffer."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)

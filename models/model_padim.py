@@ -1,0 +1,122 @@
+"""PaDiM: a Gaussian per patch position over pretrained CNN features.
+
+Defard, Setkov, Loesch, Audigier, "PaDiM: a Patch Distribution Modeling Framework for Anomaly
+Detection and Localization", ICPR Workshops 2020 (arXiv 2011.08785). Reference code:
+xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.model_base import FittedBuffersMixin, TimmFeatureExtractor
+from registry import MODEL_REGISTRY
+from utils import FrameworkError
+
+# Channels kept by the paper's random dimension reduction (Rd100 for R18, Rd550 for WR50).
+PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
+# Other backbones keep this many (the R18 setting), or all channels if they have fewer.
+DEFAULT_N_FEATURES = 100
+# Regularises the covariance so it is always invertible, as in the paper (eq. 1).
+COVARIANCE_EPS = 0.01
+
+
+@MODEL_REGISTRY.register("padim")
+class PadimModel(FittedBuffersMixin, nn.Module):
+    """Multivariate Gaussian per embedding position; the anomaly map is the Mahalanobis distance.
+
+    Statistics accumulate in one streaming pass (Chan et al.'s pairwise update of mean and centred
+    scatter), so memory stays at one covariance per position whatever the number of training images.
+
+    Args:
+        backbone: timm architecture (paper: ``wide_resnet50_2`` or ``resnet18``).
+        layers: feature indices whose maps are concatenated (paper: layer1–3 = indices 1, 2, 3).
+        pretrained: ImageNet weights for the backbone.
+        weights: explicit weights file.
+        n_features: channels kept by the random subset; None = the paper's value for R18/WR50, else 100.
+        sigma: Gaussian smoothing of the upsampled map (paper: 4).
+        feature_seed: seed of the random channel subset (the reference code uses 1024).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[int | str] = (1, 2, 3),
+        pretrained: bool = True,
+        weights: str | None = None,
+        n_features: int | None = None,
+        sigma: float = 4.0,
+        feature_seed: int = 1024,
+    ) -> None:
+        super().__init__()
+        self.extractor = TimmFeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights)
+        total = sum(self.extractor.channels)
+        if n_features is None:
+            n_features = PAPER_N_FEATURES.get(backbone, min(DEFAULT_N_FEATURES, total))
+        if not 0 < n_features <= total:
+            raise FrameworkError(f"model.n_features must be in 1..{total} for {backbone} {layers}, got {n_features}")
+        self.sigma = sigma
+        generator = torch.Generator().manual_seed(feature_seed)
+        subset = torch.randperm(total, generator=generator)[:n_features].sort().values
+        self.register_buffer("feature_index", subset)
+        self.register_buffer("mean", torch.empty(0))
+        self.register_buffer("inv_covariance", torch.empty(0))
+        self._count = 0
+        self._scatter: torch.Tensor | None = None
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Concatenated, channel-subset features on the first layer's grid [B, d, h, w].
+
+        Deeper maps are upsampled by nearest neighbour, which equals the reference code's unfold/fold.
+        """
+        features = self.extractor(images)
+        grid = features[0].shape[-2:]
+        aligned = [features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]]
+        return torch.cat(aligned, dim=1).index_select(1, self.feature_index)
+
+    def begin_fit(self, num_images: int) -> None:
+        """Streaming statistics need no reservation; starts a fresh accumulation."""
+        self._count, self._scatter = 0, None
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor) -> None:
+        """Adds a batch of normal images to the running per-position mean and scatter."""
+        embedding = self.embed(images).float()
+        batch, dim, height, width = embedding.shape
+        samples = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim)  # [P, B, d]
+        batch_mean = samples.mean(dim=1)
+        centred = samples - batch_mean.unsqueeze(1)
+        batch_scatter = centred.transpose(1, 2) @ centred  # [P, d, d]
+        if self._count == 0:
+            self.mean, self._scatter = batch_mean, batch_scatter
+        else:
+            total = self._count + batch
+            delta = batch_mean - self.mean
+            self._scatter += batch_scatter
+            self._scatter += delta.unsqueeze(2) * delta.unsqueeze(1) * (self._count * batch / total)
+            self.mean += delta * (batch / total)
+        self._count += batch
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Turns the accumulated scatter into the regularised inverse covariance, in place."""
+        if self._count < 2:
+            raise FrameworkError(f"PaDiM needs at least 2 training images, got {self._count}")
+        covariance = self._scatter.div_(self._count - 1)
+        covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
+        self.inv_covariance = torch.linalg.inv(covariance)
+        self._scatter, self._count = None, 0
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mahalanobis distance of every position's embedding to its Gaussian [B, 1, h, w]."""
+        if self.inv_covariance.numel() == 0:
+            raise FrameworkError("PaDiM is not fitted: run the memory trainer (or load a checkpoint) first")
+        embedding = self.embed(images).float()
+        batch, dim, height, width = embedding.shape
+        centred = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim) - self.mean.unsqueeze(1)
+        squared = ((centred @ self.inv_covariance) * centred).sum(-1)  # [P, B]
+        distance = squared.clamp_min(0).sqrt().T.reshape(batch, 1, height, width)
+        return {"patch_scores": distance}

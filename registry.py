@@ -1,0 +1,106 @@
+"""Name → class registries and the ``build_*`` factories that turn a resolved config into objects.
+
+Registration is explicit: each package's ``__init__.py`` imports its modules, whose classes carry
+``@<KIND>_REGISTRY.register("name")``. ``import_all()`` imports those packages once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from utils import FrameworkError
+
+T = TypeVar("T")
+
+
+class Registry:
+    """A named mapping of builders; duplicate names are refused, unknown names list the known ones.
+
+    Args:
+        kind: what the registry holds, used in error messages ("model", "dataset", ...).
+        contract: one line saying what a registered object must provide.
+    """
+
+    def __init__(self, kind: str, contract: str) -> None:
+        self.kind = kind
+        self.contract = contract
+        self._entries: dict[str, Any] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator adding a class or function under ``name``."""
+
+        def add(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} '{name}' is already registered")
+            self._entries[name] = obj
+            return obj
+
+        return add
+
+    def get(self, name: str) -> Any:
+        """The object registered under ``name``."""
+        if name not in self._entries:
+            known = ", ".join(sorted(self._entries)) or "none"
+            raise FrameworkError(f"Unknown {self.kind} '{name}': known {self.kind}s are {known}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+DATALOADER_REGISTRY = Registry("dataset", "BaseDataloader subclass built from (data config, seed)")
+MODEL_REGISTRY = Registry("model", "nn.Module built from the config's model section as keyword arguments")
+MODELER_REGISTRY = Registry("modeler", "BaseModeler subclass wrapping the model of the same name")
+TRAINER_REGISTRY = Registry("trainer", "BaseTrainer subclass for one model family")
+METRICS_REGISTRY = Registry("metrics", "family metrics with compute_train_metrics / compute_valid_metrics")
+
+_imported = False
+
+
+def import_all() -> None:
+    """Imports every package once so that their registrations run."""
+    global _imported
+    if not _imported:
+        import dataloaders  # noqa: F401
+        import metrics  # noqa: F401
+        import modelers  # noqa: F401
+        import models  # noqa: F401
+        import trainers  # noqa: F401
+
+        _imported = True
+
+
+def build_dataloader(config: dict):
+    """The dataloader of ``config['data']['name']``."""
+    import_all()
+    return DATALOADER_REGISTRY.get(config["data"]["name"])(config["data"], config["seed"])
+
+
+def build_model(config: dict):
+    """The pure model of ``config['model']['name']``, built from the model section's other keys."""
+    import_all()
+    kwargs = {key: value for key, value in config["model"].items() if key != "name"}
+    return MODEL_REGISTRY.get(config["model"]["name"])(**kwargs)
+
+
+def build_modeler(config: dict, model):
+    """The modeler wrapping ``model``."""
+    import_all()
+    return MODELER_REGISTRY.get(config["model"]["name"])(model, config)
+
+
+def build_metrics(config: dict):
+    """The family metrics of the configured trainer, or None where the family has none."""
+    import_all()
+    family = config["train"]["trainer"]
+    return METRICS_REGISTRY.get(family)(config) if family in METRICS_REGISTRY else None
+
+
+def build_trainer(config: dict, modeler, dataloader, run_dir: Path, device):
+    """The trainer of the model's family (``config['train']['trainer']``)."""
+    import_all()
+    trainer_class = TRAINER_REGISTRY.get(config["train"]["trainer"])
+    return trainer_class(modeler, dataloader, config, run_dir, device, metrics=build_metrics(config))

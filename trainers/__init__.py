@@ -1,0 +1,2 @@
+"""Trainers: one per model family, registered in TRAINER_REGISTRY."""
+from trainers import trainer_memory  # noqa: F401

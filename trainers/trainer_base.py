@@ -1,0 +1,150 @@
+"""What every trainer does: predict maps and scores over a loader, pick a threshold, evaluate, checkpoint.
+
+Families differ only in ``fit`` (one pass for memory models; epochs, validation and early stopping
+for the gradient-style ones), so evaluation is written once here.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from metrics.metrics_base import compute_image_metrics, compute_pixel_metrics, normal_threshold
+from utils import FrameworkError, StageTimer
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class Predictions:
+    """Everything evaluation needs, on the CPU: scores [N], maps and masks [N, 1, S, S], labels [N]."""
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+    image_paths: list[str]
+    defect_types: list[str]
+
+
+class BaseTrainer:
+    """Drives a modeler over the dataloader's splits.
+
+    Args:
+        modeler: the model wrapper (moved to ``device`` here).
+        dataloader: a BaseDataloader giving train / valid / test loaders.
+        config: the resolved config.
+        run_dir: the run's own output folder.
+        device: where the model runs.
+        metrics: family metrics (PSNR/SSIM, likelihood...) reported during training, or None.
+    """
+
+    def __init__(self, modeler, dataloader, config: dict, run_dir: Path, device: torch.device, metrics=None) -> None:
+        self.modeler = modeler.to(device)
+        self.modeler.metrics = metrics
+        self.dataloader = dataloader
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self.threshold: float | None = None
+        self.threshold_source = "none"
+
+    # -- to be provided by each family --------------------------------------------------------------
+    def fit(self) -> dict:
+        """Trains or fits the model; returns a summary (epochs run, losses...)."""
+        raise NotImplementedError
+
+    def run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
+        """One pass over ``loader``: optimiser steps when ``train``, else validation; mean of each metric."""
+        raise NotImplementedError
+
+    # -- shared evaluation --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def predict(self, loader, desc: str = "predict") -> Predictions:
+        """Maps and scores for every image of ``loader``, maps at the stated mask resolution."""
+        mask_size = self.config["data"]["mask_size"]
+        parts: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [], "types": []}
+        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+            output = self.modeler.evaluate_step(batch)
+            maps, masks = output["anomaly_maps"], batch["mask"]
+            if mask_size is not None and maps.shape[-1] != mask_size:
+                maps = F.interpolate(maps, size=(mask_size, mask_size), mode="bilinear", align_corners=False)
+                masks = F.interpolate(masks, size=(mask_size, mask_size), mode="nearest")
+            parts["scores"].append(output["anomaly_scores"].float().cpu())
+            parts["maps"].append(maps.cpu())
+            parts["labels"].append(batch["label"])
+            parts["masks"].append(masks)
+            parts["paths"].extend(batch["image_path"])
+            parts["types"].extend(batch["defect_type"])
+        if not parts["scores"]:
+            raise FrameworkError(f"No images to {desc}: the split is empty")
+        return Predictions(
+            scores=torch.cat(parts["scores"]),
+            maps=torch.cat(parts["maps"]),
+            labels=torch.cat(parts["labels"]),
+            masks=torch.cat(parts["masks"]),
+            image_paths=parts["paths"],
+            defect_types=parts["types"],
+        )
+
+    def calibrate_threshold(self) -> None:
+        """Threshold = a quantile of normal scores: held-out train/good images, else the training images.
+
+        Never the test labels (P10). In-sample scores are biased low for models that memorise their
+        training set, which the recorded source makes visible.
+        """
+        quantile = self.config["eval"]["threshold_quantile"]
+        loader = self.dataloader.valid_loader()
+        split = "held-out train/good"
+        if loader is None:
+            loader, split = self.dataloader.train_loader(shuffle=False), "train/good in-sample"
+        start = time.perf_counter()
+        scores = self.predict(loader, desc="threshold").scores
+        self.timings["threshold"] = time.perf_counter() - start
+        self.threshold = normal_threshold(scores.numpy(), quantile)
+        self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
+
+    def evaluate(self) -> tuple[dict, Predictions]:
+        """Scores the test split; returns the metrics and the predictions behind them."""
+        if self.threshold is None:
+            self.calibrate_threshold()
+        self.modeler.timer = StageTimer(self.device)
+        start = time.perf_counter()
+        predictions = self.predict(self.dataloader.test_loader(), desc="evaluate")
+        metrics_start = time.perf_counter()
+        metrics = compute_image_metrics(
+            predictions.labels.numpy(), predictions.scores.numpy(), self.threshold, self.threshold_source
+        )
+        if self.dataloader.has_masks:
+            metrics.update(compute_pixel_metrics(predictions.masks.numpy(), predictions.maps.numpy()))
+        else:
+            warnings.warn("This category has no ground_truth folder: pixel metrics are unavailable")
+            metrics.update({"pixel_auroc": None, "pixel_aupr": None, "aupro": None})
+        end = time.perf_counter()
+        self.timings.update(self.modeler.timer.as_dict("evaluate_"))
+        self.timings["evaluate_metrics"] = end - metrics_start
+        self.timings["evaluate"] = end - start
+        self.timings["images_per_second"] = len(predictions.scores) / max(metrics_start - start, 1e-9)
+        return metrics, predictions
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """A plain dict of tensors and primitives: loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "format_version": 1,
+            "model": self.modeler.state_dict(),
+            "config": self.config,
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+        }
+
+    def save_checkpoint(self, path: Path | None = None) -> Path:
+        path = Path(path or self.run_dir / CHECKPOINT_NAME)
+        torch.save(self.checkpoint(), path)
+        return path
