@@ -194,6 +194,9 @@ def _apply(config: dict, overrides: dict, prefix: str = "") -> None:
 def resolve_config(overrides: dict | None = None) -> dict:
     """The complete run config: defaults for the chosen model and dataset, then the checked overrides."""
     overrides = expand_dotted(overrides or {})
+    for section in ("model", "data", "train", "eval"):
+        if not isinstance(overrides.get(section, {}), dict):
+            raise FrameworkError(f"Config key '{section}' is a section; give a dict or dotted keys like '{section}.x'")
     model = overrides.get("model", {}).get("name", BASE_CONFIGS["model"]["name"])
     dataset = overrides.get("data", {}).get("name", BASE_CONFIGS["data"]["name"])
     trainer = overrides.get("train", {}).get("trainer")

@@ -19,7 +19,7 @@ def chunked_topk_nearest(
     """The ``k`` nearest bank rows of every query: Euclidean distances [Q, k] (ascending) and indices [Q, k]."""
     num_queries, num_bank = queries.shape[0], bank.shape[0]
     k = min(k, num_bank)
-    bank_rows = min(num_bank, _chunk_rows(chunk_mb / 2, min(num_queries, 4096)))
+    bank_rows = min(num_bank, max(k, _chunk_rows(chunk_mb / 2, min(num_queries, 4096))))
     query_rows = _chunk_rows(chunk_mb, bank_rows)
     best_sq = torch.empty(num_queries, k, device=queries.device)
     best_index = torch.empty(num_queries, k, dtype=torch.long, device=queries.device)
@@ -30,14 +30,17 @@ def chunked_topk_nearest(
         for b_start in range(0, num_bank, bank_rows):
             block = bank[b_start:b_start + bank_rows].float()
             squared = torch.addmm(query_sq, query, block.T, alpha=-2).add_((block * block).sum(1))
-            chunk_sq, chunk_index = torch.topk(squared, min(k, block.shape[0]), dim=1, largest=False)
+            if k == 1:
+                chunk_sq, chunk_index = squared.min(dim=1, keepdim=True)
+            else:
+                chunk_sq, chunk_index = torch.topk(squared, min(k, block.shape[0]), dim=1, largest=False)
             chunk_index += b_start
             if running_sq is None:
                 running_sq, running_index = chunk_sq, chunk_index
             else:
                 merged_sq = torch.cat([running_sq, chunk_sq], dim=1)
                 merged_index = torch.cat([running_index, chunk_index], dim=1)
-                running_sq, order = torch.topk(merged_sq, k, dim=1, largest=False)
+                running_sq, order = torch.topk(merged_sq, min(k, merged_sq.shape[1]), dim=1, largest=False)
                 running_index = merged_index.gather(1, order)
         best_sq[q_start:q_start + query_rows] = running_sq
         best_index[q_start:q_start + query_rows] = running_index

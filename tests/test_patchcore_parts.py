@@ -1,0 +1,77 @@
+"""PatchCore building blocks: greedy coreset properties and chunked nearest-neighbour search."""
+import pytest
+import torch
+
+from models.model_patchcore import PatchcoreModel, greedy_coreset
+from models.nearest_neighbors import chunked_nearest, chunked_topk_nearest
+from utils import FrameworkError
+
+
+def _max_min_distance(points, selected):
+    """Covering radius: the largest distance of any point to its nearest selected centre."""
+    return torch.cdist(points, points[selected]).min(dim=1).values.max()
+
+
+def test_coreset_distinct_ratio_and_deterministic():
+    points = torch.randn(2000, 64)
+    selected = greedy_coreset(points, 0.05, projection_dim=16, seed=3, progress=False)
+    assert selected.numel() == int(2000 * 0.05)
+    assert selected.unique().numel() == selected.numel()
+    assert torch.equal(selected, greedy_coreset(points, 0.05, projection_dim=16, seed=3, progress=False))
+    assert not torch.equal(selected, greedy_coreset(points, 0.05, projection_dim=16, seed=4, progress=False))
+
+
+def test_coreset_covering_radius_never_increases_and_beats_random():
+    torch.manual_seed(0)
+    points = torch.randn(1500, 8)
+    # Full-dimensional projection (identity-like) so the greedy guarantee holds in the original space.
+    selected = greedy_coreset(points, 0.1, projection_dim=8, seed=0, progress=False)
+    radii = [_max_min_distance(points, selected[:k]) for k in (5, 20, 60, 150)]
+    assert all(later <= earlier + 1e-6 for earlier, later in zip(radii, radii[1:]))
+    random_radius = _max_min_distance(points, torch.randperm(1500)[:150])
+    assert radii[-1] < random_radius
+
+
+@pytest.mark.parametrize("chunk_mb", [0.01, 0.5, 64.0])
+def test_chunked_search_equals_brute_force(chunk_mb):
+    torch.manual_seed(1)
+    queries, bank = torch.randn(700, 48), torch.randn(2300, 48)
+    reference = torch.cdist(queries, bank)
+    distances, indices = chunked_nearest(queries, bank, chunk_mb)
+    assert torch.allclose(distances, reference.min(1).values, atol=1e-4)
+    assert torch.equal(indices, reference.argmin(1))
+    top_d, top_i = chunked_topk_nearest(queries, bank, 9, chunk_mb)
+    ref_d, ref_i = torch.topk(reference, 9, dim=1, largest=False)
+    assert torch.allclose(top_d, ref_d, atol=1e-4)
+    assert torch.equal(top_i, ref_i)
+
+
+def test_float16_bank_search_close_to_float32():
+    queries, bank = torch.randn(100, 32), torch.randn(500, 32)
+    d32, _ = chunked_nearest(queries, bank)
+    d16, _ = chunked_nearest(queries, bank.half())
+    assert torch.allclose(d32, d16, atol=5e-2)
+
+
+def test_memory_budget_refusal_names_the_keys():
+    model = PatchcoreModel(backbone="resnet18", pretrained=False, memory_budget_mb=1.0)
+    model.begin_fit(10)
+    with pytest.raises(FrameworkError, match="coreset_ratio.*bank_dtype=float16.*image_size"):
+        model.update(torch.randn(2, 3, 64, 64))
+
+
+def test_reweighting_scales_max_score_down():
+    torch.manual_seed(0)
+    model = PatchcoreModel(backbone="resnet18", pretrained=False, coreset_ratio=1.0).eval()
+    model.begin_fit(3)
+    with torch.inference_mode():
+        model.update(torch.randn(3, 3, 64, 64))
+        model.finalize()
+        test = torch.randn(2, 3, 64, 64)
+        reweighted = model(test)
+        model.score_mode = "max"
+        plain = model(test)
+    assert torch.equal(reweighted["patch_scores"], plain["patch_scores"])
+    assert torch.allclose(plain["image_scores"], plain["patch_scores"].amax(dim=(1, 2, 3)))
+    assert (reweighted["image_scores"] < plain["image_scores"]).all()
+    assert (reweighted["image_scores"] > 0).all()

@@ -1,0 +1,156 @@
+"""The trainer of models fitted by back-propagation on normal images (STFPM, AE, VAE).
+
+Validation uses held-out *training* images (``data.val_fraction``), never the test set (P6, P10).
+Early stopping watches the validation loss; the best weights are kept and evaluated. ``last.pt`` holds
+everything needed to resume (model, optimiser, scheduler, epoch, RNG states, config), so an
+interrupted run resumed with ``train.resume`` ends where an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from modelers.modeler_base import NonFiniteLossError
+from registry import TRAINER_REGISTRY
+from trainers.trainer_base import BaseTrainer
+from utils import FrameworkError, StageTimer
+
+LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
+
+
+def rng_state() -> dict:
+    """Every random state that shapes training, as tensors and ints (``weights_only``-loadable)."""
+    numpy_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@TRAINER_REGISTRY.register("gradient")
+class GradientTrainer(BaseTrainer):
+    """Epochs of optimiser steps, validation on held-out normal images, early stopping, resume, NaN guard."""
+
+    drop_last = False
+
+    def train_loader(self):
+        """Training batches; DRAEM's trainer wraps the dataset with anomaly simulation here."""
+        return self.dataloader.train_loader(shuffle=True, drop_last=self.drop_last)
+
+    def valid_loader(self):
+        """Validation batches from held-out train/good images, or None when ``data.val_fraction`` is 0."""
+        return self.dataloader.valid_loader()
+
+    def run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        count = 0
+        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        for step, batch in enumerate(bar):
+            try:
+                report = self.modeler.training_step(batch, self.optimizer) if train else self.modeler.validate_step(batch)
+            except NonFiniteLossError as error:
+                kept = self.run_dir / LAST_NAME
+                raise FrameworkError(
+                    f"Training stopped at epoch {self.epoch + 1}, step {step + 1}: {error}; "
+                    f"the last good checkpoint is kept at '{kept}' (lower train.lr?)"
+                ) from error
+            for key, value in report.items():
+                totals[key] = totals.get(key, 0.0) + value
+            count += 1
+            bar.set_postfix(loss=f"{report['loss']:.4g}")
+        return {key: value / max(count, 1) for key, value in totals.items()}
+
+    # -- checkpoints of the training state ----------------------------------------------------------
+    def _training_state(self) -> dict:
+        return {
+            **self.checkpoint(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch": self.epoch + 1,
+            "best_loss": self.best_loss,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "rng": rng_state(),
+        }
+
+    def _resume(self, run_dir: Path) -> None:
+        path = Path(run_dir) / LAST_NAME
+        if not path.is_file():
+            raise FrameworkError(f"Cannot resume: '{path}' not found (train.resume must be a run folder with last.pt)")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.modeler.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.best_loss = state["epoch"], state["best_loss"]
+        self.bad_epochs, self.history = state["bad_epochs"], state["history"]
+        set_rng_state(state["rng"])
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        train_cfg = self.config["train"]
+        self.optimizer, self.scheduler = self.modeler.configure_optimizers()
+        if self.modeler.use_amp:
+            self.modeler.scaler = torch.amp.GradScaler("cuda")
+        self.start_epoch, self.best_loss, self.bad_epochs, self.history = 0, math.inf, 0, []
+        if train_cfg["resume"]:
+            self._resume(Path(train_cfg["resume"]))
+        self.modeler.timer = StageTimer(self.device)
+        start = time.perf_counter()
+        train_loader, valid_loader = self.train_loader(), self.valid_loader()
+        stopped_early = False
+        self.epoch = self.start_epoch
+        for self.epoch in range(self.start_epoch, train_cfg["epochs"]):
+            if hasattr(train_loader.dataset, "set_epoch"):
+                train_loader.dataset.set_epoch(self.epoch)
+            train_metrics = self.run_epoch(train_loader, train=True, desc=f"epoch {self.epoch + 1}/{train_cfg['epochs']}")
+            valid_metrics = self.run_epoch(valid_loader, train=False, desc="validate") if valid_loader else {}
+            if self.scheduler is not None:
+                self.scheduler.step()
+            monitored = valid_metrics.get("loss", train_metrics["loss"])
+            self.history.append({"epoch": self.epoch + 1, "train": train_metrics, "valid": valid_metrics})
+            if monitored < self.best_loss - train_cfg["min_delta"]:
+                self.best_loss, self.bad_epochs = monitored, 0
+                torch.save(self.checkpoint(), self.run_dir / BEST_NAME)
+            else:
+                self.bad_epochs += 1
+            torch.save(self._training_state(), self.run_dir / LAST_NAME)
+            tqdm.write(f"epoch {self.epoch + 1}: train loss {train_metrics['loss']:.5g}"
+                       + (f", valid loss {valid_metrics['loss']:.5g}" if valid_metrics else ""))
+            if self.bad_epochs >= train_cfg["patience"]:
+                stopped_early = True
+                break
+        best = torch.load(self.run_dir / BEST_NAME, map_location=self.device, weights_only=True)
+        self.modeler.load_state_dict(best["model"])
+        self.timings.update(self.modeler.timer.as_dict("fit_"))
+        self.timings["fit"] = time.perf_counter() - start
+        return {
+            "epochs": len(self.history),
+            "stopped_early": stopped_early,
+            "best_loss": self.best_loss,
+            "monitored": "valid loss" if valid_loader else "train loss (data.val_fraction is 0)",
+            "history": self.history,
+        }
