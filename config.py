@@ -47,8 +47,27 @@ DATA_CONFIGS: dict[str, dict] = {
     "btad": {"data": {"category": "01"}},
 }
 
+_EPOCH_TRAINING = {
+    "epochs": 100,
+    "optimizer": "adam",  # sgd | adam | adamw
+    "lr": 1e-3,
+    "momentum": 0.9,  # sgd only
+    "weight_decay": 0.0,
+    "scheduler": "none",  # none | multistep | cosine
+    "milestones": [0.8, 0.9],  # multistep: fractions of train.epochs
+    "gamma": 0.1,
+    "patience": 10,  # epochs without a better monitored loss before stopping
+    "min_delta": 0.0,
+    "resume": None,  # a run folder holding last.pt
+}
+# Held-out train/good images for validation and early stopping; decoded images cached across epochs.
+_EPOCH_DATA = {"val_fraction": 0.2, "cache": True, "image_size": 256, "crop_ratio": 1.0}
+
 TRAIN_CONFIGS: dict[str, dict] = {
     "memory": {"train": {"trainer": "memory"}},
+    "gradient": {"train": {"trainer": "gradient", **_EPOCH_TRAINING}, "data": dict(_EPOCH_DATA)},
+    "flow": {"train": {"trainer": "flow", **_EPOCH_TRAINING}, "data": dict(_EPOCH_DATA)},
+    "classification": {"train": {"trainer": "classification", **_EPOCH_TRAINING}, "data": dict(_EPOCH_DATA)},
 }
 
 MODEL_CONFIGS: dict[str, dict] = {
@@ -99,6 +118,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "data.mask_size": (int,),
     "model.weights": (str,),
     "model.n_features": (int,),
+    "train.resume": (str,),
 }
 
 

@@ -8,6 +8,7 @@ results.json, checkpoint.pt, roc_curve.png and figures/.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import sys
@@ -18,6 +19,7 @@ import torch
 
 from config import resolve_config
 from models.model_base import TimmFeatureExtractor
+from trainers.trainer_base import CHECKPOINT_NAME
 from registry import build_dataloader, build_model, build_modeler, build_trainer
 from utils import (
     FrameworkError,
@@ -102,12 +104,97 @@ def run_experiment(config: dict | None = None) -> dict:
         **backbone_facts(model, config),
         "mask_size": config["data"]["mask_size"] or config["data"]["image_size"],
         "fit": fit_summary,
+        "model_stats": {"coreset": model.coreset_stats} if getattr(model, "coreset_stats", None) else {},
         "versions": library_versions(),
         "run_dir": str(run_dir),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     show_results(results)
     return {**results, "config": config}
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu"):
+    """Rebuilds the modeler of a run from its checkpoint alone (no backbone download needed).
+
+    Returns the modeler (on ``device``, in eval mode) and the checkpoint dict (config, threshold...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FrameworkError(f"Checkpoint '{path}' not found (give a run folder or its checkpoint.pt)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    config = copy.deepcopy(checkpoint["config"])
+    if "pretrained" in config["model"]:
+        config["model"]["pretrained"] = False  # every weight is in the checkpoint
+    modeler = build_modeler(config, build_model(config))
+    modeler.load_state_dict(checkpoint["model"])
+    modeler.to(resolve_device(device)).model.eval()
+    return modeler, checkpoint
+
+
+def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
+    """Read bandwidth of a plain large-array copy on this machine: the floor a memory-bound loop can reach."""
+    source = torch.ones(megabytes * 2**18)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    return source.numel() * 4 * repeats / (time.perf_counter() - start) / 1e9
+
+
+@torch.inference_mode()
+def backbone_floor(config: dict) -> dict:
+    """Image loading and backbone-only forward time over the train and test images of a run."""
+    device = resolve_device(config["device"])
+    dataloader = build_dataloader(config)
+    extractor = next(m for m in build_model(config).modules() if isinstance(m, TimmFeatureExtractor)).to(device)
+    loaders = [dataloader.train_loader(shuffle=False), dataloader.test_loader()]
+    start = time.perf_counter()
+    batches = [batch["image"] for loader in loaders for batch in loader]
+    loading = time.perf_counter() - start
+    extractor(batches[0].to(device))  # warm-up: allocator and kernel selection
+    start = time.perf_counter()
+    for images in batches:
+        extractor(images.to(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"image_loading": loading, "backbone_forward": time.perf_counter() - start,
+            "images": sum(len(images) for images in batches)}
+
+
+def run_benchmark(config: dict | None = None) -> dict:
+    """Runs one experiment and sets its stage timings beside the floors measured on the same machine."""
+    resolved = resolve_config(config)
+    floor = backbone_floor(resolved)
+    copy_gbs = copy_bandwidth_gbs()
+    results = run_experiment(config)
+    timings = results["timings"]
+    coreset = timings.get("fit_coreset", 0.0)
+    except_coreset = timings["fit"] - coreset + timings["evaluate"]
+    report = {
+        "images": floor["images"],
+        "image_loading_s": floor["image_loading"],
+        "backbone_forward_s": floor["backbone_forward"],
+        "fit_s": timings["fit"], "fit_features_s": timings.get("fit_features"), "fit_coreset_s": coreset,
+        "evaluate_s": timings["evaluate"], "evaluate_features_s": timings.get("evaluate_features"),
+        "evaluate_search_s": timings.get("evaluate_search"), "evaluate_maps_s": timings.get("evaluate_maps"),
+        "evaluate_metrics_s": timings.get("evaluate_metrics"), "threshold_s": timings.get("threshold"),
+        "all_but_coreset_over_backbone": except_coreset / floor["backbone_forward"],
+        "all_but_coreset_over_loading_plus_backbone": except_coreset / (floor["backbone_forward"] + floor["image_loading"]),
+        "images_per_second": timings["images_per_second"],
+        "peak_memory_mb": results["peak_memory_mb"],
+        "copy_gb_per_s": copy_gbs,
+    }
+    stats = results["model_stats"].get("coreset")
+    if stats and coreset > 0:
+        report["coreset_gb_per_s"] = stats["steps"] * stats["bytes_per_step"] / coreset / 1e9
+    (Path(results["run_dir"]) / "benchmark.json").write_text(json.dumps(report, indent=2))
+    print("\n== Benchmark ==")
+    for key, value in report.items():
+        print(f"  {key:<44} {value:.3f}" if isinstance(value, float) else f"  {key:<44} {value}")
+    return {**results, "benchmark": report}
 
 
 def parse_value(text: str):
@@ -131,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--output-dir", help="folder for run outputs (default experiments)")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="also time image loading, the backbone alone and a memory copy, and compare stages")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, dotted (repeatable): --set train.lr=0.1")
     return parser
@@ -164,7 +253,8 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        results = run_experiment(overrides_from_args(args))
+        runner = run_benchmark if args.benchmark else run_experiment
+        results = runner(overrides_from_args(args))
     except FrameworkError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

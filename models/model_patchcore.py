@@ -82,6 +82,7 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self._features: torch.Tensor | None = None  # preallocated [N_patches, D] during fitting
         self._filled = 0
         self._expected_images = 0
+        self.coreset_stats: dict[str, int] = {}
 
     # -- features ---------------------------------------------------------------------------------
     def _aggregate(self, feature: torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,8 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
                 features, self.coreset_ratio, self.projection_dim, self.num_start_points,
                 self.coreset_seed, self.chunk_mb,
             )
+            # What each greedy step must read: the projected bank plus its squared norms.
+            self.coreset_stats = {"steps": keep.numel(), "bytes_per_step": features.shape[0] * (self.projection_dim + 1) * 4}
             features = features.index_select(0, keep)
         self.memory_bank = features.clone()
         self._features, self._filled = None, 0

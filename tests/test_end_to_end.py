@@ -1,0 +1,126 @@
+"""Whole runs on the generated demo data: every memory model, checkpoints, CLI and bad inputs."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from main import load_checkpoint, main, run_experiment
+from utils import FrameworkError
+
+FAST_DATA = {"image_size": 64, "batch_size": 16}
+
+
+def _config(tmp_path, model, **model_overrides):
+    return {
+        "model": {"name": model, "backbone": "resnet18", "pretrained": False, **model_overrides},
+        "data": {"name": "demo", "root": str(tmp_path / "demo"), **FAST_DATA},
+        "output_dir": str(tmp_path / "runs"),
+        "eval": {"num_figures": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def padim_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("padim")
+    return tmp_path, run_experiment(_config(tmp_path, "padim"))
+
+
+def test_padim_end_to_end_detects_demo_defects_with_random_backbone(padim_run):
+    _, results = padim_run
+    metrics = results["metrics"]
+    assert metrics["image_auroc"] > 0.7
+    assert metrics["pixel_auroc"] > 0.7
+    assert 0.0 <= metrics["aupro"] <= 1.0
+    assert results["pretrained"] is False and "random" in results["weights_source"]
+
+
+def test_run_folder_holds_the_public_outputs(padim_run):
+    _, results = padim_run
+    run_dir = Path(results["run_dir"])
+    saved = json.loads((run_dir / "results.json").read_text())
+    for key in ("metrics", "timings", "peak_memory_mb", "backbone", "weights_source", "pretrained", "versions", "run_dir"):
+        assert key in saved
+    for key in ("image_auroc", "image_aupr", "pixel_auroc", "pixel_aupr", "aupro", "image_f1_max", "threshold",
+                "threshold_source", "accuracy", "precision", "recall", "f1"):
+        assert key in saved["metrics"]
+    for key in ("fit", "evaluate", "total", "images_per_second"):
+        assert key in saved["timings"]
+    assert "train/good" in saved["metrics"]["threshold_source"]
+    assert json.loads((run_dir / "config.json").read_text())["model"]["name"] == "padim"
+    assert (run_dir / "roc_curve.png").is_file()
+    assert len(list((run_dir / "figures").glob("*.png"))) == 2
+
+
+def test_checkpoint_round_trip_gives_identical_scores(padim_run):
+    tmp_path, results = padim_run
+    run_dir = Path(results["run_dir"])
+    torch.load(run_dir / "checkpoint.pt", weights_only=True)  # plain tensors and primitives only
+    modeler, checkpoint = load_checkpoint(run_dir)
+    from registry import build_dataloader
+
+    loader = build_dataloader(checkpoint["config"]).test_loader()
+    batch = next(iter(loader))
+    with torch.inference_mode():
+        reloaded = modeler.evaluate_step(batch)["anomaly_scores"]
+    first_scores = _scores_of_run(run_dir, checkpoint, batch)
+    assert torch.allclose(reloaded, first_scores, atol=1e-5)
+
+
+def _scores_of_run(run_dir, checkpoint, batch):
+    """Scores from a second, independent reload: both must equal each other and be finite."""
+    modeler, _ = load_checkpoint(run_dir / "checkpoint.pt")
+    with torch.inference_mode():
+        scores = modeler.evaluate_step(batch)["anomaly_scores"]
+    assert torch.isfinite(scores).all()
+    return scores
+
+
+def test_patchcore_end_to_end(tmp_path):
+    results = run_experiment(_config(tmp_path, "patchcore", coreset_ratio=0.25))
+    assert results["metrics"]["image_auroc"] > 0.7
+    assert results["metrics"]["pixel_auroc"] > 0.7
+    modeler, _ = load_checkpoint(results["run_dir"])
+    assert modeler.model.memory_bank.shape[0] > 0
+
+
+def test_each_run_gets_its_own_folder(padim_run, tmp_path):
+    config = _config(tmp_path, "padim")
+    first = run_experiment(config)["run_dir"]
+    second = run_experiment(config)["run_dir"]
+    assert first != second and Path(first).is_dir() and Path(second).is_dir()
+
+
+def test_cli_smoke_prints_run_folder_last(tmp_path, capsys):
+    code = main([
+        "--model", "padim", "--dataset", "demo", "--data-root", str(tmp_path / "demo"), "--backbone", "resnet18",
+        "--image-size", "64", "--batch-size", "16", "--output-dir", str(tmp_path / "runs"),
+        "--set", "model.pretrained=false", "--set", "eval.num_figures=0",
+    ])
+    assert code == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert Path(last_line).is_dir() and (Path(last_line) / "results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--model", "nosuch"], "Unknown model 'nosuch'"),
+        (["--dataset", "nosuch"], "Unknown dataset 'nosuch'"),
+        (["--set", "model.nosuch=1"], "model.nosuch"),
+        (["--set", "data.batch_size=big"], "data.batch_size"),
+        (["--dataset", "mvtec", "--data-root", "/nonexistent/mvtec"], "/nonexistent/mvtec"),
+        (["--set", "model.pretrained=true", "--backbone", "resnet18"], "backbones/resnet18.pth"),
+    ],
+)
+def test_cli_bad_inputs_fail_with_one_line_and_touch_no_run(tmp_path, capsys, argv, fragment, padim_run):
+    _, results = padim_run
+    before = sorted(p.name for p in Path(results["run_dir"]).iterdir())
+    base = ["--model", "padim", "--output-dir", str(tmp_path / "runs"), "--set", "model.pretrained=false",
+            "--backbone", "resnet18", "--data-root", str(tmp_path / "demo")]
+    code = main(base + argv)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(error) == 1 and fragment in error[0]
+    assert sorted(p.name for p in Path(results["run_dir"]).iterdir()) == before
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("results.json"))
