@@ -105,9 +105,12 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         """Turns the accumulated scatter into the regularised inverse covariance, in place."""
         if self._count < 2:
             raise FrameworkError(f"PaDiM needs at least 2 training images, got {self._count}")
-        covariance = self._scatter.div_(self._count - 1)
+        # Out of place: the accumulators were made under inference mode, the buffers must outlive it.
+        covariance = self._scatter / (self._count - 1)
+        self._scatter = None
         covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
         self.inv_covariance = torch.linalg.inv(covariance)
+        self.mean = self.mean.clone()
         self._scatter, self._count = None, 0
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -5,3 +5,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """One generated demo dataset shared by every test of the session."""
+    from dataloaders.dataloader_demo import ensure_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    ensure_demo(root, "fabric")
+    return root

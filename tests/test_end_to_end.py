@@ -11,19 +11,19 @@ from utils import FrameworkError
 FAST_DATA = {"image_size": 64, "batch_size": 16}
 
 
-def _config(tmp_path, model, **model_overrides):
+def _config(tmp_path, demo_root, model, **model_overrides):
     return {
         "model": {"name": model, "backbone": "resnet18", "pretrained": False, **model_overrides},
-        "data": {"name": "demo", "root": str(tmp_path / "demo"), **FAST_DATA},
+        "data": {"name": "demo", "root": str(demo_root), **FAST_DATA},
         "output_dir": str(tmp_path / "runs"),
         "eval": {"num_figures": 2},
     }
 
 
 @pytest.fixture(scope="module")
-def padim_run(tmp_path_factory):
+def padim_run(tmp_path_factory, demo_root):
     tmp_path = tmp_path_factory.mktemp("padim")
-    return tmp_path, run_experiment(_config(tmp_path, "padim"))
+    return tmp_path, run_experiment(_config(tmp_path, demo_root, "padim"))
 
 
 def test_padim_end_to_end_detects_demo_defects_with_random_backbone(padim_run):
@@ -76,24 +76,24 @@ def _scores_of_run(run_dir, checkpoint, batch):
     return scores
 
 
-def test_patchcore_end_to_end(tmp_path):
-    results = run_experiment(_config(tmp_path, "patchcore", coreset_ratio=0.25))
+def test_patchcore_end_to_end(tmp_path, demo_root):
+    results = run_experiment(_config(tmp_path, demo_root, "patchcore", coreset_ratio=0.25))
     assert results["metrics"]["image_auroc"] > 0.7
     assert results["metrics"]["pixel_auroc"] > 0.7
     modeler, _ = load_checkpoint(results["run_dir"])
     assert modeler.model.memory_bank.shape[0] > 0
 
 
-def test_each_run_gets_its_own_folder(padim_run, tmp_path):
-    config = _config(tmp_path, "padim")
+def test_each_run_gets_its_own_folder(tmp_path, demo_root):
+    config = _config(tmp_path, demo_root, "padim")
     first = run_experiment(config)["run_dir"]
     second = run_experiment(config)["run_dir"]
     assert first != second and Path(first).is_dir() and Path(second).is_dir()
 
 
-def test_cli_smoke_prints_run_folder_last(tmp_path, capsys):
+def test_cli_smoke_prints_run_folder_last(tmp_path, demo_root, capsys):
     code = main([
-        "--model", "padim", "--dataset", "demo", "--data-root", str(tmp_path / "demo"), "--backbone", "resnet18",
+        "--model", "padim", "--dataset", "demo", "--data-root", str(demo_root), "--backbone", "resnet18",
         "--image-size", "64", "--batch-size", "16", "--output-dir", str(tmp_path / "runs"),
         "--set", "model.pretrained=false", "--set", "eval.num_figures=0",
     ])
@@ -113,11 +113,11 @@ def test_cli_smoke_prints_run_folder_last(tmp_path, capsys):
         (["--set", "model.pretrained=true", "--backbone", "resnet18"], "backbones/resnet18.pth"),
     ],
 )
-def test_cli_bad_inputs_fail_with_one_line_and_touch_no_run(tmp_path, capsys, argv, fragment, padim_run):
+def test_cli_bad_inputs_fail_with_one_line_and_touch_no_run(tmp_path, demo_root, capsys, argv, fragment, padim_run):
     _, results = padim_run
     before = sorted(p.name for p in Path(results["run_dir"]).iterdir())
     base = ["--model", "padim", "--output-dir", str(tmp_path / "runs"), "--set", "model.pretrained=false",
-            "--backbone", "resnet18", "--data-root", str(tmp_path / "demo")]
+            "--backbone", "resnet18", "--data-root", str(demo_root)]
     code = main(base + argv)
     error = capsys.readouterr().err.strip().splitlines()
     assert code != 0

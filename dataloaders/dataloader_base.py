@@ -1,0 +1,203 @@
+"""What every dataset reader shares: samples, the resize/crop protocol, mask checks, splits and loaders.
+
+A reader only lists its samples (path, label, defect type, mask path); loading, the paper's
+preprocessing protocol, validation of every file and the train/valid/test loaders are written once here.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from utils import FrameworkError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+_INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its path, label (0 normal, 1 anomalous), defect type and mask path (None if none)."""
+
+    path: Path
+    label: int
+    defect_type: str
+    mask_path: Path | None = None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted, any common suffix in any case."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def open_image(path: Path, mode: str) -> Image.Image:
+    """Opens and decodes an image fully, naming the file when it is unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode)
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise FrameworkError(f"Cannot read image '{path}': {error} (replace or remove the file)") from error
+
+
+class AnomalyDataset(Dataset):
+    """Loads samples with the configured protocol: resize to image_size / crop_ratio, centre crop.
+
+    Items are dicts: ``image`` float [3, H, W] (normalised per ``normalize``), ``label`` long,
+    ``mask`` float [1, H, W] in {0, 1}, ``image_path`` str, ``defect_type`` str.
+    """
+
+    def __init__(self, samples: list[Sample], data_cfg: dict) -> None:
+        self.samples = samples
+        self.image_size = data_cfg["image_size"]
+        self.resize = round(self.image_size / data_cfg["crop_ratio"])
+        self.interpolation = _INTERPOLATIONS.get(data_cfg["interpolation"])
+        if self.interpolation is None:
+            raise FrameworkError(f"data.interpolation must be one of {sorted(_INTERPOLATIONS)}, got {data_cfg['interpolation']!r}")
+        if data_cfg["normalize"] not in ("imagenet", "none"):
+            raise FrameworkError(f"data.normalize must be 'imagenet' or 'none', got {data_cfg['normalize']!r}")
+        self.normalize = data_cfg["normalize"]
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if data_cfg["cache"] else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _geometry(self, image: Image.Image, interpolation: int) -> torch.Tensor:
+        """Resize to a square of side ``resize``, centre-crop ``image_size``; uint8 [C, H, W]."""
+        image = image.resize((self.resize, self.resize), interpolation)
+        offset = (self.resize - self.image_size) // 2
+        image = image.crop((offset, offset, offset + self.image_size, offset + self.image_size))
+        array = np.asarray(image)
+        return torch.from_numpy(array.reshape(*array.shape[:2], -1).copy()).permute(2, 0, 1)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed uint8 image [3, H, W] and binary uint8 mask [1, H, W] of one sample."""
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        sample = self.samples[index]
+        image = open_image(sample.path, "RGB")
+        if sample.mask_path is not None:
+            mask = open_image(sample.mask_path, "L")
+            if mask.size != image.size:
+                raise FrameworkError(
+                    f"Mask '{sample.mask_path}' is {mask.size[0]}x{mask.size[1]} but image '{sample.path}' is "
+                    f"{image.size[0]}x{image.size[1]}: masks must have their image's size"
+                )
+            # Any non-zero value is a defect: binary 0/255 masks and VisA's class-indexed masks alike.
+            mask = self._geometry(mask.point(lambda value: 255 if value else 0), Image.NEAREST) > 0
+        else:
+            mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.bool)
+        item = (self._geometry(image, self.interpolation), mask.to(torch.uint8))
+        if self.cache is not None:
+            self.cache[index] = item
+        return item
+
+    def __getitem__(self, index: int) -> dict:
+        image, mask = self.load(index)
+        image = image.float().div_(255)
+        if self.normalize == "imagenet":
+            image = (image - IMAGENET_MEAN) / IMAGENET_STD
+        sample = self.samples[index]
+        return {
+            "image": image,
+            "label": torch.tensor(sample.label, dtype=torch.long),
+            "mask": mask.float(),
+            "image_path": str(sample.path),
+            "defect_type": sample.defect_type,
+        }
+
+
+class BaseDataloader:
+    """Train / held-out valid / test splits of one category, and their torch DataLoaders.
+
+    Subclasses set ``env_var`` and ``layout`` (for error messages) and implement ``list_samples``.
+
+    Args:
+        data_cfg: the config's ``data`` section.
+        seed: seeds the split of train/good into train and held-out validation images.
+    """
+
+    env_var = ""
+    layout = ""
+
+    def __init__(self, data_cfg: dict, seed: int) -> None:
+        self.cfg = data_cfg
+        self.category = data_cfg["category"]
+        self.root = self.resolve_root()
+        train, test = self.list_samples()
+        if not train:
+            raise FrameworkError(f"No training images for category '{self.category}' under '{self.root}' ({self.layout})")
+        if not test:
+            raise FrameworkError(f"No test images for category '{self.category}' under '{self.root}' ({self.layout})")
+        self.has_masks = any(sample.mask_path is not None for sample in test)
+        if not self.has_masks:
+            warnings.warn(f"Category '{self.category}' has no ground-truth masks: pixel metrics are unavailable")
+        train, valid = self._split(train, data_cfg["val_fraction"], seed)
+        self.train_dataset = AnomalyDataset(train, data_cfg)
+        self.valid_dataset = AnomalyDataset(valid, data_cfg) if valid else None
+        self.test_dataset = AnomalyDataset(test, data_cfg)
+
+    def resolve_root(self) -> Path:
+        """``data.root``, else the dataset's environment variable; it must exist."""
+        root = self.cfg["root"] or os.environ.get(self.env_var)
+        if not root:
+            raise FrameworkError(f"No data root: set data.root (--data-root) or {self.env_var}; expected {self.layout}")
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise FrameworkError(f"Dataset root '{root}' not found: expected {self.layout} (set data.root or {self.env_var})")
+        return root
+
+    def list_samples(self) -> tuple[list[Sample], list[Sample]]:
+        """Train samples (normal only) and test samples of ``self.category``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+        """Deterministic held-out share of the normal training images (at least one when fraction > 0)."""
+        if fraction <= 0:
+            return samples, []
+        count = max(1, round(len(samples) * fraction))
+        if count >= len(samples):
+            raise FrameworkError(f"data.val_fraction={fraction} leaves no training images out of {len(samples)}")
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+        held_out = set(order[:count])
+        return ([s for i, s in enumerate(samples) if i not in held_out], [s for i, s in enumerate(samples) if i in held_out])
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        batch_size = self.cfg["batch_size"]
+        if drop_last and len(dataset) < batch_size:
+            drop_last = False  # a tiny split still trains on its one partial batch
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=self.cfg["num_workers"], persistent_workers=False)
+
+    def train_loader(self, shuffle: bool = True, drop_last: bool = False) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle, drop_last)
+
+    def valid_loader(self) -> DataLoader | None:
+        return self._loader(self.valid_dataset, False) if self.valid_dataset is not None else None
+
+    def test_loader(self) -> DataLoader:
+        return self._loader(self.test_dataset, False)
+
+    def info(self) -> dict:
+        """What was found, for the console report."""
+        test_types = Counter(sample.defect_type for sample in self.test_dataset.samples)
+        return {
+            "dataset": self.cfg["name"],
+            "category": self.category,
+            "root": str(self.root),
+            "train / valid / test": f"{len(self.train_dataset)} / {len(self.valid_dataset or [])} / {len(self.test_dataset)}",
+            "test types": ", ".join(f"{name} {count}" for name, count in sorted(test_types.items())),
+            "protocol": f"resize {self.train_dataset.resize} ({self.cfg['interpolation']}) -> crop {self.cfg['image_size']}, "
+                        f"normalize {self.cfg['normalize']}",
+            "masks": "yes" if self.has_masks else "none (pixel metrics unavailable)",
+        }
