@@ -78,7 +78,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "layers": [1, 2, 3],
             "pretrained": True,
             "weights": None,
-            "n_features": None,  # None = paper rule (R18 100, WR50 550, others see PadimModel)
+            "n_features": None,  # None = paper rule: R18 100, WR50 550, other backbones min(550, all)
             "sigma": 4.0,
             "feature_seed": 1024,
         },

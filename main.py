@@ -3,7 +3,7 @@
     python main.py --model padim --dataset mvtec --category bottle --data-root /data/mvtec
 
 Each run writes ``<output_dir>/<dataset>/<category>/<model>/<timestamp>/`` with config.json,
-results.json, checkpoint.pt, roc_curve.png and figures/.
+results.json, scores.csv, checkpoint.pt, roc_curve.png and figures/.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from utils import (
     resolve_device,
     save_roc_curve,
     save_sample_figures,
+    save_scores_csv,
     seed_everything,
     show_data_info,
     show_model_info,
@@ -93,6 +94,7 @@ def run_experiment(config: dict | None = None) -> dict:
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
     save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, config["eval"]["num_figures"])
+    save_scores_csv(run_dir, predictions)
     save_roc_curve(run_dir, predictions.labels.numpy(), predictions.scores.numpy(), metrics.get("image_auroc"))
 
     timings = {key: round(value, 4) for key, value in trainer.timings.items()}

@@ -180,6 +180,20 @@ def save_sample_figures(run_dir, predictions, dataset, threshold: float | None, 
     return paths
 
 
+def save_scores_csv(run_dir, predictions) -> Any:
+    """Per-image test results as ``scores.csv`` (path, defect type, label, score), for later analysis."""
+    import csv
+
+    path = run_dir / "scores.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_path", "defect_type", "label", "score"])
+        for row in zip(predictions.image_paths, predictions.defect_types, predictions.labels.tolist(),
+                       predictions.scores.tolist()):
+            writer.writerow([row[0], row[1], row[2], repr(row[3])])
+    return path
+
+
 def save_roc_curve(run_dir, labels: np.ndarray, scores: np.ndarray, auroc: float | None) -> Any:
     """The image-level ROC curve as ``roc_curve.png``."""
     import matplotlib

@@ -18,8 +18,8 @@ from utils import FrameworkError
 
 # Channels kept by the paper's random dimension reduction (Rd100 for R18, Rd550 for WR50).
 PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
-# Other backbones keep this many (the R18 setting), or all channels if they have fewer.
-DEFAULT_N_FEATURES = 100
+# Other backbones keep this many (the WR50 setting), or all their channels if they have fewer.
+DEFAULT_N_FEATURES = 550
 # Regularises the covariance so it is always invertible, as in the paper (eq. 1).
 COVARIANCE_EPS = 0.01
 
@@ -36,7 +36,8 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         layers: feature indices whose maps are concatenated (paper: layer1–3 = indices 1, 2, 3).
         pretrained: ImageNet weights for the backbone.
         weights: explicit weights file.
-        n_features: channels kept by the random subset; None = the paper's value for R18/WR50, else 100.
+        n_features: channels kept by the random subset; None = the paper's value for R18/WR50, else
+            min(550, all channels).
         sigma: Gaussian smoothing of the upsampled map (paper: 4).
         feature_seed: seed of the random channel subset (the reference code uses 1024).
     """

@@ -1,4 +1,5 @@
 """Whole runs on the generated demo data: every memory model, checkpoints, CLI and bad inputs."""
+import csv
 import json
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from main import load_checkpoint, main, run_experiment
+from registry import build_dataloader
 from utils import FrameworkError
 
 FAST_DATA = {"image_size": 64, "batch_size": 16}
@@ -52,28 +54,23 @@ def test_run_folder_holds_the_public_outputs(padim_run):
     assert len(list((run_dir / "figures").glob("*.png"))) == 2
 
 
-def test_checkpoint_round_trip_gives_identical_scores(padim_run):
-    tmp_path, results = padim_run
-    run_dir = Path(results["run_dir"])
-    torch.load(run_dir / "checkpoint.pt", weights_only=True)  # plain tensors and primitives only
+def _reloaded_scores(run_dir):
+    """Test-split scores of a model rebuilt from its checkpoint alone, in test-loader order."""
     modeler, checkpoint = load_checkpoint(run_dir)
-    from registry import build_dataloader
-
     loader = build_dataloader(checkpoint["config"]).test_loader()
-    batch = next(iter(loader))
     with torch.inference_mode():
-        reloaded = modeler.evaluate_step(batch)["anomaly_scores"]
-    first_scores = _scores_of_run(run_dir, checkpoint, batch)
-    assert torch.allclose(reloaded, first_scores, atol=1e-5)
+        return torch.cat([modeler.evaluate_step(batch)["anomaly_scores"] for batch in loader])
 
 
-def _scores_of_run(run_dir, checkpoint, batch):
-    """Scores from a second, independent reload: both must equal each other and be finite."""
-    modeler, _ = load_checkpoint(run_dir / "checkpoint.pt")
-    with torch.inference_mode():
-        scores = modeler.evaluate_step(batch)["anomaly_scores"]
-    assert torch.isfinite(scores).all()
-    return scores
+def _run_scores(run_dir):
+    with open(Path(run_dir) / "scores.csv") as handle:
+        return torch.tensor([float(row["score"]) for row in csv.DictReader(handle)])
+
+
+def test_checkpoint_round_trip_gives_identical_scores(padim_run):
+    _, results = padim_run
+    torch.load(Path(results["run_dir"]) / "checkpoint.pt", weights_only=True)  # tensors and primitives only
+    assert torch.allclose(_reloaded_scores(results["run_dir"]), _run_scores(results["run_dir"]), rtol=1e-5, atol=1e-5)
 
 
 def test_patchcore_end_to_end(tmp_path, demo_root):
@@ -82,6 +79,7 @@ def test_patchcore_end_to_end(tmp_path, demo_root):
     assert results["metrics"]["pixel_auroc"] > 0.7
     modeler, _ = load_checkpoint(results["run_dir"])
     assert modeler.model.memory_bank.shape[0] > 0
+    assert torch.allclose(_reloaded_scores(results["run_dir"]), _run_scores(results["run_dir"]), rtol=1e-5, atol=1e-5)
 
 
 def test_each_run_gets_its_own_folder(tmp_path, demo_root):
