@@ -109,6 +109,14 @@ MODEL_CONFIGS: dict[str, dict] = {
         "train": {"trainer": "memory"},
         "data": {"image_size": 224, "crop_ratio": 0.875, "interpolation": "bilinear", "batch_size": 8},
     },
+    # STFPM (Wang et al., BMVC 2021): official code's recipe; 20% of train/good held out, and the
+    # checkpoint with the lowest validation loss over all epochs is kept (patience = epochs).
+    "stfpm": {
+        "model": {"backbone": "resnet18", "layers": [1, 2, 3], "pretrained": True, "weights": None},
+        "train": {"trainer": "gradient", "epochs": 100, "optimizer": "sgd", "lr": 0.4, "momentum": 0.9,
+                  "weight_decay": 1e-4, "patience": 100},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.2},
+    },
 }
 
 # Keys whose default is None, with the type a set value must have.

@@ -79,45 +79,76 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self.bank_dtype = _DTYPES[bank_dtype]
         self.memory_budget_mb, self.chunk_mb = memory_budget_mb, chunk_mb
         self.register_buffer("memory_bank", torch.empty(0, embed_dim))
+        # The fused convolution costs embed_dim·C·p² per position: worth it only for narrow layers.
+        self.fused = all(c * patch_size**2 <= 2 * pre_embed_dim for c in self.extractor.channels)
+        if self.fused:
+            for index, weight in enumerate(self._projection_weights()):
+                self.register_buffer(f"aggregation_{index}", weight, persistent=False)
         self._features: torch.Tensor | None = None  # preallocated [N_patches, D] during fitting
         self._filled = 0
         self._expected_images = 0
         self.coreset_stats: dict[str, int] = {}
 
     # -- features ---------------------------------------------------------------------------------
-    def _aggregate(self, feature: torch.Tensor) -> torch.Tensor:
-        """Pools each position's p×p neighbourhood [B, C, h, w] into [B, h, w, pre_embed_dim].
+    def _projection_weights(self) -> list[torch.Tensor]:
+        """Per-layer conv weights [embed_dim, C, p, p] equal to the official aggregation.
 
-        The official code unfolds C·p² values per position and adaptive-average-pools them to
-        ``pre_embed_dim``; unfold orders them channel-major, exactly as here.
+        The official code unfolds each position's p×p neighbourhood (C·p² values, channel-major),
+        adaptive-average-pools them to ``pre_embed_dim``, stacks the layers and pools again to
+        ``embed_dim``. Every step is linear, so the chain is one fixed matrix per layer; applied as a
+        convolution it gives the same features without materialising the unfolded patches.
         """
-        batch, channels, height, width = feature.shape
-        patches = F.unfold(feature, kernel_size=self.patch_size, padding=self.patch_size // 2)
-        patches = patches.transpose(1, 2).reshape(batch * height * width, 1, channels * self.patch_size**2)
-        pooled = F.adaptive_avg_pool1d(patches, self.pre_embed_dim)
-        return pooled.reshape(batch, height, width, self.pre_embed_dim)
+        channels = self.extractor.channels
+        stacked = _pool_matrix(len(channels) * self.pre_embed_dim, self.embed_dim)
+        weights = []
+        for index, channel in enumerate(channels):
+            per_layer = _pool_matrix(channel * self.patch_size**2, self.pre_embed_dim)
+            rows = stacked[index * self.pre_embed_dim:(index + 1) * self.pre_embed_dim]
+            combined = per_layer @ rows  # [C·p², embed_dim]
+            weights.append(combined.T.reshape(self.embed_dim, channel, self.patch_size, self.patch_size).contiguous())
+        return weights
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features [B, h, w, embed_dim] on the first layer's grid.
 
-        Deeper layers are bilinearly resized to that grid after pooling; pooling and bilinear
-        resizing are both linear, so this equals the official resize-then-pool order at less cost.
+        Deeper layers are bilinearly resized to that grid after the (linear) aggregation, which equals
+        the official resize-then-pool order. Narrow backbones use the fused convolution; wide ones
+        (C·p² well above ``pre_embed_dim``, e.g. WR50) pool the unfolded patches, which costs fewer
+        operations there.
         """
         features = self.extractor(images)
+        if not self.fused:
+            return self._embed_by_pooling(features)
+        grid = features[0].shape[-2:]
+        embedding = None
+        for feature, weight in zip(features, self.aggregation_weights):
+            layer = F.conv2d(feature, weight, padding=self.patch_size // 2)
+            if layer.shape[-2:] != grid:
+                layer = F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
+            embedding = layer if embedding is None else embedding.add_(layer)
+        return embedding.permute(0, 2, 3, 1)
+
+    def _embed_by_pooling(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The official steps: unfold, adaptive-average-pool per layer, resize, stack, pool again."""
         grid = features[0].shape[-2:]
         pooled = []
         for feature in features:
-            layer = self._aggregate(feature)
-            if layer.shape[1:3] != grid:
+            batch, channels, height, width = feature.shape
+            patches = F.unfold(feature, kernel_size=self.patch_size, padding=self.patch_size // 2)
+            patches = patches.transpose(1, 2).reshape(-1, 1, channels * self.patch_size**2)
+            layer = F.adaptive_avg_pool1d(patches, self.pre_embed_dim).reshape(batch, height, width, -1)
+            if (height, width) != tuple(grid):
                 layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
                 layer = layer.permute(0, 2, 3, 1)
             pooled.append(layer)
-        stacked = torch.stack(pooled, dim=3)  # [B, h, w, L, pre]
-        batch, height, width = stacked.shape[:3]
-        flat = stacked.reshape(batch * height * width, 1, -1)
-        return F.adaptive_avg_pool1d(flat, self.embed_dim).reshape(batch, height, width, self.embed_dim)
+        stacked = torch.stack(pooled, dim=3).reshape(-1, 1, len(pooled) * self.pre_embed_dim)
+        return F.adaptive_avg_pool1d(stacked, self.embed_dim).reshape(*pooled[0].shape[:3], self.embed_dim)
 
     # -- fitting ----------------------------------------------------------------------------------
+    @property
+    def aggregation_weights(self) -> list[torch.Tensor]:
+        return [getattr(self, f"aggregation_{i}") for i in range(len(self.extractor.channels))]
+
     def memory_estimate_mb(self, num_patches: int, query_patches: int = 0) -> dict[str, float]:
         """Bytes the fit will hold: collected features, the kept bank, and the coreset's working set."""
         item = torch.finfo(self.bank_dtype).bits // 8
@@ -208,6 +239,11 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.score_patches(self.embed(images))
+
+
+def _pool_matrix(inputs: int, outputs: int) -> torch.Tensor:
+    """[inputs, outputs] matrix M with x @ M == adaptive_avg_pool1d(x, outputs)."""
+    return F.adaptive_avg_pool1d(torch.eye(inputs).unsqueeze(1), outputs).squeeze(1)
 
 
 def greedy_coreset(

@@ -75,3 +75,35 @@ def test_reweighting_scales_max_score_down():
     assert torch.allclose(plain["image_scores"], plain["patch_scores"].amax(dim=(1, 2, 3)))
     assert (reweighted["image_scores"] < plain["image_scores"]).all()
     assert (reweighted["image_scores"] > 0).all()
+
+
+def _official_embedding(model, images):
+    """The official aggregation written step by step: unfold, pool per layer, resize, stack, pool."""
+    import torch.nn.functional as F
+
+    features = model.extractor(images)
+    grid = features[0].shape[-2:]
+    layers = []
+    for feature in features:
+        batch, channels, height, width = feature.shape
+        patches = F.unfold(feature, kernel_size=3, padding=1).reshape(batch, channels * 9, height, width)
+        # The official code resizes the unfolded patches of deeper layers before pooling them.
+        if (height, width) != tuple(grid):
+            patches = F.interpolate(patches, size=grid, mode="bilinear", align_corners=False)
+        flat = patches.permute(0, 2, 3, 1).reshape(-1, 1, channels * 9)
+        layers.append(F.adaptive_avg_pool1d(flat, model.pre_embed_dim).squeeze(1))
+    stacked = torch.stack(layers, dim=1).reshape(len(layers[0]), 1, -1)
+    return F.adaptive_avg_pool1d(stacked, model.embed_dim).reshape(images.shape[0], *grid, -1)
+
+
+@pytest.mark.parametrize("pre, final, fused", [(1024, 1024, False), (2048, 1024, True), (96, 64, False)])
+def test_aggregation_equals_the_official_steps(pre, final, fused):
+    torch.manual_seed(0)
+    model = PatchcoreModel(backbone="resnet18", pretrained=False, pre_embed_dim=pre, embed_dim=final).eval()
+    assert model.fused is fused
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fused = model.embed(images)
+        reference = _official_embedding(model, images)
+    assert fused.shape == reference.shape
+    assert torch.allclose(fused, reference, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,18 @@
+"""STFPM's modeler: the official feature-matching loss, and the product of per-level distance maps."""
+from __future__ import annotations
+
+import torch
+
+from modelers.modeler_base import BaseModeler
+from registry import MODELER_REGISTRY
+
+
+@MODELER_REGISTRY.register("stfpm")
+class STFPMModeler(BaseModeler):
+    """Only the student trains (the teacher's parameters do not require gradients)."""
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": self.model.loss(outputs)}
+
+    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+        return self.model.anomaly_map(outputs, batch["image"].shape[-2:])

@@ -1,0 +1,86 @@
+"""The gradient trainer on STFPM: end to end, early stopping, resume equality and the NaN guard."""
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from main import run_experiment
+from modelers.modeler_stfpm import STFPMModeler
+from trainers.trainer_gradient import GradientTrainer
+from utils import FrameworkError
+
+
+def _config(tmp_path, demo_root, **train):
+    return {
+        "model": {"name": "stfpm", "backbone": "resnet18", "pretrained": False},
+        "data": {"name": "demo", "root": str(demo_root), "image_size": 64, "batch_size": 8, "val_fraction": 0.25},
+        "train": {"epochs": 3, "lr": 0.05, **train},
+        "output_dir": str(tmp_path / "runs"),
+        "eval": {"num_figures": 1},
+    }
+
+
+def _scores(run_dir):
+    with open(Path(run_dir) / "scores.csv") as handle:
+        return torch.tensor([float(row["score"]) for row in csv.DictReader(handle)])
+
+
+def test_stfpm_end_to_end_trains_and_keeps_the_best_checkpoint(tmp_path, demo_root):
+    results = run_experiment(_config(tmp_path, demo_root))
+    history = results["fit"]["history"]
+    assert len(history) == 3 and results["fit"]["monitored"] == "valid loss"
+    assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
+    assert results["fit"]["best_loss"] == min(epoch["valid"]["loss"] for epoch in history)
+    assert (Path(results["run_dir"]) / "last.pt").is_file() and (Path(results["run_dir"]) / "best.pt").is_file()
+    assert 0.0 <= results["metrics"]["image_auroc"] <= 1.0
+
+
+def test_early_stopping_triggers_on_a_plateau(tmp_path, demo_root):
+    # No epoch can beat the first by min_delta: a plateau by construction.
+    results = run_experiment(_config(tmp_path, demo_root, epochs=10, patience=2, min_delta=1e6))
+    assert results["fit"]["stopped_early"] is True
+    assert results["fit"]["epochs"] == 3  # the first epoch sets the best, two more without improvement
+
+
+def test_resume_equals_uninterrupted_training(tmp_path, demo_root, monkeypatch):
+    uninterrupted = run_experiment(_config(tmp_path / "a", demo_root))
+    original = GradientTrainer.run_epoch
+    calls = {"train": 0}
+
+    def interrupt_after_two_epochs(self, loader, train, desc):
+        if train:
+            calls["train"] += 1
+            if calls["train"] == 3:
+                raise KeyboardInterrupt
+        return original(self, loader, train, desc)
+
+    monkeypatch.setattr(GradientTrainer, "run_epoch", interrupt_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(_config(tmp_path / "b", demo_root))
+    monkeypatch.setattr(GradientTrainer, "run_epoch", original)
+    interrupted_dir = next((tmp_path / "b" / "runs").rglob("last.pt")).parent
+    resumed = run_experiment(_config(tmp_path / "b", demo_root, resume=str(interrupted_dir)))
+    assert resumed["fit"]["epochs"] == 3
+    assert [e["train"]["loss"] for e in resumed["fit"]["history"]] == pytest.approx(
+        [e["train"]["loss"] for e in uninterrupted["fit"]["history"]], rel=1e-5)
+    assert torch.allclose(_scores(resumed["run_dir"]), _scores(uninterrupted["run_dir"]), rtol=1e-4, atol=1e-6)
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, demo_root, monkeypatch):
+    original = STFPMModeler.compute_loss
+    steps = {"count": 0}
+
+    def nan_on_seventh_step(self, outputs, batch):
+        losses = original(self, outputs, batch)
+        if self.model.training:
+            steps["count"] += 1
+            if steps["count"] == 7:
+                return {"loss": losses["loss"] * float("nan")}
+        return losses
+
+    monkeypatch.setattr(STFPMModeler, "compute_loss", nan_on_seventh_step)
+    with pytest.raises(FrameworkError, match=r"epoch 2, step 3: loss became nan.*last\.pt"):
+        run_experiment(_config(tmp_path, demo_root))
+    last = torch.load(next((tmp_path / "runs").rglob("last.pt")), weights_only=True)
+    assert last["epoch"] == 1
