@@ -220,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--output-dir", help="folder for run outputs (default experiments)")
+    parser.add_argument("--resume", help="continue an interrupted gradient-trained run from its folder (last.pt)")
     parser.add_argument("--benchmark", action="store_true",
                         help="also time image loading, the backbone alone and a memory copy, and compare stages")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -231,6 +232,7 @@ FLAG_KEYS = {
     "model": "model.name", "dataset": "data.name", "category": "data.category", "data_root": "data.root",
     "backbone": "model.backbone", "image_size": "data.image_size", "epochs": "train.epochs",
     "batch_size": "data.batch_size", "device": "device", "seed": "seed", "output_dir": "output_dir",
+    "resume": "train.resume",
 }
 
 

