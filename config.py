@@ -117,6 +117,22 @@ MODEL_CONFIGS: dict[str, dict] = {
                   "weight_decay": 1e-4, "patience": 100},
         "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.2},
     },
+    # Reconstruction baselines (Bergmann et al., VISAPP 2019 settings): images in [0, 1], Adam 2e-4,
+    # weight decay 1e-5. Simplification: whole 256×256 images rather than random 128×128 crops.
+    **{
+        name: {
+            "model": {"base_channels": 32, **extra, "loss": "l2+ssim", "map_kind": "l2", "sigma": 4.0},
+            "train": {"trainer": "gradient", "epochs": 200, "optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5,
+                      "patience": 20},
+            "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 32},
+        }
+        for name, extra in {
+            "ae": {"latent_dim": 100},
+            "unet_ae": {"depth": 4},
+            "vae": {"latent_dim": 100, "beta": 1.0},
+            "unet_vae": {"depth": 4, "beta": 1.0},
+        }.items()
+    },
 }
 
 # Keys whose default is None, with the type a set value must have.

@@ -5,6 +5,7 @@ Registration is explicit: each package's ``__init__.py`` imports its modules, wh
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -80,10 +81,16 @@ def build_dataloader(config: dict):
 
 
 def build_model(config: dict):
-    """The pure model of ``config['model']['name']``, built from the model section's other keys."""
+    """The pure model of ``config['model']['name']``, built from the model section's other keys.
+
+    Models whose layers depend on the input size (``image_size`` argument) get ``data.image_size``.
+    """
     import_all()
+    model_class = MODEL_REGISTRY.get(config["model"]["name"])
     kwargs = {key: value for key, value in config["model"].items() if key != "name"}
-    return MODEL_REGISTRY.get(config["model"]["name"])(**kwargs)
+    if "image_size" in inspect.signature(model_class).parameters:
+        kwargs["image_size"] = config["data"]["image_size"]
+    return model_class(**kwargs)
 
 
 def build_modeler(config: dict, model):

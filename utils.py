@@ -130,8 +130,8 @@ def show_results(results: dict[str, Any]) -> None:
 def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:
     """Back to [0, 1] RGB from the dataloader's normalisation ("imagenet" or "none")."""
     if normalize == "imagenet":
-        mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
-        std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+        mean = torch.tensor((0.485, 0.456, 0.406), device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor((0.229, 0.224, 0.225), device=images.device).view(1, 3, 1, 1)
         images = images * std + mean
     return images.clamp(0, 1)
 

@@ -244,3 +244,21 @@ class FittedBuffersMixin:
                 self._buffers[name] = torch.empty_like(state_dict[key], device=buffer.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+
+
+def reconstruction_error_map(images: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l2",
+                             sigma: float = 4.0, data_range: float = 1.0) -> torch.Tensor:
+    """Per-pixel reconstruction error [B, 1, H, W], Gaussian-smoothed.
+
+    ``l2``: squared error summed over channels; ``ssim``: 1 − SSIM map averaged over channels
+    (Bergmann et al., VISAPP 2019).
+    """
+    if kind == "l2":
+        error = (images - reconstruction).square().sum(dim=1, keepdim=True)
+    elif kind == "ssim":
+        from metrics.ssim import ssim_map
+
+        error = 1 - ssim_map(reconstruction, images, data_range).mean(dim=1, keepdim=True)
+    else:
+        raise FrameworkError(f"model.map_kind must be 'l2' or 'ssim', got {kind!r}")
+    return gaussian_blur2d(error, sigma)
