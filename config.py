@@ -133,6 +133,14 @@ MODEL_CONFIGS: dict[str, dict] = {
             "unet_vae": {"depth": 4, "beta": 1.0},
         }.items()
     },
+    # FastFlow (Yu et al., 2021) as gathierry/FastFlow: 256 px, Adam 1e-3 / wd 1e-5, batch 32, 500 epochs.
+    "fastflow": {
+        "model": {"backbone": "resnet18", "layers": [1, 2, 3], "pretrained": True, "weights": None,
+                  "flow_steps": None, "hidden_ratio": None, "conv3x3_only": None, "clamp": 2.0},
+        "train": {"trainer": "flow", "epochs": 500, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-5,
+                  "patience": 20},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32},
+    },
 }
 
 # Keys whose default is None, with the type a set value must have.
@@ -143,6 +151,9 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "model.weights": (str,),
     "model.n_features": (int,),
     "train.resume": (str,),
+    "model.flow_steps": (int,),
+    "model.hidden_ratio": (float, int),
+    "model.conv3x3_only": (bool,),
 }
 
 
@@ -197,8 +208,10 @@ def _check_value(path: str, default: Any, value: Any) -> Any:
     """Returns ``value`` (ints widened to float where a float is expected) or refuses it naming the key."""
     if default is None:
         allowed = NULLABLE_TYPES.get(path)
-        if value is None or allowed is None or isinstance(value, allowed) and not isinstance(value, bool):
+        if value is None or allowed is None:
             return value
+        if isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)):
+            return float(value) if float in allowed and not isinstance(value, bool) else value
         expected = " or ".join(t.__name__ for t in allowed)
         raise FrameworkError(f"Config key '{path}' must be {expected} or null, got {type(value).__name__} {value!r}")
     if isinstance(default, bool):

@@ -1,0 +1,18 @@
+"""FastFlow's modeler: the flow's negative log-likelihood loss and the reference anomaly map."""
+from __future__ import annotations
+
+import torch
+
+from modelers.modeler_base import BaseModeler
+from registry import MODELER_REGISTRY
+
+
+@MODELER_REGISTRY.register("fastflow")
+class FastFlowModeler(BaseModeler):
+    """Trains the LayerNorms and flows; the backbone stays frozen."""
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": self.model.loss(outputs)}
+
+    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+        return self.model.anomaly_map(outputs, batch["image"].shape[-2:])
