@@ -28,13 +28,21 @@ BASE_CONFIGS: dict[str, Any] = {
         "batch_size": 32,
         "num_workers": 0,
         "val_fraction": 0.0,  # held-out share of train/good for validation and the threshold
+        # Seeded, label-stratified share of the *test* split held out as a labelled validation set for
+        # eval.threshold_strategy=f1_adaptive; those images are then excluded from the test metrics.
+        "labelled_val_fraction": 0.0,
         "mask_size": None,  # side at which pixel metrics are computed; None = image_size
         "cache": False,  # keep decoded, resized images in memory (multi-epoch training)
     },
     "model": {"name": "padim"},
     "train": {"trainer": "memory"},
     "eval": {
-        "threshold_quantile": 1.0,  # quantile of normal held-out (or in-sample) scores; 1.0 = max
+        # normal_quantile: a quantile of held-out train/good scores (in-sample if none held out), no
+        # anomalies needed; f1_adaptive: best F1 on the labelled validation set (data.labelled_val_fraction);
+        # manual: eval.threshold_value.
+        "threshold_strategy": "normal_quantile",
+        "threshold_quantile": 1.0,  # normal_quantile only; 1.0 = the maximum normal score
+        "threshold_value": None,  # manual only
         "num_figures": 8,  # test images drawn as image | ground truth | heat map | predicted mask
         "save_checkpoint": True,
     },
@@ -67,7 +75,10 @@ TRAIN_CONFIGS: dict[str, dict] = {
     "memory": {"train": {"trainer": "memory"}},
     "gradient": {"train": {"trainer": "gradient", **_EPOCH_TRAINING}, "data": dict(_EPOCH_DATA)},
     "flow": {"train": {"trainer": "flow", **_EPOCH_TRAINING}, "data": dict(_EPOCH_DATA)},
-    "classification": {"train": {"trainer": "classification", **_EPOCH_TRAINING}, "data": dict(_EPOCH_DATA)},
+    # Trained on simulated anomalies; texture_root = a folder in the DTD layout (images/<class>/*.jpg),
+    # None = the Perlin-derived fallback textures (lower numbers, with a warning).
+    "classification": {"train": {"trainer": "classification", **_EPOCH_TRAINING, "texture_root": None},
+                       "data": dict(_EPOCH_DATA)},
 }
 
 MODEL_CONFIGS: dict[str, dict] = {
@@ -141,7 +152,18 @@ MODEL_CONFIGS: dict[str, dict] = {
                   "patience": 20},
         "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32},
     },
+    # DRAEM (Zavrtanik et al., ICCV 2021) as the official code: 256 px in [0, 1], Adam 1e-4, batch 8,
+    # 700 epochs, MultiStepLR at 0.8·E and 0.9·E with γ 0.2. The paper's schedule instead:
+    # --set train.milestones=[0.5715,0.8572] --set train.gamma=0.1 (epochs 400 and 600 of 700).
+    "draem": {
+        "model": {"reconstructive_width": 128, "discriminative_width": 64, "focal_gamma": 2.0, "score_filter": 21},
+        "train": {"trainer": "classification", "epochs": 700, "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0,
+                  "scheduler": "multistep", "milestones": [0.8, 0.9], "gamma": 0.2, "patience": 700},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 8},
+    },
 }
+
+THRESHOLD_STRATEGIES = ("normal_quantile", "f1_adaptive", "manual")
 
 # Keys whose default is None, with the type a set value must have.
 NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -154,6 +176,8 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "model.flow_steps": (int,),
     "model.hidden_ratio": (float, int),
     "model.conv3x3_only": (bool,),
+    "train.texture_root": (str,),
+    "eval.threshold_value": (float, int),
 }
 
 
@@ -275,5 +299,13 @@ def _check_consistency(config: dict) -> None:
             raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
     if config["device"] not in ("auto", "cpu", "cuda"):
         raise FrameworkError(f"Config key 'device' must be auto, cpu or cuda, got {config['device']!r}")
-    if not 0.0 <= config["eval"]["threshold_quantile"] <= 1.0:
+    evaluation = config["eval"]
+    if not 0.0 <= evaluation["threshold_quantile"] <= 1.0:
         raise FrameworkError("Config key 'eval.threshold_quantile' must be in [0, 1]")
+    if evaluation["threshold_strategy"] not in THRESHOLD_STRATEGIES:
+        raise FrameworkError(f"Config key 'eval.threshold_strategy' must be one of {', '.join(THRESHOLD_STRATEGIES)}, "
+                             f"got {evaluation['threshold_strategy']!r}")
+    if evaluation["threshold_strategy"] == "manual" and evaluation["threshold_value"] is None:
+        raise FrameworkError("eval.threshold_strategy=manual needs eval.threshold_value (e.g. --set eval.threshold_value=0.5)")
+    if not 0.0 <= data["labelled_val_fraction"] < 1.0:
+        raise FrameworkError(f"Config key 'data.labelled_val_fraction' must be in [0, 1), got {data['labelled_val_fraction']}")

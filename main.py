@@ -21,6 +21,7 @@ from config import resolve_config
 from models.model_base import TimmFeatureExtractor
 from trainers.trainer_base import CHECKPOINT_NAME
 from registry import build_dataloader, build_model, build_modeler, build_trainer
+from sweep import run_sweep, split_list
 from utils import (
     FrameworkError,
     library_versions,
@@ -209,9 +210,9 @@ def parse_value(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train and evaluate an anomaly detector.")
-    parser.add_argument("--model", help="model name, e.g. padim")
+    parser.add_argument("--model", help="model name, e.g. padim; a comma list (padim,patchcore) runs a sweep")
     parser.add_argument("--dataset", help="dataset name: demo, mvtec, visa, btad")
-    parser.add_argument("--category", help="category of the dataset, e.g. bottle")
+    parser.add_argument("--category", help="category of the dataset, e.g. bottle; 'all' or a comma list runs a sweep")
     parser.add_argument("--data-root", help="dataset root folder (else the dataset's environment variable)")
     parser.add_argument("--backbone", help="timm backbone, e.g. wide_resnet50_2")
     parser.add_argument("--image-size", type=int, help="model input side in pixels")
@@ -225,6 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also time image loading, the backbone alone and a memory copy, and compare stages")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, dotted (repeatable): --set train.lr=0.1")
+    parser.add_argument("--seeds", help="comma list of seeds (0,1,2): repeats every run; tables show mean ± std")
+    parser.add_argument("--skip-done", action="store_true",
+                        help="in a sweep, reuse runs whose resolved config already has results")
+    return parser
+
+
+def build_predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py predict", description="Score new images with a saved run.")
+    parser.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.pt)")
+    parser.add_argument("--input", required=True, help="an image or a folder of images")
+    parser.add_argument("--output-dir", help="where to write (default <run>/predictions/<timestamp>)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--no-overlays", action="store_true", help="write the CSV only")
     return parser
 
 
@@ -254,15 +268,40 @@ def one_line(error: BaseException) -> str:
     return message.split("FrameworkError: ", 1)[-1]
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(argv: list[str]) -> str:
+    """Runs what the command line asks (one run, a sweep, a benchmark or a prediction); returns the
+    folder to print last."""
+    if argv[:1] == ["predict"]:
+        from predict import predict
+
+        args = build_predict_parser().parse_args(argv[1:])
+        result = predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
+        for path, reason in result["skipped"]:
+            print(f"skipped: {reason}", file=sys.stderr)
+        print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
+        return result["output_dir"]
     args = build_parser().parse_args(argv)
+    overrides = overrides_from_args(args)
+    models = split_list(args.model) or [overrides.get("model.name", "padim")]
+    categories = split_list(args.category) or [overrides.get("data.category")]
+    seeds = [int(seed) for seed in split_list(args.seeds)] if args.seeds else [overrides.get("seed", 0)]
+    if len(models) > 1 or len(categories) > 1 or categories == ["all"] or len(seeds) > 1 or args.skip_done:
+        if args.benchmark:
+            raise FrameworkError("--benchmark times one run: give one model, one category and one seed")
+        for key in ("model.name", "data.category", "seed"):
+            overrides.pop(key, None)
+        return run_sweep(overrides, models, categories, seeds, skip_done=args.skip_done)["sweep_dir"]
+    runner = run_benchmark if args.benchmark else run_experiment
+    return runner(overrides)["run_dir"]
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        runner = run_benchmark if args.benchmark else run_experiment
-        results = runner(overrides_from_args(args))
+        folder = run_command(sys.argv[1:] if argv is None else argv)
     except FrameworkError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    print(results["run_dir"])
+    print(folder)
     return 0
 
 

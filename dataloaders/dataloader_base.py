@@ -128,6 +128,18 @@ class BaseDataloader:
 
     env_var = ""
     layout = ""
+    known_categories: tuple[str, ...] = ()
+
+    @classmethod
+    def all_categories(cls, data_cfg: dict) -> list[str]:
+        """The categories found under the data root (``--category all``): the official names present,
+        else (custom data in the same layout) every sub-folder."""
+        root = data_cfg["root"] or os.environ.get(cls.env_var)
+        if not root or not Path(root).expanduser().is_dir():
+            raise FrameworkError(f"Dataset root '{root}' not found: expected {cls.layout} (set data.root or {cls.env_var})")
+        folders = sorted(p.name for p in Path(root).expanduser().iterdir() if p.is_dir())
+        known = [name for name in cls.known_categories if name in folders]
+        return known or [name for name in folders if not name.startswith((".", "_")) and name != "split_csv"]
 
     def __init__(self, data_cfg: dict, seed: int) -> None:
         self.cfg = data_cfg
@@ -142,8 +154,10 @@ class BaseDataloader:
         if not self.has_masks:
             warnings.warn(f"Category '{self.category}' has no ground-truth masks: pixel metrics are unavailable")
         train, valid = self._split(train, data_cfg["val_fraction"], seed)
+        labelled_valid, test = self._split_labelled(test, data_cfg["labelled_val_fraction"], seed)
         self.train_dataset = AnomalyDataset(train, data_cfg)
         self.valid_dataset = AnomalyDataset(valid, data_cfg) if valid else None
+        self.labelled_valid_dataset = AnomalyDataset(labelled_valid, data_cfg) if labelled_valid else None
         self.test_dataset = AnomalyDataset(test, data_cfg)
 
     def resolve_root(self) -> Path:
@@ -172,7 +186,25 @@ class BaseDataloader:
         held_out = set(order[:count])
         return ([s for i, s in enumerate(samples) if i not in held_out], [s for i, s in enumerate(samples) if i in held_out])
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    @classmethod
+    def _split_labelled(cls, test: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+        """A seeded share of each label of the test split as a labelled validation set, and the rest."""
+        if fraction <= 0:
+            return [], test
+        held_out, kept = [], []
+        for label in (0, 1):
+            group = [sample for sample in test if sample.label == label]
+            if group:
+                rest, part = cls._split(group, fraction, seed + 1 + label) if len(group) > 1 else (group, [])
+                held_out += part
+                kept += rest
+        if not kept:
+            raise FrameworkError(f"data.labelled_val_fraction={fraction} leaves no test images")
+        order = {sample.path: index for index, sample in enumerate(test)}
+        return sorted(held_out, key=lambda s: order[s.path]), sorted(kept, key=lambda s: order[s.path])
+
+    def make_loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        """A DataLoader over ``dataset`` (any split, or a wrapper of one) with the configured batch and workers."""
         batch_size = self.cfg["batch_size"]
         if drop_last and len(dataset) < batch_size:
             drop_last = False  # a tiny split still trains on its one partial batch
@@ -180,13 +212,18 @@ class BaseDataloader:
                           num_workers=self.cfg["num_workers"], persistent_workers=False)
 
     def train_loader(self, shuffle: bool = True, drop_last: bool = False) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle, drop_last)
+        return self.make_loader(self.train_dataset, shuffle, drop_last)
 
     def valid_loader(self) -> DataLoader | None:
-        return self._loader(self.valid_dataset, False) if self.valid_dataset is not None else None
+        return self.make_loader(self.valid_dataset, False) if self.valid_dataset is not None else None
+
+    def labelled_valid_loader(self) -> DataLoader | None:
+        """The labelled validation share of the test split (``data.labelled_val_fraction``), or None."""
+        dataset = self.labelled_valid_dataset
+        return self.make_loader(dataset, False) if dataset is not None else None
 
     def test_loader(self) -> DataLoader:
-        return self._loader(self.test_dataset, False)
+        return self.make_loader(self.test_dataset, False)
 
     def info(self) -> dict:
         """What was found, for the console report."""
@@ -195,7 +232,9 @@ class BaseDataloader:
             "dataset": self.cfg["name"],
             "category": self.category,
             "root": str(self.root),
-            "train / valid / test": f"{len(self.train_dataset)} / {len(self.valid_dataset or [])} / {len(self.test_dataset)}",
+            "train / valid / test": f"{len(self.train_dataset)} / {len(self.valid_dataset or [])} / {len(self.test_dataset)}"
+                                    + (f" (+{len(self.labelled_valid_dataset)} labelled valid from test)"
+                                       if self.labelled_valid_dataset else ""),
             "test types": ", ".join(f"{name} {count}" for name, count in sorted(test_types.items())),
             "protocol": f"resize {self.train_dataset.resize} ({self.cfg['interpolation']}) -> crop {self.cfg['image_size']}, "
                         f"normalize {self.cfg['normalize']}",

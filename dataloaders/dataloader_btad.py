@@ -17,6 +17,7 @@ class BTADDataloader(BaseDataloader):
     """``ok`` is normal, ``ko`` anomalous; masks share their image's stem, in either format."""
 
     env_var = "BTAD_ROOT"
+    known_categories = ("01", "02", "03")
     layout = BTAD_LAYOUT
 
     def list_samples(self) -> tuple[list[Sample], list[Sample]]:

@@ -148,6 +148,12 @@ class DemoDataloader(BaseDataloader):
 
     env_var = "ANOMALY_DEMO_ROOT"
     layout = MVTEC_LAYOUT
+    known_categories = tuple(DEMO_CATEGORIES)
+
+    @classmethod
+    def all_categories(cls, data_cfg: dict) -> list[str]:
+        """Every demo category: they are generated on first use."""
+        return list(cls.known_categories)
 
     def resolve_root(self) -> Path:
         if self.category not in DEMO_CATEGORIES:

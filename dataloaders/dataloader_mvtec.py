@@ -56,6 +56,8 @@ class MVTecDataloader(BaseDataloader):
 
     env_var = "MVTEC_ROOT"
     layout = MVTEC_LAYOUT
+    known_categories = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+                        "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
 
     def list_samples(self) -> tuple[list[Sample], list[Sample]]:
         category_dir = self.root / str(self.category)

@@ -19,6 +19,8 @@ class VisADataloader(BaseDataloader):
     """One VisA category (``object`` column) with the 1cls train/test split."""
 
     env_var = "VISA_ROOT"
+    known_categories = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1",
+                        "pcb2", "pcb3", "pcb4", "pipe_fryum")
     layout = VISA_LAYOUT
 
     def list_samples(self) -> tuple[list[Sample], list[Sample]]:

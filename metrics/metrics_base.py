@@ -82,6 +82,21 @@ def threshold_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) 
     return {"accuracy": float(np.mean(predicted == labels)), "precision": precision, "recall": recall, "f1": f1}
 
 
+def f1_adaptive_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The threshold of best F1 on a labelled validation set; refuses one without both classes.
+
+    Other frameworks silently return the minimum score when the set has no anomalies, which labels
+    every test image anomalous; here that is an error.
+    """
+    labels = np.asarray(labels).ravel().astype(bool)
+    anomalous, normal = int(labels.sum()), int((~labels).sum())
+    if not anomalous or not normal:
+        raise FrameworkError(f"eval.threshold_strategy=f1_adaptive needs anomalous and normal images in the labelled "
+                             f"validation set, found {anomalous} anomalous and {normal} normal "
+                             "(raise data.labelled_val_fraction, or use normal_quantile)")
+    return f1_max(labels, scores)[1]
+
+
 def normal_threshold(normal_scores: np.ndarray, quantile: float) -> float:
     """A quantile of normal images' scores (1.0 = their maximum): needs no anomalies and no test labels."""
     normal_scores = np.asarray(normal_scores, dtype=np.float64).ravel()

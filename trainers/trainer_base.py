@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from metrics.metrics_base import compute_image_metrics, compute_pixel_metrics, normal_threshold
+from metrics.metrics_base import compute_image_metrics, compute_pixel_metrics, f1_adaptive_threshold, normal_threshold
 from utils import FrameworkError, StageTimer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -94,21 +94,38 @@ class BaseTrainer:
         )
 
     def calibrate_threshold(self) -> None:
-        """Threshold = a quantile of normal scores: held-out train/good images, else the training images.
+        """Chooses the image threshold by ``eval.threshold_strategy``; never from the test metrics' images (P10).
 
-        Never the test labels (P10). In-sample scores are biased low for models that memorise their
-        training set, which the recorded source makes visible.
+        normal_quantile: a quantile of normal scores, held-out train/good images, else the training images
+        (in-sample scores are biased low for models that memorise, which the recorded source shows);
+        f1_adaptive: best F1 on the labelled validation share of the test split, excluded from the metrics;
+        manual: ``eval.threshold_value``.
         """
-        quantile = self.config["eval"]["threshold_quantile"]
-        loader = self.dataloader.valid_loader()
-        split = "held-out train/good"
-        if loader is None:
-            loader, split = self.dataloader.train_loader(shuffle=False), "train/good in-sample"
+        evaluation = self.config["eval"]
+        strategy = evaluation["threshold_strategy"]
         start = time.perf_counter()
-        scores = self.predict(loader, desc="threshold").scores
+        if strategy == "manual":
+            self.threshold, self.threshold_source = float(evaluation["threshold_value"]), "manual (eval.threshold_value)"
+        elif strategy == "f1_adaptive":
+            loader = self.dataloader.labelled_valid_loader()
+            if loader is None:
+                raise FrameworkError("eval.threshold_strategy=f1_adaptive needs a labelled validation set: set "
+                                     "data.labelled_val_fraction > 0 (a seeded share of the test split, then excluded "
+                                     "from the test metrics), or use normal_quantile")
+            predictions = self.predict(loader, desc="threshold")
+            self.threshold = f1_adaptive_threshold(predictions.labels.numpy(), predictions.scores.numpy())
+            anomalous = int(predictions.labels.sum())
+            self.threshold_source = (f"f1_adaptive on the labelled validation split ({len(predictions.labels)} test "
+                                     f"images held out: {anomalous} anomalous)")
+        else:
+            quantile = evaluation["threshold_quantile"]
+            loader, split = self.dataloader.valid_loader(), "held-out train/good"
+            if loader is None:
+                loader, split = self.dataloader.train_loader(shuffle=False), "train/good in-sample"
+            scores = self.predict(loader, desc="threshold").scores
+            self.threshold = normal_threshold(scores.numpy(), quantile)
+            self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
         self.timings["threshold"] = time.perf_counter() - start
-        self.threshold = normal_threshold(scores.numpy(), quantile)
-        self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
 
     def evaluate(self) -> tuple[dict, Predictions]:
         """Scores the test split; returns the metrics and the predictions behind them."""
@@ -121,6 +138,7 @@ class BaseTrainer:
         metrics = compute_image_metrics(
             predictions.labels.numpy(), predictions.scores.numpy(), self.threshold, self.threshold_source
         )
+        metrics["threshold_strategy"] = self.config["eval"]["threshold_strategy"]
         if self.dataloader.has_masks:
             metrics.update(compute_pixel_metrics(predictions.masks.numpy(), predictions.maps.numpy()))
         else:

@@ -1,0 +1,28 @@
+"""DRAEM's modeler: trains on simulated anomalies, evaluates on plain images."""
+from __future__ import annotations
+
+import torch
+
+from modelers.modeler_base import BaseModeler
+from registry import MODELER_REGISTRY
+
+
+@MODELER_REGISTRY.register("draem")
+class DraemModeler(BaseModeler):
+    """Training batches carry ``augmented_image`` and ``anomaly_mask`` (from the classification trainer's
+    simulation); the network sees the augmented image and must reconstruct the clean one."""
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        key = "augmented_image" if "augmented_image" in batch else "image"
+        with self.timer("features"):
+            return self.model(batch[key].to(self.device, non_blocking=True))
+
+    def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        masks = batch["anomaly_mask"].to(self.device, non_blocking=True)
+        return self.model.loss(outputs, self.images(batch), masks)
+
+    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+        return self.model.anomaly_map(outputs)
+
+    def compute_anomaly_scores(self, maps: torch.Tensor, outputs: dict) -> torch.Tensor:
+        return self.model.image_score(maps)

@@ -1,0 +1,133 @@
+"""Scoring new images with a saved run: ``python main.py predict --checkpoint RUN_DIR --input PATH``.
+
+Everything comes from the checkpoint: the weights, the preprocessing (the run's ``data`` config) and the
+threshold, so a folder scored here gets exactly the scores the run gave the same images. Images of any
+size and mode (grayscale, RGBA) are accepted; unreadable files are listed and skipped.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from dataloaders.dataloader_base import IMAGE_SUFFIXES, AnomalyDataset, Sample, open_image
+from utils import FrameworkError
+
+
+def find_images(path: Path) -> list[Path]:
+    """One image, or every image under a folder (recursively, sorted)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FrameworkError(f"Input '{path}' not found (give an image file or a folder of images)")
+    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FrameworkError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under '{path}'")
+    return images
+
+
+def new_output_dir(parent: Path) -> Path:
+    """A fresh folder under ``parent``; an earlier prediction is never overwritten."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        folder = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+            return folder
+        except FileExistsError:
+            continue
+    raise FrameworkError(f"Could not create a new output folder under '{parent}'")
+
+
+def map_to_original(anomaly_map: torch.Tensor, dataset: AnomalyDataset, size: tuple[int, int]) -> np.ndarray:
+    """Undoes resize + centre crop: the map goes back into the resized square (the cropped-away border
+    gets the map's minimum), which is then resized to the original width × height."""
+    low = float(anomaly_map.min())
+    canvas = torch.full((1, 1, dataset.resize, dataset.resize), low)
+    offset = (dataset.resize - dataset.image_size) // 2
+    side = anomaly_map.shape[-1]
+    if side != dataset.image_size:
+        anomaly_map = F.interpolate(anomaly_map[None, None], size=(dataset.image_size,) * 2, mode="bilinear",
+                                    align_corners=False)[0, 0]
+    canvas[0, 0, offset:offset + dataset.image_size, offset:offset + dataset.image_size] = anomaly_map
+    width, height = size
+    return F.interpolate(canvas, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def save_overlay(path: Path, image: Image.Image, heat: np.ndarray, low: float, high: float) -> None:
+    """The image with a jet heat map blended over it (45 %), at the image's own resolution."""
+    from matplotlib import colormaps
+
+    scaled = np.clip((heat - low) / max(high - low, 1e-12), 0, 1)
+    colours = (colormaps["jet"](scaled)[..., :3] * 255).astype(np.float32)
+    blended = 0.55 * np.asarray(image, dtype=np.float32) + 0.45 * colours
+    Image.fromarray(blended.round().clip(0, 255).astype(np.uint8)).save(path)
+
+
+def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Path | None = None,
+            device: str = "cpu", overlays: bool = True) -> dict:
+    """Scores an image or a folder with a saved run.
+
+    Args:
+        checkpoint: a run folder or its checkpoint.pt.
+        input_path: an image or a folder (searched recursively).
+        output_dir: where predictions.csv and overlays go; default ``<run>/predictions/<timestamp>``.
+        device: cpu, cuda or auto.
+        overlays: also write ``<name>_overlay.png`` heat maps at each image's original resolution.
+
+    Returns:
+        ``rows`` (image_path, score, label), ``skipped`` (path, reason), ``threshold``, ``output_dir``.
+    """
+    from main import load_checkpoint
+
+    modeler, saved = load_checkpoint(checkpoint, device)
+    config, threshold = saved["config"], saved["threshold"]
+    paths = find_images(Path(input_path).expanduser())
+    dataset = AnomalyDataset([Sample(path, 0, "unknown") for path in paths], {**config["data"], "cache": True})
+    readable, skipped = [], []
+    for index, path in enumerate(paths):
+        try:
+            dataset.load(index)  # decodes once into the cache; the loader below reuses it
+            readable.append(index)
+        except FrameworkError as error:
+            skipped.append((str(path), str(error)))
+    if not readable:
+        raise FrameworkError(f"None of the {len(paths)} images under '{input_path}' could be read")
+    loader = DataLoader(Subset(dataset, readable), batch_size=config["data"]["batch_size"], shuffle=False)
+    scores, maps = [], []
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="predict", leave=False, dynamic_ncols=True):
+            output = modeler.evaluate_step(batch)
+            scores.append(output["anomaly_scores"].float().cpu())
+            maps.append(output["anomaly_maps"].float().cpu())
+    scores_all, maps_all = torch.cat(scores), torch.cat(maps)
+
+    checkpoint_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    folder = Path(output_dir) if output_dir else new_output_dir(checkpoint_dir / "predictions")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"image_path": str(paths[index]), "score": float(score),
+             "label": (int(score >= threshold) if threshold is not None else None)}
+            for index, score in zip(readable, scores_all.tolist())]
+    with (folder / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_path", "score", "label"])
+        writer.writerows([row["image_path"], repr(row["score"]), "" if row["label"] is None else row["label"]]
+                         for row in rows)
+    if skipped:
+        (folder / "skipped.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
+    if overlays:
+        low, high = float(maps_all.min()), float(maps_all.max())
+        root = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
+        for position, index in enumerate(tqdm(readable, desc="overlays", leave=False, dynamic_ncols=True)):
+            image = open_image(paths[index], "RGB")
+            heat = map_to_original(maps_all[position, 0], dataset, image.size)
+            name = "__".join(paths[index].relative_to(root).with_suffix("").parts)
+            save_overlay(folder / f"{name}_overlay.png", image, heat, low, high)
+    return {"rows": rows, "skipped": skipped, "threshold": threshold, "output_dir": str(folder)}

@@ -1,0 +1,120 @@
+"""Daily workflows: threshold strategies, sweeps with summaries, and prediction on new images."""
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from config import resolve_config
+from main import main, run_experiment
+from metrics.metrics_base import f1_adaptive_threshold
+from predict import predict
+from sweep import run_sweep
+from utils import FrameworkError
+
+TINY = {"model.backbone": "resnet18", "model.pretrained": False, "data.image_size": 64, "data.batch_size": 16,
+        "eval.num_figures": 0}
+
+
+def _overrides(tmp_path, demo_root, **extra):
+    return {**TINY, "data.name": "demo", "data.root": str(demo_root), "output_dir": str(tmp_path / "runs"), **extra}
+
+
+# -- thresholds ----------------------------------------------------------------------------------------
+def test_f1_adaptive_refuses_a_validation_set_without_anomalies():
+    with pytest.raises(FrameworkError, match="found 0 anomalous and 3 normal"):
+        f1_adaptive_threshold(np.zeros(3), np.array([0.1, 0.2, 0.3]))
+    assert f1_adaptive_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9])) == pytest.approx(0.8)
+
+
+def test_f1_adaptive_needs_a_labelled_split_and_records_it(tmp_path, demo_root):
+    overrides = _overrides(tmp_path, demo_root, **{"model.name": "padim", "eval.threshold_strategy": "f1_adaptive"})
+    with pytest.raises(FrameworkError, match="labelled_val_fraction"):
+        run_experiment(overrides)
+    full = run_experiment(_overrides(tmp_path, demo_root, **{"model.name": "padim"}))
+    results = run_experiment({**overrides, "data.labelled_val_fraction": 0.3})
+    metrics = results["metrics"]
+    assert metrics["threshold_strategy"] == "f1_adaptive" and "labelled validation" in metrics["threshold_source"]
+    held_out = int(metrics["threshold_source"].split("(")[1].split()[0])
+    with open(Path(results["run_dir"]) / "scores.csv") as handle:
+        tested = len(list(csv.DictReader(handle)))
+    with open(Path(full["run_dir"]) / "scores.csv") as handle:
+        assert tested + held_out == len(list(csv.DictReader(handle)))  # held-out images left the test metrics
+
+
+def test_manual_threshold_and_its_refusal(tmp_path, demo_root):
+    with pytest.raises(FrameworkError, match="threshold_value"):
+        resolve_config({"eval.threshold_strategy": "manual"})
+    with pytest.raises(FrameworkError, match="threshold_strategy"):
+        resolve_config({"eval.threshold_strategy": "best"})
+    results = run_experiment(_overrides(tmp_path, demo_root, **{"model.name": "padim", "eval.threshold_strategy": "manual",
+                                                                 "eval.threshold_value": 3}))
+    assert results["metrics"]["threshold"] == 3.0 and results["metrics"]["threshold_source"].startswith("manual")
+
+
+# -- sweeps --------------------------------------------------------------------------------------------
+def test_sweep_over_all_categories_and_seeds_writes_tables_and_skips_done(tmp_path, demo_root):
+    overrides = _overrides(tmp_path, demo_root)
+    sweep = run_sweep(overrides, ["padim"], ["all"], [0, 1])
+    folder = Path(sweep["sweep_dir"])
+    with open(folder / "runs.csv") as handle:
+        runs = list(csv.DictReader(handle))
+    assert len(runs) == 6 and {row["category"] for row in runs} == {"fabric", "tiles", "disc"}
+    assert all(row["status"] == "ok" and Path(row["run_dir"]).is_dir() for row in runs)
+    assert len({row["run_dir"] for row in runs}) == 6  # every run in its own folder
+    with open(folder / "summary.csv") as handle:
+        summary = list(csv.DictReader(handle))
+    assert len(summary) == 3 and all(float(row["image_auroc_std"]) >= 0 for row in summary)
+    table = (folder / "summary.md").read_text()
+    assert "| **mean** |" in table and "±" in table and (folder / "summary.png").stat().st_size > 0
+    again = run_sweep(overrides, ["padim"], ["fabric"], [0], skip_done=True)
+    assert again["rows"][0]["status"] == "skipped (done)" and again["rows"][0]["run_dir"] in {r["run_dir"] for r in runs}
+
+
+def test_a_failing_combination_is_recorded_and_the_sweep_goes_on(tmp_path, demo_root):
+    sweep = run_sweep(_overrides(tmp_path, demo_root), ["padim"], ["nowhere", "fabric"], [0])
+    failed, ok = sweep["rows"]
+    assert failed["status"] == "failed" and "nowhere" in failed["error"]
+    assert ok["status"] == "ok" and ok["image_auroc"] is not None
+    assert "failed" in (Path(sweep["sweep_dir"]) / "summary.md").read_text()
+
+
+def test_cli_model_list_runs_a_sweep(tmp_path, demo_root, capsys):
+    argv = ["--model", "padim,patchcore", "--dataset", "demo", "--category", "fabric", "--data-root", str(demo_root),
+            "--backbone", "resnet18", "--image-size", "64", "--output-dir", str(tmp_path / "runs"),
+            "--set", "model.pretrained=false", "--set", "eval.num_figures=0"]
+    assert main(argv) == 0
+    sweep_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    with open(sweep_dir / "runs.csv") as handle:
+        assert [row["model"] for row in csv.DictReader(handle)] == ["padim", "patchcore"]
+
+
+# -- prediction ----------------------------------------------------------------------------------------
+def test_predict_reproduces_run_scores_and_skips_unreadable_files(tmp_path, demo_root, capsys):
+    results = run_experiment(_overrides(tmp_path, demo_root, **{"model.name": "padim"}))
+    test_dir = demo_root / "fabric" / "test"
+    prediction = predict(results["run_dir"], test_dir, overlays=False)
+    with open(Path(results["run_dir"]) / "scores.csv") as handle:
+        expected = {row["image_path"]: float(row["score"]) for row in csv.DictReader(handle)}
+    predicted = {row["image_path"]: row["score"] for row in prediction["rows"]}
+    assert predicted == expected  # exactly the run's scores
+    threshold = prediction["threshold"]
+    assert all(row["label"] == int(row["score"] >= threshold) for row in prediction["rows"])
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    source = next(test_dir.glob("*/*.png"))
+    Image.open(source).convert("L").resize((90, 70)).save(odd / "gray.png")
+    Image.open(source).convert("RGBA").save(odd / "rgba.png")
+    (odd / "broken.png").write_bytes(b"not an image")
+    assert main(["predict", "--checkpoint", results["run_dir"], "--input", str(odd)]) == 0
+    captured = capsys.readouterr()
+    out_dir = Path(captured.out.strip().splitlines()[-1])
+    assert "broken.png" in captured.err and "broken.png" in (out_dir / "skipped.txt").read_text()
+    with open(out_dir / "predictions.csv") as handle:
+        assert sorted(Path(row["image_path"]).name for row in csv.DictReader(handle)) == ["gray.png", "rgba.png"]
+    assert Image.open(out_dir / "gray_overlay.png").size == (90, 70)  # the original resolution
+    shutil.rmtree(odd)
+    assert main(["predict", "--checkpoint", results["run_dir"], "--input", str(odd)]) == 2

@@ -1,0 +1,32 @@
+"""The trainer of models that learn to separate normal from simulated-anomalous pixels (DRAEM).
+
+The gradient trainer's machinery (epochs, held-out validation, early stopping, resume, NaN guard) with
+one difference: training and validation images pass through the anomaly simulation first. Validation
+images get one fixed draw of simulated anomalies (epoch 0), so their loss is comparable across epochs;
+they are held-out *training* images, never the test set.
+"""
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+
+from dataloaders.anomaly_simulation import DraemTrainingDataset, TextureSource
+from registry import TRAINER_REGISTRY
+from trainers.trainer_gradient import GradientTrainer
+
+
+@TRAINER_REGISTRY.register("classification")
+class ClassificationTrainer(GradientTrainer):
+    """Supervised on simulated anomalies; ``train.texture_root`` (DTD layout) is the anomaly source."""
+
+    def _simulated(self, dataset) -> DraemTrainingDataset:
+        if not hasattr(self, "_textures"):
+            self._textures = TextureSource(self.config["train"]["texture_root"], self.config["data"]["image_size"])
+        return DraemTrainingDataset(dataset, self._textures, seed=self.config["seed"])
+
+    def train_loader(self) -> DataLoader:
+        return self.dataloader.make_loader(self._simulated(self.dataloader.train_dataset), shuffle=True)
+
+    def valid_loader(self) -> DataLoader | None:
+        if self.dataloader.valid_dataset is None:
+            return None
+        return self.dataloader.make_loader(self._simulated(self.dataloader.valid_dataset), shuffle=False)
