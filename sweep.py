@@ -65,7 +65,8 @@ def run_sweep(overrides: dict, models: list[str], categories: list[str], seeds: 
     for number, (model, category, seed) in enumerate(combinations, start=1):
         print(f"\n##### sweep {number}/{len(combinations)}: {model} / {category} / seed {seed}")
         run_overrides = {**overrides, "model.name": model, "data.category": category, "seed": seed}
-        row = {"model": model, "category": category, "seed": seed, "status": "ok", "error": "", "run_dir": ""}
+        row = {"model": model, "category": category, "seed": seed, "status": "ok",
+               **dict.fromkeys(METRICS), **dict.fromkeys(f"{key}_s" for key in TIMINGS), "run_dir": "", "error": ""}
         try:
             done = find_done(resolve_config(run_overrides)) if skip_done else None
             results = done or run_experiment(run_overrides)

@@ -48,26 +48,29 @@ _LEVELS = np.arange(256, dtype=np.float32)
 def perlin_noise_2d(shape: tuple[int, int], resolution: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Gradient (Perlin) noise float32 [H, W] in [−1, 1] with ``resolution`` lattice cells per axis.
 
-    Cells span ceil(size / resolution) pixels, i.e. the noise of a padded, divisible size cropped to
-    ``shape``; for divisible sizes this is exactly the official ``rand_perlin_2d_np``.
+    Cells span ceil(size / resolution) pixels: the noise of a padded, divisible size cropped to
+    ``shape``; for divisible sizes this is the official ``rand_perlin_2d_np``.
     """
     (height, width), (cells_y, cells_x) = shape, resolution
     angles = rng.random((cells_y + 1, cells_x + 1)) * (2 * math.pi)
     grad_y, grad_x = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    y = np.arange(height, dtype=np.float32) / -(-height // cells_y)
-    x = np.arange(width, dtype=np.float32) / -(-width // cells_x)
-    iy, ix = y.astype(np.intp)[:, None], x.astype(np.intp)[None, :]
-    fy, fx = (y % 1)[:, None], (x % 1)[None, :]
+    # Work on [cell row, pixel in cell, cell column, pixel in cell]: every pixel of a cell shares its
+    # four corner gradients, so broadcasting replaces a per-pixel gather.
+    size_y, size_x = -(-height // cells_y), -(-width // cells_x)
+    fy = (np.arange(size_y, dtype=np.float32) / size_y)[None, :, None, None]
+    fx = (np.arange(size_x, dtype=np.float32) / size_x)[None, None, None, :]
 
     def corner(dy: int, dx: int) -> np.ndarray:
-        """Dot product of the corner's gradient with the offset from that corner."""
-        return grad_y[iy + dy, ix + dx] * (fy - dy) + grad_x[iy + dy, ix + dx] * (fx - dx)
+        """Dot product of each cell's (dy, dx) corner gradient with the offset from that corner."""
+        cells = (slice(dy, dy + cells_y), slice(dx, dx + cells_x))
+        return grad_y[cells][:, None, :, None] * (fy - dy) + grad_x[cells][:, None, :, None] * (fx - dx)
 
     fade_y, fade_x = (t * t * t * (t * (t * 6 - 15) + 10) for t in (fy, fx))
     n00, n10, n01, n11 = corner(0, 0), corner(1, 0), corner(0, 1), corner(1, 1)
     left, right = n00 + fade_y * (n10 - n00), n01 + fade_y * (n11 - n01)
     # sqrt(2) rescales the theoretical range of 2D Perlin noise, ±sqrt(1/2), to ±1 (as the code does).
-    return math.sqrt(2) * (left + fade_x * (right - left))
+    noise = math.sqrt(2) * (left + fade_x * (right - left))
+    return noise.reshape(cells_y * size_y, cells_x * size_x)[:height, :width]
 
 
 def rotate(array: np.ndarray, degrees: float) -> np.ndarray:
