@@ -145,9 +145,11 @@ MODEL_CONFIGS: dict[str, dict] = {
         }.items()
     },
     # FastFlow (Yu et al., 2021) as gathierry/FastFlow: 256 px, Adam 1e-3 / wd 1e-5, batch 32, 500 epochs.
+    # Transformers as the paper: --backbone deit_base_distilled_patch16_384 --image-size 384 (or cait_m48_448, 448).
     "fastflow": {
         "model": {"backbone": "resnet18", "layers": [1, 2, 3], "pretrained": True, "weights": None,
-                  "flow_steps": None, "hidden_ratio": None, "conv3x3_only": None, "clamp": 2.0},
+                  "flow_steps": None, "hidden_ratio": None, "conv3x3_only": None, "clamp": 2.0,
+                  "vit_block_index": None},
         "train": {"trainer": "flow", "epochs": 500, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-5,
                   "patience": 20},
         "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32},
@@ -176,6 +178,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "model.flow_steps": (int,),
     "model.hidden_ratio": (float, int),
     "model.conv3x3_only": (bool,),
+    "model.vit_block_index": (int,),
     "train.texture_root": (str,),
     "eval.threshold_value": (float, int),
 }

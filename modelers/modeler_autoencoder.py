@@ -1,8 +1,4 @@
-"""The modeler of the reconstruction models (AE, UNet-AE, VAE, UNet-VAE).
-
-The four share one objective shape (the model's own criterion on its reconstruction) and one anomaly
-map (the smoothed reconstruction error), so one small class serves them all.
-"""
+"""The modeler of the autoencoders (AE, UNet-AE): the model's criterion, and the reconstruction-error map."""
 from __future__ import annotations
 
 import torch
@@ -12,11 +8,9 @@ from modelers.modeler_base import BaseModeler
 from registry import MODELER_REGISTRY
 
 
-@MODELER_REGISTRY.register("unet_vae")
-@MODELER_REGISTRY.register("vae")
 @MODELER_REGISTRY.register("unet_ae")
 @MODELER_REGISTRY.register("ae")
-class ReconstructionModeler(BaseModeler):
+class AutoencoderModeler(BaseModeler):
     """Loss from the model's criterion; map = reconstruction error (``model.map_kind``), max as score."""
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:

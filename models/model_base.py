@@ -199,6 +199,55 @@ class TimmFeatureExtractor(nn.Module):
         return self.model(images * self.input_scale + self.input_shift)
 
 
+class ViTFeatureExtractor(nn.Module):
+    """A frozen timm vision transformer (DeiT, CaiT) cut after block ``block_index``, as one feature map.
+
+    As FastFlow's reference: patch embedding and position embedding, blocks 0..block_index, the
+    backbone's own final norm, class/distillation tokens dropped, tokens reshaped to [B, C, H/p, W/p].
+    The input side must be the one the position embedding was trained for (384 for DeiT-base-384...).
+    """
+
+    def __init__(self, backbone: str, block_index: int, pretrained: bool = True, weights: str | None = None) -> None:
+        super().__init__()
+        if backbone not in timm.list_models():
+            raise FrameworkError(f"Unknown backbone '{backbone}' (model.backbone): not a timm architecture")
+        self.model = timm.create_model(backbone, pretrained=False)
+        blocks = len(self.model.blocks)
+        if not 0 <= block_index < blocks:
+            raise FrameworkError(f"Block index {block_index} out of range for '{backbone}' ({blocks} blocks)")
+        self.block_index, self.backbone_name = block_index, backbone
+        self.weights_source = "random init (pretrained=false)"
+        if pretrained:
+            state, self.weights_source, _ = resolve_backbone_state(backbone, weights)
+            self.model.load_state_dict(state)
+        self.model.requires_grad_(False)
+        self.channels = [self.model.embed_dim]
+        self.patch = self.model.patch_embed.patch_size[0]
+        self.image_size = self.model.patch_embed.img_size[0]
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "ViTFeatureExtractor":
+        return super().train(False)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            raise FrameworkError(f"'{self.backbone_name}' needs {self.image_size}×{self.image_size} inputs "
+                                 f"(set data.image_size={self.image_size}), got {tuple(images.shape[-2:])}")
+        model = self.model
+        tokens = model.patch_embed(images)
+        if hasattr(model, "_pos_embed"):  # ViT / DeiT: class (and distillation) tokens, then positions
+            tokens = model.norm_pre(model.patch_drop(model._pos_embed(tokens)))
+            prefix = model.num_prefix_tokens
+        else:  # CaiT: positions only; its class token joins after the patch blocks
+            tokens = model.pos_drop(tokens + model.pos_embed)
+            prefix = 0
+        for block in model.blocks[: self.block_index + 1]:
+            tokens = block(tokens)
+        tokens = model.norm(tokens)[:, prefix:]
+        side = images.shape[-1] // self.patch
+        return [tokens.transpose(1, 2).reshape(len(images), -1, images.shape[-2] // self.patch, side)]
+
+
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """The 1-D Gaussian used by scipy.ndimage.gaussian_filter (radius = int(truncate * sigma + 0.5))."""
     radius = int(truncate * sigma + 0.5)

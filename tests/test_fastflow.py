@@ -5,6 +5,7 @@ import torch
 from main import run_experiment
 from models.flow_components import AllInOneCoupling, SequentialFlow
 from models.model_fastflow import FastFlowModel
+from utils import FrameworkError
 
 
 def _perturbed(block):
@@ -57,3 +58,17 @@ def test_fastflow_end_to_end(tmp_path, demo_root):
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
     assert "bits_per_dim" in history[-1]["valid"]
     assert 0.0 <= results["metrics"]["image_auroc"] <= 1.0
+
+
+def test_vit_backbone_gives_one_map_after_the_chosen_block():
+    model = FastFlowModel(backbone="deit_tiny_distilled_patch16_224", pretrained=False, vit_block_index=1,
+                          image_size=224, flow_steps=2)
+    assert len(model.flows) == 1 and isinstance(model.norms[0], torch.nn.Identity)
+    assert model.flows[0].blocks[1].subnet[0].kernel_size == (1, 1)  # alternating 3×3 / 1×1 for transformers
+    with torch.no_grad():
+        features = model.extractor(torch.randn(2, 3, 224, 224))[0]
+        outputs = model(torch.randn(2, 3, 224, 224))
+    assert features.shape == (2, 192, 14, 14)  # class and distillation tokens dropped
+    assert model.anomaly_map(outputs, (224, 224)).shape == (2, 1, 224, 224)
+    with pytest.raises(FrameworkError, match="image_size=224"):
+        model.extractor(torch.randn(1, 3, 256, 256))
