@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from config import resolve_config
+from distributed import broadcast_object, init_from_env, is_main, rank, world_size
 from models.model_base import TimmFeatureExtractor
 from trainers.trainer_base import CHECKPOINT_NAME
 from registry import build_dataloader, build_model, build_modeler, build_trainer
@@ -72,25 +73,37 @@ def run_experiment(config: dict | None = None) -> dict:
             (``{"model.name": "padim", "data.category": "bottle"}``).
 
     Returns:
-        results.json's content plus ``config`` (the resolved config).
+        results.json's content plus ``config`` (the resolved config). Under ``torchrun`` every rank helps
+        to fit, rank 0 alone evaluates and writes; the other ranks return their fit summary only.
     """
     start = time.perf_counter()
     config = resolve_config(config)
     seed_everything(config["seed"])
-    device = resolve_device(config["device"])
+    device, started_group = init_from_env(resolve_device(config["device"]))
+    try:
+        return _run(config, device, start)
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+
+
+def _run(config: dict, device: torch.device, start: float) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dataloader = build_dataloader(config)
     model = build_model(config)
     modeler = build_modeler(config, model)
-    run_dir = make_run_dir(config)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    show_data_info(dataloader.info())
-    show_model_info(model, backbone_facts(model, config))
-    show_train_info(config, device, run_dir)
+    run_dir = Path(broadcast_object(str(make_run_dir(config)) if is_main() else None))
+    if is_main():
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+        show_data_info(dataloader.info())
+        show_model_info(model, backbone_facts(model, config))
+        show_train_info(config, device, run_dir)
 
     trainer = build_trainer(config, modeler, dataloader, run_dir, device)
     fit_summary = trainer.fit()
+    if not is_main():
+        return {"rank": rank(), "fit": fit_summary, "run_dir": str(run_dir), "config": config}
     metrics, predictions = trainer.evaluate()
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
@@ -109,6 +122,7 @@ def run_experiment(config: dict | None = None) -> dict:
         "fit": fit_summary,
         "model_stats": {"coreset": model.coreset_stats} if getattr(model, "coreset_stats", None) else {},
         "versions": library_versions(),
+        "world_size": world_size(),
         "run_dir": str(run_dir),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))

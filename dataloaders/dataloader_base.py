@@ -203,12 +203,13 @@ class BaseDataloader:
         order = {sample.path: index for index, sample in enumerate(test)}
         return sorted(held_out, key=lambda s: order[s.path]), sorted(kept, key=lambda s: order[s.path])
 
-    def make_loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def make_loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, sampler=None,
+                    batch_size: int | None = None) -> DataLoader:
         """A DataLoader over ``dataset`` (any split, or a wrapper of one) with the configured batch and workers."""
-        batch_size = self.cfg["batch_size"]
+        batch_size = batch_size or self.cfg["batch_size"]
         if drop_last and len(dataset) < batch_size:
             drop_last = False  # a tiny split still trains on its one partial batch
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
                           num_workers=self.cfg["num_workers"], persistent_workers=False)
 
     def train_loader(self, shuffle: bool = True, drop_last: bool = False) -> DataLoader:

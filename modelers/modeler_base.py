@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distributed import all_finite
 from models.model_base import gaussian_blur2d, upsample_maps
 from utils import FrameworkError, StageTimer
 
@@ -40,6 +41,7 @@ class BaseModeler:
         self.timer = StageTimer()
         self.metrics = None  # family metrics, attached by the trainer
         self.use_amp = False
+        self.network: nn.Module = model  # what training steps call: the model, or its DDP wrapper under torchrun
 
     # -- device and modes -------------------------------------------------------------------------
     def to(self, device: torch.device) -> "BaseModeler":
@@ -57,6 +59,10 @@ class BaseModeler:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
+    def run_model(self, images: torch.Tensor) -> Any:
+        """Training steps go through ``network`` (DDP synchronises gradients); evaluation uses the bare model."""
+        return (self.network if self.model.training else self.model)(images)
+
     def images(self, batch: dict) -> torch.Tensor:
         """The batch's images on the modeler's device [B, 3, H, W]."""
         return batch["image"].to(self.device, non_blocking=True)
@@ -65,7 +71,7 @@ class BaseModeler:
     def forward(self, batch: dict) -> dict[str, Any]:
         """Runs the model on the batch's images."""
         with self.timer("features"):
-            return self.model(self.images(batch))
+            return self.run_model(self.images(batch))
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         """The training objective: ``{"loss": scalar, ...parts}``. Gradient models must override."""
@@ -82,8 +88,8 @@ class BaseModeler:
             outputs = self.forward(batch)
             losses = self.compute_loss(outputs, batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss became {loss.item()}")
+        if not all_finite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()} (on this or another rank)")
         optimizer.zero_grad(set_to_none=True)
         self.backward(loss, optimizer)
         return self._step_report(losses, outputs, batch, train=True)

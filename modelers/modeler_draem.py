@@ -15,7 +15,7 @@ class DraemModeler(BaseModeler):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         key = "augmented_image" if "augmented_image" in batch else "image"
         with self.timer("features"):
-            return self.model(batch[key].to(self.device, non_blocking=True))
+            return self.run_model(batch[key].to(self.device, non_blocking=True))
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         masks = batch["anomaly_mask"].to(self.device, non_blocking=True)

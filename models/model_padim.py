@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -100,6 +101,21 @@ class PadimModel(FittedBuffersMixin, nn.Module):
             self._scatter += delta.unsqueeze(2) * delta.unsqueeze(1) * (self._count * batch / total)
             self.mean += delta * (batch / total)
         self._count += batch
+
+    @torch.no_grad()
+    def merge_across_ranks(self) -> None:
+        """Combines every rank's running statistics into those of all images (Chan et al.'s pairwise
+        update, summed with all-reduce so no rank holds more than one scatter tensor)."""
+        device = self.mean.device
+        count = torch.tensor([float(self._count)], dtype=torch.float64, device=device)
+        weighted_mean = self.mean.double() * self._count
+        dist.all_reduce(count)
+        dist.all_reduce(weighted_mean)
+        mean = (weighted_mean / count).float()
+        delta = self.mean - mean
+        scatter = self._scatter + delta.unsqueeze(2) * delta.unsqueeze(1) * self._count
+        dist.all_reduce(scatter)
+        self.mean, self._scatter, self._count = mean, scatter, int(count.item())
 
     @torch.no_grad()
     def finalize(self) -> None:

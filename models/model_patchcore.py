@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from distributed import gather_rows
 from models.model_base import FittedBuffersMixin, TimmFeatureExtractor
 from models.nearest_neighbors import chunked_nearest, chunked_topk_nearest
 from registry import MODEL_REGISTRY
@@ -191,6 +192,11 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
             raise FrameworkError("PatchCore received more training images than begin_fit announced")
         self._features[self._filled:end] = embedding.to(self.bank_dtype)
         self._filled = end
+
+    def merge_across_ranks(self) -> None:
+        """Every rank's patch features, in rank order (the single-process order), on every rank."""
+        self._features = gather_rows(self._features[: self._filled])
+        self._filled = self._features.shape[0]
 
     @torch.no_grad()
     def finalize(self) -> None:

@@ -24,7 +24,7 @@ class ClassificationTrainer(GradientTrainer):
         return DraemTrainingDataset(dataset, self._textures, seed=self.config["seed"])
 
     def train_loader(self) -> DataLoader:
-        return self.dataloader.make_loader(self._simulated(self.dataloader.train_dataset), shuffle=True)
+        return self.training_loader(self._simulated(self.dataloader.train_dataset))
 
     def valid_loader(self) -> DataLoader | None:
         if self.dataloader.valid_dataset is None:

@@ -14,8 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from distributed import broadcast_object, is_main, mean_over_ranks, world_size
 from modelers.modeler_base import NonFiniteLossError
 from registry import TRAINER_REGISTRY
 from trainers.trainer_base import BaseTrainer
@@ -56,9 +59,19 @@ class GradientTrainer(BaseTrainer):
 
     drop_last = False
 
-    def train_loader(self):
+    def training_loader(self, dataset) -> DataLoader:
+        """Shuffled batches of ``dataset``; under torchrun a DistributedSampler gives each rank its share
+        of every global batch (``data.batch_size`` images in all, split over the ranks)."""
+        if world_size() == 1:
+            return self.dataloader.make_loader(dataset, shuffle=True, drop_last=self.drop_last)
+        sampler = DistributedSampler(dataset, shuffle=True, seed=self.config["seed"], drop_last=self.drop_last)
+        per_rank = max(1, self.config["data"]["batch_size"] // world_size())
+        return self.dataloader.make_loader(dataset, shuffle=False, drop_last=self.drop_last, sampler=sampler,
+                                           batch_size=per_rank)
+
+    def train_loader(self) -> DataLoader:
         """Training batches; DRAEM's trainer wraps the dataset with anomaly simulation here."""
-        return self.dataloader.train_loader(shuffle=True, drop_last=self.drop_last)
+        return self.training_loader(self.dataloader.train_dataset)
 
     def valid_loader(self):
         """Validation batches from held-out train/good images, or None when ``data.val_fraction`` is 0."""
@@ -67,7 +80,7 @@ class GradientTrainer(BaseTrainer):
     def run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
         totals: dict[str, float] = {}
         count = 0
-        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
         for step, batch in enumerate(bar):
             try:
                 report = self.modeler.training_step(batch, self.optimizer) if train else self.modeler.validate_step(batch)
@@ -118,33 +131,43 @@ class GradientTrainer(BaseTrainer):
         self.start_epoch, self.best_loss, self.bad_epochs, self.history = 0, math.inf, 0, []
         if train_cfg["resume"]:
             self._resume(Path(train_cfg["resume"]))
+        if world_size() > 1:
+            self.modeler.network = DistributedDataParallel(
+                self.modeler.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
         train_loader, valid_loader = self.train_loader(), self.valid_loader()
         stopped_early = False
         self.epoch = self.start_epoch
         for self.epoch in range(self.start_epoch, train_cfg["epochs"]):
-            if hasattr(train_loader.dataset, "set_epoch"):
-                train_loader.dataset.set_epoch(self.epoch)
+            for epoch_aware in (train_loader.dataset, train_loader.sampler):
+                if hasattr(epoch_aware, "set_epoch"):
+                    epoch_aware.set_epoch(self.epoch)
             train_metrics = self.run_epoch(train_loader, train=True, desc=f"epoch {self.epoch + 1}/{train_cfg['epochs']}")
+            train_metrics = {key: mean_over_ranks(value, self.device) for key, value in train_metrics.items()}
             valid_metrics = self.run_epoch(valid_loader, train=False, desc="validate") if valid_loader else {}
             if self.scheduler is not None:
                 self.scheduler.step()
-            monitored = valid_metrics.get("loss", train_metrics["loss"])
+            # Every rank validates the same images with the same weights; rank 0's value decides for all.
+            monitored = broadcast_object(valid_metrics.get("loss", train_metrics["loss"]))
             self.history.append({"epoch": self.epoch + 1, "train": train_metrics, "valid": valid_metrics})
             if monitored < self.best_loss - train_cfg["min_delta"]:
                 self.best_loss, self.bad_epochs = monitored, 0
-                torch.save(self.checkpoint(), self.run_dir / BEST_NAME)
+                if is_main():
+                    torch.save(self.checkpoint(), self.run_dir / BEST_NAME)
             else:
                 self.bad_epochs += 1
-            torch.save(self._training_state(), self.run_dir / LAST_NAME)
-            tqdm.write(f"epoch {self.epoch + 1}: train loss {train_metrics['loss']:.5g}"
-                       + (f", valid loss {valid_metrics['loss']:.5g}" if valid_metrics else ""))
+            if is_main():
+                torch.save(self._training_state(), self.run_dir / LAST_NAME)
+                tqdm.write(f"epoch {self.epoch + 1}: train loss {train_metrics['loss']:.5g}"
+                           + (f", valid loss {valid_metrics['loss']:.5g}" if valid_metrics else ""))
             if self.bad_epochs >= train_cfg["patience"]:
                 stopped_early = True
                 break
-        best = torch.load(self.run_dir / BEST_NAME, map_location=self.device, weights_only=True)
-        self.modeler.load_state_dict(best["model"])
+        self.modeler.network = self.modeler.model
+        if is_main():  # the only rank that evaluates
+            best = torch.load(self.run_dir / BEST_NAME, map_location=self.device, weights_only=True)
+            self.modeler.load_state_dict(best["model"])
         self.timings.update(self.modeler.timer.as_dict("fit_"))
         self.timings["fit"] = time.perf_counter() - start
         return {

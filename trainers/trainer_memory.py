@@ -4,8 +4,10 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
+from distributed import is_main, shard, world_size
 from registry import TRAINER_REGISTRY
 from trainers.trainer_base import BaseTrainer
 from utils import StageTimer
@@ -18,18 +20,27 @@ class MemoryTrainer(BaseTrainer):
     def run_epoch(self, loader, train: bool = True, desc: str = "collect") -> dict[str, float]:
         images = 0
         with torch.inference_mode():
-            for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+            for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
                 self.modeler.training_step(batch)
                 images += len(batch["label"])
         return {"images": images}
 
     def fit(self) -> dict:
+        """Under torchrun each rank collects a contiguous shard; the shards are merged in rank order and
+        rank 0 builds the buffers (PaDiM's covariances, PatchCore's coreset)."""
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        loader = self.dataloader.train_loader(shuffle=False)
-        self.modeler.begin_fit(len(loader.dataset))
+        dataset = self.dataloader.train_dataset
+        if world_size() > 1:
+            dataset = Subset(dataset, list(shard(len(dataset))))
+        loader = self.dataloader.make_loader(dataset, shuffle=False)
+        self.modeler.begin_fit(len(dataset))
         summary = self.run_epoch(loader, desc="fit")
-        self.modeler.fit()
+        if world_size() > 1:
+            self.modeler.model.merge_across_ranks()
+            summary["images"] = len(self.dataloader.train_dataset)
+        if is_main():
+            self.modeler.fit()
         self.timings.update(self.modeler.timer.as_dict("fit_"))
         self.timings["fit"] = time.perf_counter() - start
         return {"epochs": 1, "train_images": summary["images"]}
