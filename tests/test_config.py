@@ -70,3 +70,15 @@ def test_registry_refuses_duplicates_and_lists_known_names():
 def test_every_configured_model_is_registered():
     import_all()
     assert set(MODEL_CONFIGS) <= set(MODEL_REGISTRY.names())
+
+
+def test_every_top_level_module_is_installed():
+    """``pip install -e .`` must expose every root module, or ``from main import run_experiment`` fails
+    outside the repository (main imports distributed, sweep and predict)."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
+    root = Path(__file__).resolve().parents[1]
+    declared = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"])
+    on_disk = {path.stem for path in root.glob("*.py")}
+    assert on_disk <= declared, f"missing from pyproject py-modules: {sorted(on_disk - declared)}"
