@@ -120,7 +120,6 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
         **backbone_facts(model, config),
         "mask_size": config["data"]["mask_size"] or config["data"]["image_size"],
         "fit": fit_summary,
-        "model_stats": {"coreset": model.coreset_stats} if getattr(model, "coreset_stats", None) else {},
         "versions": library_versions(),
         "world_size": world_size(),
         "run_dir": str(run_dir),
@@ -204,7 +203,7 @@ def run_benchmark(config: dict | None = None) -> dict:
         "peak_memory_mb": results["peak_memory_mb"],
         "copy_gb_per_s": copy_gbs,
     }
-    stats = results["model_stats"].get("coreset")
+    stats = results["fit"].get("coreset")
     if stats and coreset > 0:
         report["coreset_gb_per_s"] = stats["steps"] * stats["bytes_per_step"] / coreset / 1e9
     (Path(results["run_dir"]) / "benchmark.json").write_text(json.dumps(report, indent=2))

@@ -35,6 +35,9 @@ def test_padim_end_to_end_detects_demo_defects_with_random_backbone(padim_run):
     assert metrics["pixel_auroc"] > 0.7
     assert 0.0 <= metrics["aupro"] <= 1.0
     assert results["pretrained"] is False and "random" in results["weights_source"]
+    fit = results["fit"]  # the memory family's fit metrics: one Gaussian per layer-1 position (stride 4)
+    assert fit["gaussians"] == (FAST_DATA["image_size"] // 4) ** 2 and fit["feature_dim"] == 100  # R18: Rd100
+    assert fit["fitted_mb"] > fit["gaussians"] * 100 * 100 * 4 / 2**20
 
 
 def test_run_folder_holds_the_public_outputs(padim_run):
@@ -78,7 +81,12 @@ def test_patchcore_end_to_end(tmp_path, demo_root):
     assert results["metrics"]["image_auroc"] > 0.7
     assert results["metrics"]["pixel_auroc"] > 0.7
     modeler, _ = load_checkpoint(results["run_dir"])
-    assert modeler.model.memory_bank.shape[0] > 0
+    bank = modeler.model.memory_bank
+    fit = results["fit"]  # the memory family's fit metrics
+    train_patches = fit["train_images"] * (FAST_DATA["image_size"] // 8) ** 2  # layer-2 grid: stride 8
+    assert (fit["bank_patches"], fit["bank_dim"]) == tuple(bank.shape) == (int(train_patches * 0.25), 1024)
+    assert fit["fitted_mb"] == pytest.approx(bank.numel() * 4 / 2**20, abs=1e-3)
+    assert fit["coreset"]["steps"] == bank.shape[0]
     assert torch.allclose(_reloaded_scores(results["run_dir"]), _run_scores(results["run_dir"]), rtol=1e-5, atol=1e-5)
 
 

@@ -43,4 +43,7 @@ class MemoryTrainer(BaseTrainer):
             self.modeler.fit()
         self.timings.update(self.modeler.timer.as_dict("fit_"))
         self.timings["fit"] = time.perf_counter() - start
-        return {"epochs": 1, "train_images": summary["images"]}
+        summary = {"epochs": 1, "train_images": summary["images"]}
+        if is_main() and self.modeler.metrics is not None:
+            summary.update(self.modeler.metrics.compute_fit_metrics(self.modeler.model))
+        return summary
