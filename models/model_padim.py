@@ -91,14 +91,14 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         samples = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim)  # [P, B, d]
         batch_mean = samples.mean(dim=1)
         centred = samples - batch_mean.unsqueeze(1)
-        batch_scatter = centred.transpose(1, 2) @ centred  # [P, d, d]
         if self._count == 0:
-            self.mean, self._scatter = batch_mean, batch_scatter
+            self.mean, self._scatter = batch_mean, centred.transpose(1, 2) @ centred  # [P, d, d]
         else:
+            # In place: a [P, d, d] temporary per batch (800 MB for Lite0 at 320 px) would dominate the fit.
             total = self._count + batch
             delta = batch_mean - self.mean
-            self._scatter += batch_scatter
-            self._scatter += delta.unsqueeze(2) * delta.unsqueeze(1) * (self._count * batch / total)
+            self._scatter.baddbmm_(centred.transpose(1, 2), centred)
+            self._scatter.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=self._count * batch / total)
             self.mean += delta * (batch / total)
         self._count += batch
 

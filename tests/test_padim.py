@@ -1,0 +1,32 @@
+"""PaDiM's streaming statistics against the whole-dataset formula, and the paper's channel-subset rule."""
+import torch
+
+from models.model_padim import COVARIANCE_EPS, PadimModel
+
+
+def test_streaming_mean_and_covariance_equal_the_batch_formula():
+    torch.manual_seed(0)
+    model = PadimModel(backbone="resnet18", pretrained=False)
+    images = torch.rand(37, 3, 64, 64)
+    model.begin_fit(len(images))
+    for batch in images.split([8, 8, 5, 16]):  # uneven batches exercise the pairwise update
+        model.update(batch)
+    model.finalize()
+
+    embedding = model.embed(images).double()  # [N, d, h, w]
+    samples = embedding.permute(2, 3, 0, 1).reshape(-1, len(images), embedding.shape[1])  # [P, N, d]
+    mean = samples.mean(dim=1)
+    centred = samples - mean.unsqueeze(1)
+    covariance = centred.transpose(1, 2) @ centred / (len(images) - 1)
+    covariance += COVARIANCE_EPS * torch.eye(covariance.shape[-1], dtype=torch.float64)
+    expected_inverse = torch.linalg.inv(covariance)
+    assert torch.allclose(model.mean.double(), mean, atol=1e-5)
+    scale = expected_inverse.abs().max()
+    assert torch.allclose(model.inv_covariance.double() / scale, expected_inverse / scale, atol=1e-5)
+
+
+def test_channel_subset_follows_the_paper_rule():
+    assert PadimModel(backbone="resnet18", pretrained=False).feature_index.numel() == 100  # Rd100
+    assert PadimModel(backbone="wide_resnet50_2", pretrained=False).feature_index.numel() == 550  # Rd550
+    lite0 = PadimModel(backbone="efficientnet_lite0", pretrained=False)
+    assert lite0.feature_index.numel() == sum(lite0.extractor.channels)  # fewer than 550 channels: all kept
