@@ -159,6 +159,7 @@ class TimmFeatureExtractor(nn.Module):
         self.reductions = self.model.feature_info.reduction()
         self.weights_source = "random init (pretrained=false)"
         mean, std = IMAGENET_MEAN, IMAGENET_STD
+        batchnorm_eps = 0.0  # 0 = the architecture's own epsilon
         if pretrained:
             state, self.weights_source, lite_package = resolve_backbone_state(backbone, weights)
             own = self.model.state_dict()
@@ -167,18 +168,27 @@ class TimmFeatureExtractor(nn.Module):
                 raise FrameworkError(f"Weights '{self.weights_source}' lack {len(missing)} tensors, e.g. '{missing[0]}'")
             self.model.load_state_dict({key: state[key] for key in own})
             if lite_package:
-                mean, std = _LITE_PACKAGE_MEAN, _LITE_PACKAGE_STD
-                for module in self.model.modules():
-                    if isinstance(module, nn.BatchNorm2d):
-                        module.eps = 1e-3
-        # Affine map from ImageNet-normalised inputs to the statistics these weights expect.
+                mean, std, batchnorm_eps = _LITE_PACKAGE_MEAN, _LITE_PACKAGE_STD, 1e-3
+        # Affine map from ImageNet-normalised inputs to the statistics these weights expect. It and the
+        # batch-norm epsilon are saved with the weights: a model rebuilt from a checkpoint (pretrained=false)
+        # must run them under the convention they were trained with.
         scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
         shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
-        self.register_buffer("input_scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("input_shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_scale", scale.view(1, 3, 1, 1))
+        self.register_buffer("input_shift", shift.view(1, 3, 1, 1))
+        self.register_buffer("batchnorm_eps", torch.tensor(batchnorm_eps, dtype=torch.float64))
+        self._apply_batchnorm_eps()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._apply_batchnorm_eps())
         self.model.requires_grad_(requires_grad)
         self.frozen = not requires_grad
         self.train(False)
+
+    def _apply_batchnorm_eps(self) -> None:
+        eps = float(self.batchnorm_eps)
+        if eps > 0:
+            for module in self.model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eps = eps
 
     @staticmethod
     def _layer_index(layer: int | str, names: list[str], backbone: str) -> int:

@@ -1,5 +1,7 @@
 """Backbone weight resolution, the real EfficientNet-Lite0 weights, and map post-processing."""
+import csv
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from scipy import ndimage
 import models.model_base as model_base
 from main import run_experiment
 from models.model_base import TimmFeatureExtractor, gaussian_blur2d
+from predict import predict
 from utils import FrameworkError
 
 
@@ -22,6 +25,20 @@ def test_lite0_package_weights_load_into_timm_with_their_input_statistics():
     assert not any(p.requires_grad for p in extractor.parameters())
     extractor.train()
     assert not extractor.training  # frozen extractors stay in eval mode
+
+
+def test_lite0_convention_survives_a_rebuild_from_the_state_dict():
+    """A checkpoint is loaded into a model built with pretrained=false: the package weights' input
+    statistics and batch-norm epsilon must come back with the weights, or features silently change."""
+    original = TimmFeatureExtractor("efficientnet_lite0", [2, 3])
+    rebuilt = TimmFeatureExtractor("efficientnet_lite0", [2, 3], pretrained=False)
+    assert rebuilt.model.bn1.eps != pytest.approx(1e-3)
+    rebuilt.load_state_dict(original.state_dict())
+    assert rebuilt.model.bn1.eps == pytest.approx(1e-3)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        for ours, theirs in zip(rebuilt(images), original(images)):
+            assert torch.equal(ours, theirs)
 
 
 def test_resolution_order_explicit_file_then_backbones_folder(tmp_path, monkeypatch):
@@ -67,3 +84,10 @@ def test_padim_with_real_lite0_features_separates_demo_defects(tmp_path, demo_ro
     assert results["pretrained"] is True and "efficientnet_lite0" in results["weights_source"]
     assert results["metrics"]["image_auroc"] > 0.95
     assert results["metrics"]["pixel_auroc"] > 0.9
+    # predict() rebuilds the model from the checkpoint alone (pretrained=false) and must reproduce the run.
+    scored = predict(results["run_dir"], str(demo_root / "fabric" / "test"), overlays=False)
+    with open(Path(results["run_dir"]) / "scores.csv") as handle:
+        run_scores = {Path(row["image_path"]).resolve(): float(row["score"]) for row in csv.DictReader(handle)}
+    assert len(scored["rows"]) == len(run_scores)
+    for row in scored["rows"]:
+        assert row["score"] == pytest.approx(run_scores[Path(row["image_path"]).resolve()], rel=1e-5, abs=1e-5)
