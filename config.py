@@ -91,7 +91,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "weights": None,
             "n_features": None,  # None = paper rule: R18 100, WR50 550, other backbones min(550, all)
             "sigma": 4.0,
-            "feature_seed": 1024,
+            "feature_seed": None,  # seed of the random channel subset; None = the run's seed
         },
         "train": {"trainer": "memory"},
         "data": {"image_size": 224, "crop_ratio": 0.875, "interpolation": "lanczos"},
@@ -109,7 +109,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "coreset_ratio": 0.1,
             "projection_dim": 128,
             "num_start_points": 10,
-            "coreset_seed": 0,
+            "coreset_seed": None,  # seed of the projection and start points; None = the run's seed
             "score_mode": "reweighted",  # paper eq. 7 (b=9); "max" = the official code
             "num_neighbors": 9,
             "sigma": 4.0,
@@ -181,7 +181,11 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "model.vit_block_index": (int,),
     "train.texture_root": (str,),
     "eval.threshold_value": (float, int),
+    "model.feature_seed": (int,),
+    "model.coreset_seed": (int,),
 }
+# Model seeds that follow the run's seed unless set, so that --seeds 0,1,2 varies every random choice.
+DERIVED_SEEDS = ("feature_seed", "coreset_seed")
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -287,6 +291,9 @@ def resolve_config(overrides: dict | None = None) -> dict:
     config = default_config(model, dataset, trainer)
     _apply(config, overrides)
     _check_consistency(config)
+    for key in DERIVED_SEEDS:
+        if key in config["model"] and config["model"][key] is None:
+            config["model"][key] = config["seed"]
     return config
 
 

@@ -40,7 +40,9 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         n_features: channels kept by the random subset; None = the paper's value for R18/WR50, else
             min(550, all channels).
         sigma: Gaussian smoothing of the upsampled map (paper: 4).
-        feature_seed: seed of the random channel subset (the reference code uses 1024).
+        feature_seed: seed of the random channel subset (the config passes the run's seed unless
+            ``model.feature_seed`` is set; the reference code's Python ``random`` draw with seed 1024
+            cannot be reproduced by torch, so no particular seed is the paper's).
     """
 
     def __init__(

@@ -82,3 +82,10 @@ def test_every_top_level_module_is_installed():
     declared = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["py-modules"])
     on_disk = {path.stem for path in root.glob("*.py")}
     assert on_disk <= declared, f"missing from pyproject py-modules: {sorted(on_disk - declared)}"
+
+
+def test_model_seeds_follow_the_run_seed_unless_set():
+    assert resolve_config({"model.name": "padim", "seed": 3})["model"]["feature_seed"] == 3
+    assert resolve_config({"model.name": "patchcore", "seed": 5})["model"]["coreset_seed"] == 5
+    pinned = resolve_config({"model.name": "patchcore", "seed": 5, "model.coreset_seed": 0})
+    assert pinned["model"]["coreset_seed"] == 0
