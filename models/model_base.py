@@ -178,10 +178,14 @@ class TimmFeatureExtractor(nn.Module):
         self.register_buffer("input_shift", shift.view(1, 3, 1, 1))
         self.register_buffer("batchnorm_eps", torch.tensor(batchnorm_eps, dtype=torch.float64))
         self._apply_batchnorm_eps()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._apply_batchnorm_eps())
+        self.register_load_state_dict_post_hook(TimmFeatureExtractor._after_load)
         self.model.requires_grad_(requires_grad)
         self.frozen = not requires_grad
         self.train(False)
+
+    @staticmethod
+    def _after_load(module: "TimmFeatureExtractor", _incompatible_keys) -> None:
+        module._apply_batchnorm_eps()
 
     def _apply_batchnorm_eps(self) -> None:
         eps = float(self.batchnorm_eps)
