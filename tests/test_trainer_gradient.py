@@ -67,6 +67,14 @@ def test_resume_equals_uninterrupted_training(tmp_path, demo_root, monkeypatch):
     assert torch.allclose(_scores(resumed["run_dir"]), _scores(uninterrupted["run_dir"]), rtol=1e-4, atol=1e-6)
 
 
+def test_resume_keeps_a_best_epoch_from_before_the_interruption(tmp_path, demo_root):
+    first = run_experiment(_config(tmp_path, demo_root, epochs=1))
+    # No resumed epoch can count as better (min_delta is huge): the best checkpoint is the first run's.
+    resumed = run_experiment(_config(tmp_path, demo_root, epochs=2, min_delta=1e9, resume=first["run_dir"]))
+    assert resumed["fit"]["epochs"] == 2 and resumed["fit"]["best_loss"] == pytest.approx(first["fit"]["best_loss"])
+    assert torch.allclose(_scores(resumed["run_dir"]), _scores(first["run_dir"]), rtol=1e-5, atol=1e-6)
+
+
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, demo_root, monkeypatch):
     original = STFPMModeler.compute_loss
     steps = {"count": 0}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -121,6 +122,10 @@ class GradientTrainer(BaseTrainer):
         self.start_epoch, self.best_loss = state["epoch"], state["best_loss"]
         self.bad_epochs, self.history = state["bad_epochs"], state["history"]
         set_rng_state(state["rng"])
+        # The best epoch may precede the interruption; this run's folder must hold it for evaluation.
+        best = Path(run_dir) / BEST_NAME
+        if is_main() and best.is_file():
+            shutil.copy2(best, self.run_dir / BEST_NAME)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> dict:
