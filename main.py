@@ -144,7 +144,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
     if "pretrained" in config["model"]:
         config["model"]["pretrained"] = False  # every weight is in the checkpoint
     modeler = build_modeler(config, build_model(config))
-    modeler.load_state_dict(checkpoint["model"])
+    modeler.load_state_dict(checkpoint["model"], source=str(path))
     modeler.to(resolve_device(device)).model.eval()
     return modeler, checkpoint
 

@@ -190,5 +190,11 @@ class BaseModeler:
         """The model's state: parameters and every fitted buffer."""
         return self.model.state_dict()
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the checkpoint") -> None:
+        """Loads the model's weights; a checkpoint of another model, config or version is one clear error."""
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as error:
+            reason = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+            raise FrameworkError(f"'{source}' does not fit {type(self.model).__name__} (another model, config or an "
+                                 f"older version of this framework; re-run to make a new one): {reason}") from error

@@ -130,3 +130,14 @@ def test_cli_bad_inputs_fail_with_one_line_and_touch_no_run(tmp_path, demo_root,
     assert len(error) == 1 and fragment in error[0]
     assert sorted(p.name for p in Path(results["run_dir"]).iterdir()) == before
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("results.json"))
+
+
+def test_checkpoint_that_does_not_fit_is_one_clear_line(tmp_path, padim_run, capsys):
+    _, results = padim_run
+    checkpoint = torch.load(Path(results["run_dir"]) / "checkpoint.pt", weights_only=True)
+    checkpoint["model"] = {k: v for k, v in checkpoint["model"].items() if not k.endswith("input_scale")}
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")  # as an older version of the framework wrote it
+    code = main(["predict", "--checkpoint", str(tmp_path), "--input", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1
+    assert str(tmp_path / "checkpoint.pt") in error[0] and "input_scale" in error[0]

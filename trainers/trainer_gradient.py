@@ -115,7 +115,7 @@ class GradientTrainer(BaseTrainer):
         if not path.is_file():
             raise FrameworkError(f"Cannot resume: '{path}' not found (train.resume must be a run folder with last.pt)")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        self.modeler.load_state_dict(state["model"])
+        self.modeler.load_state_dict(state["model"], source=str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
