@@ -74,7 +74,9 @@ _EPOCH_DATA = {"val_fraction": 0.2, "cache": True, "image_size": 256, "crop_rati
 TRAIN_CONFIGS: dict[str, dict] = {
     "memory": {"train": {"trainer": "memory"}},
     "gradient": {"train": {"trainer": "gradient", **_EPOCH_TRAINING}, "data": dict(_EPOCH_DATA)},
-    "flow": {"train": {"trainer": "flow", **_EPOCH_TRAINING}, "data": dict(_EPOCH_DATA)},
+    # The frozen backbone's features of the train and valid splits are computed once if they fit in
+    # feature_cache_mb (0 = recompute every epoch).
+    "flow": {"train": {"trainer": "flow", **_EPOCH_TRAINING, "feature_cache_mb": 4096}, "data": dict(_EPOCH_DATA)},
     # Trained on simulated anomalies; texture_root = a folder in the DTD layout (images/<class>/*.jpg),
     # None = the Perlin-derived fallback textures (lower numbers, with a warning).
     "classification": {"train": {"trainer": "classification", **_EPOCH_TRAINING, "texture_root": None},

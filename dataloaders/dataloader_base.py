@@ -204,13 +204,15 @@ class BaseDataloader:
         return sorted(held_out, key=lambda s: order[s.path]), sorted(kept, key=lambda s: order[s.path])
 
     def make_loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, sampler=None,
-                    batch_size: int | None = None) -> DataLoader:
-        """A DataLoader over ``dataset`` (any split, or a wrapper of one) with the configured batch and workers."""
+                    batch_size: int | None = None, num_workers: int | None = None) -> DataLoader:
+        """A DataLoader over ``dataset`` (any split, or a wrapper of one) with the configured batch and workers
+        (``num_workers=0`` for in-memory tensors, which worker processes would only copy)."""
         batch_size = batch_size or self.cfg["batch_size"]
+        num_workers = self.cfg["num_workers"] if num_workers is None else num_workers
         if drop_last and len(dataset) < batch_size:
             drop_last = False  # a tiny split still trains on its one partial batch
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
-                          num_workers=self.cfg["num_workers"], persistent_workers=False)
+                          num_workers=num_workers, persistent_workers=False)
 
     def train_loader(self, shuffle: bool = True, drop_last: bool = False) -> DataLoader:
         return self.make_loader(self.train_dataset, shuffle, drop_last)

@@ -59,19 +59,25 @@ class BaseModeler:
             return torch.autocast("cuda", dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def run_model(self, images: torch.Tensor) -> Any:
+    def run_model(self, inputs: torch.Tensor | list[torch.Tensor]) -> Any:
         """Training steps go through ``network`` (DDP synchronises gradients); evaluation uses the bare model."""
-        return (self.network if self.model.training else self.model)(images)
+        return (self.network if self.model.training else self.model)(inputs)
 
     def images(self, batch: dict) -> torch.Tensor:
         """The batch's images on the modeler's device [B, 3, H, W]."""
         return batch["image"].to(self.device, non_blocking=True)
 
+    def inputs(self, batch: dict) -> torch.Tensor | list[torch.Tensor]:
+        """What the model runs on: the images, or the frozen backbone's features when a trainer cached them."""
+        if "features" in batch:
+            return [feature.to(self.device, non_blocking=True) for feature in batch["features"]]
+        return self.images(batch)
+
     # -- the seed's step methods ------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, Any]:
-        """Runs the model on the batch's images."""
+        """Runs the model on the batch's images (or their cached backbone features)."""
         with self.timer("features"):
-            return self.run_model(self.images(batch))
+            return self.run_model(self.inputs(batch))
 
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         """The training objective: ``{"loss": scalar, ...parts}``. Gradient models must override."""

@@ -75,10 +75,15 @@ class FastFlowModel(nn.Module):
             for stage, shape in enumerate(shapes)
         ])
 
-    def forward(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """Latents z [B, C_i, h_i, w_i] and log-determinants [B] per stage."""
-        with torch.no_grad():
-            features = self.extractor(images)
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's features per stage; the flow trainer caches them once for all epochs."""
+        return self.extractor(images)
+
+    def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        """Latents z [B, C_i, h_i, w_i] and log-determinants [B] per stage, from images [B, 3, H, W]
+        or from the per-stage features ``extract`` gave for them."""
+        features = self.extract(inputs) if isinstance(inputs, torch.Tensor) else inputs
         latents, log_dets = [], []
         for feature, norm, flow in zip(features, self.norms, self.flows):
             z, log_det = flow(norm(feature))

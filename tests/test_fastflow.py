@@ -72,3 +72,20 @@ def test_vit_backbone_gives_one_map_after_the_chosen_block():
     assert model.anomaly_map(outputs, (224, 224)).shape == (2, 1, 224, 224)
     with pytest.raises(FrameworkError, match="image_size=224"):
         model.extractor(torch.randn(1, 3, 256, 256))
+
+
+def test_cached_backbone_features_train_like_recomputed_ones(tmp_path, demo_root):
+    """The flow trainer's feature cache changes only the speed: same losses, same scores."""
+    def run(cache_mb, name):
+        return run_experiment({
+            "model": {"name": "fastflow", "backbone": "resnet18", "pretrained": False, "flow_steps": 2},
+            "data": {"name": "demo", "root": str(demo_root), "image_size": 64, "batch_size": 8},
+            "train": {"epochs": 2, "feature_cache_mb": cache_mb},
+            "output_dir": str(tmp_path / name), "eval": {"num_figures": 0},
+        })
+    cached, recomputed = run(4096, "cached"), run(0, "recomputed")
+    assert "fit_cache_features" in cached["timings"] and "fit_cache_features" not in recomputed["timings"]
+    for epoch_cached, epoch_recomputed in zip(cached["fit"]["history"], recomputed["fit"]["history"]):
+        for split in ("train", "valid"):
+            assert epoch_cached[split]["loss"] == pytest.approx(epoch_recomputed[split]["loss"], rel=1e-4)
+    assert cached["metrics"]["pixel_auroc"] == pytest.approx(recomputed["metrics"]["pixel_auroc"], abs=1e-3)

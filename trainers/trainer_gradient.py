@@ -60,15 +60,15 @@ class GradientTrainer(BaseTrainer):
 
     drop_last = False
 
-    def training_loader(self, dataset) -> DataLoader:
+    def training_loader(self, dataset, num_workers: int | None = None) -> DataLoader:
         """Shuffled batches of ``dataset``; under torchrun a DistributedSampler gives each rank its share
         of every global batch (``data.batch_size`` images in all, split over the ranks)."""
         if world_size() == 1:
-            return self.dataloader.make_loader(dataset, shuffle=True, drop_last=self.drop_last)
+            return self.dataloader.make_loader(dataset, shuffle=True, drop_last=self.drop_last, num_workers=num_workers)
         sampler = DistributedSampler(dataset, shuffle=True, seed=self.config["seed"], drop_last=self.drop_last)
         per_rank = max(1, self.config["data"]["batch_size"] // world_size())
         return self.dataloader.make_loader(dataset, shuffle=False, drop_last=self.drop_last, sampler=sampler,
-                                           batch_size=per_rank)
+                                           batch_size=per_rank, num_workers=num_workers)
 
     def train_loader(self) -> DataLoader:
         """Training batches; DRAEM's trainer wraps the dataset with anomaly simulation here."""
