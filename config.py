@@ -67,7 +67,14 @@ _EPOCH_TRAINING = {
     "patience": 10,  # epochs without a better monitored loss before stopping
     "min_delta": 0.0,
     "resume": None,  # a run folder holding last.pt
+    # Early stopping and the kept epoch: "loss" = the validation loss; "synthetic_pixel_auroc" = the
+    # pixel AUROC on the held-out images with fixed simulated defects (never the test set).
+    "monitor": "loss",
+    # Simulated defects' textures (DRAEM's training, the synthetic monitor): a folder in the DTD layout
+    # (images/<class>/*.jpg), None = Perlin-derived textures.
+    "texture_root": None,
 }
+MONITORS = ("loss", "synthetic_pixel_auroc")
 # Held-out train/good images for validation and early stopping; decoded images cached across epochs.
 _EPOCH_DATA = {"val_fraction": 0.2, "cache": True, "image_size": 256, "crop_ratio": 1.0}
 
@@ -77,9 +84,8 @@ TRAIN_CONFIGS: dict[str, dict] = {
     # The frozen backbone's features of the train and valid splits are computed once if they fit in
     # feature_cache_mb (0 = recompute every epoch).
     "flow": {"train": {"trainer": "flow", **_EPOCH_TRAINING, "feature_cache_mb": 4096}, "data": dict(_EPOCH_DATA)},
-    # Trained on simulated anomalies; texture_root = a folder in the DTD layout (images/<class>/*.jpg),
-    # None = the Perlin-derived fallback textures (lower numbers, with a warning).
-    "classification": {"train": {"trainer": "classification", **_EPOCH_TRAINING, "texture_root": None},
+    # Trained on simulated anomalies (train.texture_root None: Perlin textures, lower numbers, a warning).
+    "classification": {"train": {"trainer": "classification", **_EPOCH_TRAINING},
                        "data": dict(_EPOCH_DATA)},
 }
 
@@ -311,6 +317,9 @@ def _check_consistency(config: dict) -> None:
             raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
     if config["device"] not in ("auto", "cpu", "cuda"):
         raise FrameworkError(f"Config key 'device' must be auto, cpu or cuda, got {config['device']!r}")
+    monitor = config["train"].get("monitor", "loss")
+    if monitor not in MONITORS:
+        raise FrameworkError(f"Config key 'train.monitor' must be one of {', '.join(MONITORS)}, got {monitor!r}")
     evaluation = config["eval"]
     if not 0.0 <= evaluation["threshold_quantile"] <= 1.0:
         raise FrameworkError("Config key 'eval.threshold_quantile' must be in [0, 1]")

@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset
 
-from dataloaders.dataloader_base import IMAGE_SUFFIXES, AnomalyDataset, open_image
+from dataloaders.dataloader_base import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, open_image
 from utils import FrameworkError
 
 DTD_LAYOUT = "<texture_root>/images/<class>/*.jpg (the Describable Textures Dataset) or any folder of images"
@@ -247,9 +247,13 @@ def simulate_anomaly(image: np.ndarray, texture: np.ndarray,
     if rng.random() < 0.5:
         return image.astype(np.float32, copy=True), np.zeros((*image.shape[:2], 1), np.float32), 0.0
     mask = perlin_mask(image.shape[:2], rng)[..., None]
+    return paste_texture(image, texture, mask, rng), mask, float(mask.any())
+
+
+def paste_texture(image: np.ndarray, texture: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """image·(1−m) + (1−β)·texture·m + β·image·m with β ~ U[0, 0.8): the texture's opacity is in (0.2, 1]."""
     beta = rng.uniform(0.0, 0.8)
-    augmented = image * (1 - mask) + ((1 - beta) * texture + beta * image) * mask
-    return augmented.astype(np.float32), mask, float(mask.any())
+    return (image * (1 - mask) + ((1 - beta) * texture + beta * image) * mask).astype(np.float32)
 
 
 class DraemTrainingDataset(Dataset):
@@ -300,3 +304,33 @@ class DraemTrainingDataset(Dataset):
             "label": torch.tensor(0, dtype=torch.long),
             "image_path": item["image_path"],
         }
+
+
+class SimulatedDefectSet(Dataset):
+    """Held-out normal images, each with ``copies`` fixed simulated defects (never an empty mask).
+
+    A label-free stand-in for real defects when choosing the epoch to keep (``train.monitor =
+    synthetic_pixel_auroc``): the test set is never looked at. Items: ``image`` normalised as ``base``
+    normalises, ``mask`` float [1, H, W] in {0, 1}, ``label`` 1, ``image_path``.
+    """
+
+    def __init__(self, base: AnomalyDataset, textures: TextureSource, seed: int = 0, copies: int = 2) -> None:
+        self.base, self.textures, self.seed, self.copies = base, textures, seed, copies
+        self.imagenet = getattr(base, "normalize", None) == "imagenet"
+
+    def __len__(self) -> int:
+        return len(self.base) * self.copies
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index])
+        item = self.base[index // self.copies]
+        image = item["image"] * IMAGENET_STD + IMAGENET_MEAN if self.imagenet else item["image"]
+        image = image.permute(1, 2, 0).numpy()
+        mask = np.zeros((*image.shape[:2], 1), np.float32)
+        while not mask.any():
+            mask = perlin_mask(image.shape[:2], rng)[..., None]
+        augmented = torch.from_numpy(paste_texture(image, self.textures.sample(rng), mask, rng)).permute(2, 0, 1)
+        if self.imagenet:
+            augmented = (augmented - IMAGENET_MEAN) / IMAGENET_STD
+        return {"image": augmented.contiguous(), "mask": torch.from_numpy(mask).permute(2, 0, 1).contiguous(),
+                "label": torch.tensor(1, dtype=torch.long), "image_path": item["image_path"]}

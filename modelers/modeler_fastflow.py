@@ -15,4 +15,6 @@ class FastFlowModeler(BaseModeler):
         return {"loss": self.model.loss(outputs)}
 
     def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
-        return self.model.anomaly_map(outputs, batch["image"].shape[-2:])
+        """At the input size (the configured one for batches of cached features)."""
+        size = batch["image"].shape[-2:] if "image" in batch else (self.config["data"]["image_size"],) * 2
+        return self.model.anomaly_map(outputs, size)

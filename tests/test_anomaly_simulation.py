@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dataloaders.anomaly_simulation import (TEXTURE_AUGMENTATIONS, DraemTrainingDataset, TextureSource,
+from dataloaders.anomaly_simulation import (TEXTURE_AUGMENTATIONS, DraemTrainingDataset, SimulatedDefectSet,
+                                            TextureSource,
                                             augment_texture, perlin_mask, perlin_noise_2d, perlin_texture,
                                             simulate_anomaly)
-from dataloaders.dataloader_base import AnomalyDataset, Sample
+from dataloaders.dataloader_base import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, Sample
 from utils import FrameworkError
 
 SIZE = 64
@@ -179,3 +180,22 @@ def test_training_dataset_refuses_normalised_images(tmp_path):
         DraemTrainingDataset(_dataset(tmp_path, normalize="imagenet"), TextureSource(None, SIZE, warn=False))
     with pytest.raises(FrameworkError, match="Textures are 32 px"):
         DraemTrainingDataset(_dataset(tmp_path), TextureSource(None, 32, warn=False))
+
+
+@pytest.mark.parametrize("normalize", ["imagenet", "none"])
+def test_simulated_defect_set_has_fixed_non_empty_defects_in_the_base_normalisation(tmp_path, normalize):
+    base = _dataset(tmp_path, normalize=normalize)
+    defects = SimulatedDefectSet(base, TextureSource(None, SIZE, warn=False), seed=3, copies=2)
+    again = SimulatedDefectSet(base, TextureSource(None, SIZE, warn=False), seed=3, copies=2)
+    assert len(defects) == 8
+    for index in range(len(defects)):
+        item = defects[index]
+        assert item["mask"].shape == (1, SIZE, SIZE) and item["mask"].sum() > 0 and item["label"] == 1
+        assert torch.equal(item["image"], again[index]["image"])  # the same defects every epoch
+        original = base[index // 2]["image"]
+        outside = item["mask"].expand(3, -1, -1) == 0
+        assert torch.allclose(item["image"][outside], original[outside], atol=1e-5)
+        assert not torch.allclose(item["image"][~outside], original[~outside], atol=1e-3)
+        pixels = item["image"] * IMAGENET_STD + IMAGENET_MEAN if normalize == "imagenet" else item["image"]
+        assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert not torch.equal(defects[0]["mask"], defects[1]["mask"])  # two different copies of one image

@@ -51,6 +51,7 @@ def test_overrides_nested_and_dotted_agree():
         ({"data": 5}, "'data'"),
         ({"data.crop_ratio": 1.5}, "data.crop_ratio"),
         ({"device": "tpu"}, "device"),
+        ({"model.name": "stfpm", "train.monitor": "accuracy"}, "train.monitor"),
     ],
 )
 def test_bad_overrides_are_refused_naming_the_key(overrides, fragment):

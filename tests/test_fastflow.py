@@ -89,3 +89,34 @@ def test_cached_backbone_features_train_like_recomputed_ones(tmp_path, demo_root
         for split in ("train", "valid"):
             assert epoch_cached[split]["loss"] == pytest.approx(epoch_recomputed[split]["loss"], rel=1e-4)
     assert cached["metrics"]["pixel_auroc"] == pytest.approx(recomputed["metrics"]["pixel_auroc"], abs=1e-3)
+
+
+def test_synthetic_monitor_keeps_the_epoch_with_the_best_simulated_defect_auroc(tmp_path, demo_root):
+    """train.monitor=synthetic_pixel_auroc changes which epoch is kept, not how training goes; cached and
+    recomputed features give the same synthetic AUROCs."""
+    def run(name, **train):
+        return run_experiment({
+            "model": {"name": "fastflow", "backbone": "resnet18", "pretrained": False, "flow_steps": 2},
+            "data": {"name": "demo", "root": str(demo_root), "image_size": 64, "batch_size": 8},
+            "train": {"epochs": 3, "patience": 3, **train},
+            "output_dir": str(tmp_path / name), "eval": {"num_figures": 0},
+        })
+    by_loss = run("loss")
+    cached = run("cached", monitor="synthetic_pixel_auroc")
+    recomputed = run("recomputed", monitor="synthetic_pixel_auroc", feature_cache_mb=0)
+    aurocs = [epoch["valid"]["synthetic_pixel_auroc"] for epoch in cached["fit"]["history"]]
+    assert all(0.0 <= value <= 1.0 for value in aurocs) and len(set(aurocs)) > 1
+    assert cached["fit"]["best_monitored"] == -max(aurocs) and "synthetic" in cached["fit"]["monitored"]
+    assert [e["train"]["loss"] for e in cached["fit"]["history"]] == [e["train"]["loss"] for e in by_loss["fit"]["history"]]
+    again = [epoch["valid"]["synthetic_pixel_auroc"] for epoch in recomputed["fit"]["history"]]
+    assert again == pytest.approx(aurocs, abs=1e-3)
+
+
+def test_synthetic_monitor_needs_held_out_images(tmp_path, demo_root):
+    with pytest.raises(FrameworkError, match="data.val_fraction"):
+        run_experiment({
+            "model": {"name": "fastflow", "backbone": "resnet18", "pretrained": False, "flow_steps": 2},
+            "data": {"name": "demo", "root": str(demo_root), "image_size": 64, "batch_size": 8, "val_fraction": 0.0},
+            "train": {"epochs": 1, "monitor": "synthetic_pixel_auroc"},
+            "output_dir": str(tmp_path), "eval": {"num_figures": 0},
+        })

@@ -31,7 +31,7 @@ def test_stfpm_end_to_end_trains_and_keeps_the_best_checkpoint(tmp_path, demo_ro
     history = results["fit"]["history"]
     assert len(history) == 3 and results["fit"]["monitored"] == "valid loss"
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
-    assert results["fit"]["best_loss"] == min(epoch["valid"]["loss"] for epoch in history)
+    assert results["fit"]["best_monitored"] == min(epoch["valid"]["loss"] for epoch in history)
     assert (Path(results["run_dir"]) / "last.pt").is_file() and (Path(results["run_dir"]) / "best.pt").is_file()
     assert 0.0 <= results["metrics"]["image_auroc"] <= 1.0
 
@@ -71,7 +71,7 @@ def test_resume_keeps_a_best_epoch_from_before_the_interruption(tmp_path, demo_r
     first = run_experiment(_config(tmp_path, demo_root, epochs=1))
     # No resumed epoch can count as better (min_delta is huge): the best checkpoint is the first run's.
     resumed = run_experiment(_config(tmp_path, demo_root, epochs=2, min_delta=1e9, resume=first["run_dir"]))
-    assert resumed["fit"]["epochs"] == 2 and resumed["fit"]["best_loss"] == pytest.approx(first["fit"]["best_loss"])
+    assert resumed["fit"]["epochs"] == 2 and resumed["fit"]["best_monitored"] == pytest.approx(first["fit"]["best_monitored"])
     assert torch.allclose(_scores(resumed["run_dir"]), _scores(first["run_dir"]), rtol=1e-5, atol=1e-6)
 
 

@@ -17,16 +17,20 @@ from trainers.trainer_gradient import GradientTrainer
 
 
 class CachedFeatures(Dataset):
-    """One split's per-stage backbone features [N, C_i, h_i, w_i]; items are ``{"features": [...]}``."""
+    """One split's per-stage backbone features [N, C_i, h_i, w_i] and, for simulated defects, their masks;
+    items are ``{"features": [...]}`` (and ``"mask"``)."""
 
-    def __init__(self, stages: list[torch.Tensor]) -> None:
-        self.stages = stages
+    def __init__(self, stages: list[torch.Tensor], masks: torch.Tensor | None = None) -> None:
+        self.stages, self.masks = stages, masks
 
     def __len__(self) -> int:
         return len(self.stages[0])
 
-    def __getitem__(self, index: int) -> dict[str, list[torch.Tensor]]:
-        return {"features": [stage[index] for stage in self.stages]}
+    def __getitem__(self, index: int) -> dict:
+        item = {"features": [stage[index] for stage in self.stages]}
+        if self.masks is not None:
+            item["mask"] = self.masks[index]
+        return item
 
 
 @TRAINER_REGISTRY.register("flow")
@@ -43,8 +47,8 @@ class FlowTrainer(GradientTrainer):
         bytes_per_image = sum(feature.numel() * feature.element_size() for feature in model.extract(probe))
         return num_images * bytes_per_image / 2**20
 
-    def cached(self, dataset, split: str) -> CachedFeatures | None:
-        """The split's features computed once, or None when they exceed ``train.feature_cache_mb``."""
+    def cached(self, dataset, split: str, keep_masks: bool = False) -> CachedFeatures | None:
+        """The split's features (and masks) computed once, or None when they exceed ``train.feature_cache_mb``."""
         budget = self.config["train"]["feature_cache_mb"]
         needed = self.cache_size_mb(len(dataset))
         if needed > budget:
@@ -53,6 +57,7 @@ class FlowTrainer(GradientTrainer):
                            f"{budget}: recomputing them every epoch instead (raise the key to cache them)")
             return None
         stages: list[torch.Tensor] = []
+        masks = []
         start = 0
         # fork_rng: iterating a loader draws a seed, which would change every later shuffle.
         with torch.random.fork_rng(devices=[]), torch.no_grad(), self.modeler.timer("cache_features"):
@@ -65,7 +70,9 @@ class FlowTrainer(GradientTrainer):
                 for stage, feature in zip(stages, features):
                     stage[start:start + len(feature)] = feature
                 start += len(features[0])
-        return CachedFeatures(stages)
+                if keep_masks:
+                    masks.append(batch["mask"])
+        return CachedFeatures(stages, torch.cat(masks) if keep_masks else None)
 
     def train_loader(self) -> DataLoader:
         dataset = self.dataloader.train_dataset
@@ -79,3 +86,11 @@ class FlowTrainer(GradientTrainer):
         cache = self.cached(dataset, "valid")
         return self.dataloader.valid_loader() if cache is None else \
             self.dataloader.make_loader(cache, shuffle=False, num_workers=0)
+
+    def defect_loader(self) -> DataLoader | None:
+        if self.config["train"]["monitor"] != "synthetic_pixel_auroc":
+            return None
+        defects = self.simulated_defects()
+        cache = self.cached(defects, "simulated-defect", keep_masks=True)
+        return self.dataloader.make_loader(defects if cache is None else cache, shuffle=False,
+                                           num_workers=None if cache is None else 0)

@@ -1,7 +1,9 @@
 """The trainer of models fitted by back-propagation on normal images (STFPM, AE, VAE).
 
 Validation uses held-out *training* images (``data.val_fraction``), never the test set (P6, P10).
-Early stopping watches the validation loss; the best weights are kept and evaluated. ``last.pt`` holds
+Early stopping watches ``train.monitor``: the validation loss, or the pixel AUROC on those images with
+simulated defects (a label-free proxy for localisation, for models whose localisation peaks while their
+loss keeps falling, as FastFlow's, P5). The best weights are kept and evaluated. ``last.pt`` holds
 everything needed to resume (model, optimiser, scheduler, epoch, RNG states, config), so an
 interrupted run resumed with ``train.resume`` ends where an uninterrupted one would.
 """
@@ -19,7 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
+from dataloaders.anomaly_simulation import SimulatedDefectSet, TextureSource
 from distributed import broadcast_object, is_main, mean_over_ranks, world_size
+from metrics.metrics_base import auroc
 from modelers.modeler_base import NonFiniteLossError
 from registry import TRAINER_REGISTRY
 from trainers.trainer_base import BaseTrainer
@@ -78,6 +82,37 @@ class GradientTrainer(BaseTrainer):
         """Validation batches from held-out train/good images, or None when ``data.val_fraction`` is 0."""
         return self.dataloader.valid_loader()
 
+    def simulated_defects(self) -> SimulatedDefectSet:
+        """The held-out images with fixed simulated defects (textures from ``train.texture_root``, or Perlin)."""
+        if self.dataloader.valid_dataset is None:
+            raise FrameworkError("train.monitor=synthetic_pixel_auroc needs held-out training images: "
+                                 "set data.val_fraction > 0")
+        textures = TextureSource(self.config["train"]["texture_root"], self.config["data"]["image_size"], warn=False)
+        return SimulatedDefectSet(self.dataloader.valid_dataset, textures, seed=self.config["seed"])
+
+    def defect_loader(self) -> DataLoader | None:
+        """Batches of ``simulated_defects`` when ``train.monitor`` asks for them, else None."""
+        if self.config["train"]["monitor"] != "synthetic_pixel_auroc":
+            return None
+        return self.dataloader.make_loader(self.simulated_defects(), shuffle=False)
+
+    def synthetic_pixel_auroc(self, loader) -> float:
+        """Pixel AUROC of the current weights on the simulated defects; leaves every RNG as it was."""
+        maps, masks = [], []
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            for batch in loader:
+                maps.append(self.modeler.evaluate_step(batch)["anomaly_maps"].float().cpu())
+                masks.append(batch["mask"] > 0.5)
+        return auroc(torch.cat(masks).flatten().numpy(), torch.cat(maps).flatten().numpy(), "synthetic pixel AUROC")
+
+    def monitored_value(self, train_metrics: dict, valid_metrics: dict, defect_loader) -> float:
+        """What early stopping minimises: the validation loss, or minus the synthetic pixel AUROC (which
+        is also recorded in ``valid_metrics``)."""
+        if defect_loader is None:
+            return valid_metrics.get("loss", train_metrics["loss"])
+        valid_metrics["synthetic_pixel_auroc"] = self.synthetic_pixel_auroc(defect_loader)
+        return -valid_metrics["synthetic_pixel_auroc"]
+
     def run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
         totals: dict[str, float] = {}
         count = 0
@@ -104,7 +139,7 @@ class GradientTrainer(BaseTrainer):
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.epoch + 1,
-            "best_loss": self.best_loss,
+            "best_monitored": self.best_monitored,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
             "rng": rng_state(),
@@ -119,13 +154,23 @@ class GradientTrainer(BaseTrainer):
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch, self.best_loss = state["epoch"], state["best_loss"]
-        self.bad_epochs, self.history = state["bad_epochs"], state["history"]
-        set_rng_state(state["rng"])
+        try:
+            self.start_epoch, self.best_monitored = state["epoch"], state["best_monitored"]
+            self.bad_epochs, self.history, rng = state["bad_epochs"], state["history"], state["rng"]
+        except KeyError as error:
+            raise FrameworkError(f"Cannot resume from '{path}': it lacks {error} (written by an older version "
+                                 f"of this framework; start a new run)") from error
+        set_rng_state(rng)
         # The best epoch may precede the interruption; this run's folder must hold it for evaluation.
         best = Path(run_dir) / BEST_NAME
         if is_main() and best.is_file():
             shutil.copy2(best, self.run_dir / BEST_NAME)
+
+    @staticmethod
+    def monitored_name(valid_loader, defect_loader) -> str:
+        if defect_loader is not None:
+            return "minus the synthetic pixel AUROC on held-out train images"
+        return "valid loss" if valid_loader else "train loss (data.val_fraction is 0)"
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -133,7 +178,7 @@ class GradientTrainer(BaseTrainer):
         self.optimizer, self.scheduler = self.modeler.configure_optimizers()
         if self.modeler.use_amp:
             self.modeler.scaler = torch.amp.GradScaler("cuda")
-        self.start_epoch, self.best_loss, self.bad_epochs, self.history = 0, math.inf, 0, []
+        self.start_epoch, self.best_monitored, self.bad_epochs, self.history = 0, math.inf, 0, []
         if train_cfg["resume"]:
             self._resume(Path(train_cfg["resume"]))
         if world_size() > 1:
@@ -141,7 +186,7 @@ class GradientTrainer(BaseTrainer):
                 self.modeler.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        train_loader, valid_loader = self.train_loader(), self.valid_loader()
+        train_loader, valid_loader, defect_loader = self.train_loader(), self.valid_loader(), self.defect_loader()
         stopped_early = False
         self.epoch = self.start_epoch
         for self.epoch in range(self.start_epoch, train_cfg["epochs"]):
@@ -154,10 +199,10 @@ class GradientTrainer(BaseTrainer):
             if self.scheduler is not None:
                 self.scheduler.step()
             # Every rank validates the same images with the same weights; rank 0's value decides for all.
-            monitored = broadcast_object(valid_metrics.get("loss", train_metrics["loss"]))
+            monitored = broadcast_object(self.monitored_value(train_metrics, valid_metrics, defect_loader))
             self.history.append({"epoch": self.epoch + 1, "train": train_metrics, "valid": valid_metrics})
-            if monitored < self.best_loss - train_cfg["min_delta"]:
-                self.best_loss, self.bad_epochs = monitored, 0
+            if monitored < self.best_monitored - train_cfg["min_delta"]:
+                self.best_monitored, self.bad_epochs = monitored, 0
                 if is_main():
                     torch.save(self.checkpoint(), self.run_dir / BEST_NAME)
             else:
@@ -165,7 +210,8 @@ class GradientTrainer(BaseTrainer):
             if is_main():
                 torch.save(self._training_state(), self.run_dir / LAST_NAME)
                 tqdm.write(f"epoch {self.epoch + 1}: train loss {train_metrics['loss']:.5g}"
-                           + (f", valid loss {valid_metrics['loss']:.5g}" if valid_metrics else ""))
+                           + (f", valid loss {valid_metrics['loss']:.5g}" if valid_metrics else "")
+                           + (f", synthetic pixel AUROC {-monitored:.4f}" if defect_loader else ""))
             if self.bad_epochs >= train_cfg["patience"]:
                 stopped_early = True
                 break
@@ -178,7 +224,7 @@ class GradientTrainer(BaseTrainer):
         return {
             "epochs": len(self.history),
             "stopped_early": stopped_early,
-            "best_loss": self.best_loss,
-            "monitored": "valid loss" if valid_loader else "train loss (data.val_fraction is 0)",
+            "best_monitored": self.best_monitored,
+            "monitored": self.monitored_name(valid_loader, defect_loader),
             "history": self.history,
         }
