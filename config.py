@@ -64,7 +64,7 @@ _EPOCH_TRAINING = {
     "scheduler": "none",  # none | multistep | cosine
     "milestones": [0.8, 0.9],  # multistep: fractions of train.epochs
     "gamma": 0.1,
-    "patience": 10,  # epochs without a better monitored loss before stopping
+    "patience": 10,  # epochs without a better monitored value (train.monitor) before stopping
     "min_delta": 0.0,
     "resume": None,  # a run folder holding last.pt
     # Early stopping and the kept epoch: "loss" = the validation loss; "synthetic_pixel_auroc" = the
