@@ -311,7 +311,7 @@ class SimulatedDefectSet(Dataset):
 
     A label-free stand-in for real defects when choosing the epoch to keep (``train.monitor =
     synthetic_pixel_auroc``): the test set is never looked at. Items: ``image`` normalised as ``base``
-    normalises, ``mask`` float [1, H, W] in {0, 1}, ``label`` 1, ``image_path``.
+    normalises, ``mask`` float [1, H, W] in {0, 1}, ``label`` 1, ``image_path``, ``defect_type`` "simulated".
     """
 
     def __init__(self, base: AnomalyDataset, textures: TextureSource, seed: int = 0, copies: int = 2) -> None:
@@ -333,4 +333,4 @@ class SimulatedDefectSet(Dataset):
         if self.imagenet:
             augmented = (augmented - IMAGENET_MEAN) / IMAGENET_STD
         return {"image": augmented.contiguous(), "mask": torch.from_numpy(mask).permute(2, 0, 1).contiguous(),
-                "label": torch.tensor(1, dtype=torch.long), "image_path": item["image_path"]}
+                "label": torch.tensor(1, dtype=torch.long), "image_path": item["image_path"], "defect_type": "simulated"}

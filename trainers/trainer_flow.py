@@ -8,7 +8,7 @@ image's backbone features are the same in every epoch: they are computed once an
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from distributed import is_main
@@ -17,20 +17,23 @@ from trainers.trainer_gradient import GradientTrainer
 
 
 class CachedFeatures(Dataset):
-    """One split's per-stage backbone features [N, C_i, h_i, w_i] and, for simulated defects, their masks;
-    items are ``{"features": [...]}`` (and ``"mask"``)."""
+    """One split's per-stage backbone features [N, C_i, h_i, w_i] and, when kept, the rest of each item
+    (label, mask, path...): items are ``{"features": [...], **targets}``."""
 
-    def __init__(self, stages: list[torch.Tensor], masks: torch.Tensor | None = None) -> None:
-        self.stages, self.masks = stages, masks
+    def __init__(self, stages: list[torch.Tensor], targets: dict[str, torch.Tensor | list]) -> None:
+        self.stages, self.targets = stages, targets
 
     def __len__(self) -> int:
         return len(self.stages[0])
 
     def __getitem__(self, index: int) -> dict:
-        item = {"features": [stage[index] for stage in self.stages]}
-        if self.masks is not None:
-            item["mask"] = self.masks[index]
-        return item
+        return {"features": [stage[index] for stage in self.stages],
+                **{key: values[index] for key, values in self.targets.items()}}
+
+
+def _concatenated(parts: list) -> torch.Tensor | list:
+    """Batches of one item field joined again: tensors concatenated, lists (paths, types) chained."""
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [value for part in parts for value in part]
 
 
 @TRAINER_REGISTRY.register("flow")
@@ -42,13 +45,12 @@ class FlowTrainer(GradientTrainer):
     def cache_size_mb(self, num_images: int) -> float:
         """Memory the cached features of ``num_images`` images take, from one image's feature shapes."""
         size = self.config["data"]["image_size"]
-        model = self.modeler.model
         probe = torch.zeros(1, 3, size, size, device=self.device)
-        bytes_per_image = sum(feature.numel() * feature.element_size() for feature in model.extract(probe))
+        bytes_per_image = sum(feature.numel() * feature.element_size() for feature in self.modeler.model.extract(probe))
         return num_images * bytes_per_image / 2**20
 
-    def cached(self, dataset, split: str, keep_masks: bool = False) -> CachedFeatures | None:
-        """The split's features (and masks) computed once, or None when they exceed ``train.feature_cache_mb``."""
+    def cached(self, dataset: Dataset, split: str, with_targets: bool = False) -> CachedFeatures | None:
+        """The split's features (and targets) computed once, or None when they exceed ``train.feature_cache_mb``."""
         budget = self.config["train"]["feature_cache_mb"]
         needed = self.cache_size_mb(len(dataset))
         if needed > budget:
@@ -57,7 +59,7 @@ class FlowTrainer(GradientTrainer):
                            f"{budget}: recomputing them every epoch instead (raise the key to cache them)")
             return None
         stages: list[torch.Tensor] = []
-        masks = []
+        targets: dict[str, list] = {}
         start = 0
         # fork_rng: iterating a loader draws a seed, which would change every later shuffle.
         with torch.random.fork_rng(devices=[]), torch.no_grad(), self.modeler.timer("cache_features"):
@@ -70,27 +72,12 @@ class FlowTrainer(GradientTrainer):
                 for stage, feature in zip(stages, features):
                     stage[start:start + len(feature)] = feature
                 start += len(features[0])
-                if keep_masks:
-                    masks.append(batch["mask"])
-        return CachedFeatures(stages, torch.cat(masks) if keep_masks else None)
+                for key, value in batch.items():
+                    if with_targets and key != "image":
+                        targets.setdefault(key, []).append(value)
+        return CachedFeatures(stages, {key: _concatenated(parts) for key, parts in targets.items()})
 
-    def train_loader(self) -> DataLoader:
-        dataset = self.dataloader.train_dataset
-        cache = self.cached(dataset, "train")
-        return self.training_loader(dataset) if cache is None else self.training_loader(cache, num_workers=0)
-
-    def valid_loader(self) -> DataLoader | None:
-        dataset = self.dataloader.valid_dataset
-        if dataset is None:
-            return None
-        cache = self.cached(dataset, "valid")
-        return self.dataloader.valid_loader() if cache is None else \
-            self.dataloader.make_loader(cache, shuffle=False, num_workers=0)
-
-    def defect_loader(self) -> DataLoader | None:
-        if self.config["train"]["monitor"] != "synthetic_pixel_auroc":
-            return None
-        defects = self.simulated_defects()
-        cache = self.cached(defects, "simulated-defect", keep_masks=True)
-        return self.dataloader.make_loader(defects if cache is None else cache, shuffle=False,
-                                           num_workers=None if cache is None else 0)
+    def split_dataset(self, dataset: Dataset, split: str, with_targets: bool = False) -> tuple[Dataset, int | None]:
+        """The split's cached features, iterated in this process (workers would only copy them)."""
+        cache = self.cached(dataset, split, with_targets)
+        return (dataset, None) if cache is None else (cache, 0)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from dataloaders.anomaly_simulation import SimulatedDefectSet, TextureSource
@@ -74,13 +74,23 @@ class GradientTrainer(BaseTrainer):
         return self.dataloader.make_loader(dataset, shuffle=False, drop_last=self.drop_last, sampler=sampler,
                                            batch_size=per_rank, num_workers=num_workers)
 
+    def split_dataset(self, dataset: Dataset, split: str, with_targets: bool = False) -> tuple[Dataset, int | None]:
+        """What a loader of ``split`` iterates, and its worker count (None = ``data.num_workers``). The flow
+        trainer swaps in the split's cached backbone features (with the labels and masks when
+        ``with_targets``)."""
+        return dataset, None
+
     def train_loader(self) -> DataLoader:
         """Training batches; DRAEM's trainer wraps the dataset with anomaly simulation here."""
-        return self.training_loader(self.dataloader.train_dataset)
+        dataset, workers = self.split_dataset(self.dataloader.train_dataset, "train")
+        return self.training_loader(dataset, num_workers=workers)
 
-    def valid_loader(self):
+    def valid_loader(self) -> DataLoader | None:
         """Validation batches from held-out train/good images, or None when ``data.val_fraction`` is 0."""
-        return self.dataloader.valid_loader()
+        if self.dataloader.valid_dataset is None:
+            return None
+        dataset, workers = self.split_dataset(self.dataloader.valid_dataset, "valid")
+        return self.dataloader.make_loader(dataset, shuffle=False, num_workers=workers)
 
     def simulated_defects(self) -> SimulatedDefectSet:
         """The held-out images with fixed simulated defects (textures from ``train.texture_root``, or Perlin)."""
@@ -94,16 +104,15 @@ class GradientTrainer(BaseTrainer):
         """Batches of ``simulated_defects`` when ``train.monitor`` asks for them, else None."""
         if self.config["train"]["monitor"] != "synthetic_pixel_auroc":
             return None
-        return self.dataloader.make_loader(self.simulated_defects(), shuffle=False)
+        dataset, workers = self.split_dataset(self.simulated_defects(), "simulated-defect", with_targets=True)
+        return self.dataloader.make_loader(dataset, shuffle=False, num_workers=workers)
 
-    def synthetic_pixel_auroc(self, loader) -> float:
+    def synthetic_pixel_auroc(self, loader: DataLoader) -> float:
         """Pixel AUROC of the current weights on the simulated defects; leaves every RNG as it was."""
-        maps, masks = [], []
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            for batch in loader:
-                maps.append(self.modeler.evaluate_step(batch)["anomaly_maps"].float().cpu())
-                masks.append(batch["mask"] > 0.5)
-        return auroc(torch.cat(masks).flatten().numpy(), torch.cat(maps).flatten().numpy(), "synthetic pixel AUROC")
+        with torch.random.fork_rng(devices=[]):
+            predictions = self.predict(loader, desc="simulated defects")
+        return auroc(predictions.masks.flatten().numpy() > 0.5, predictions.maps.flatten().numpy(),
+                     "synthetic pixel AUROC")
 
     def monitored_value(self, train_metrics: dict, valid_metrics: dict, defect_loader) -> float:
         """What early stopping minimises: the validation loss, or minus the synthetic pixel AUROC (which
