@@ -75,6 +75,16 @@ def test_resume_keeps_a_best_epoch_from_before_the_interruption(tmp_path, demo_r
     assert torch.allclose(_scores(resumed["run_dir"]), _scores(first["run_dir"]), rtol=1e-5, atol=1e-6)
 
 
+def test_resume_from_a_training_state_of_an_older_version_names_the_file(tmp_path, demo_root):
+    first = run_experiment(_config(tmp_path, demo_root, epochs=1))
+    last = Path(first["run_dir"]) / "last.pt"
+    state = torch.load(last, weights_only=True)
+    state["best_loss"] = state.pop("best_monitored")  # the key before train.monitor existed
+    torch.save(state, last)
+    with pytest.raises(FrameworkError, match=r"last\.pt.*best_monitored.*older version"):
+        run_experiment(_config(tmp_path, demo_root, epochs=2, resume=first["run_dir"]))
+
+
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_path, demo_root, monkeypatch):
     original = STFPMModeler.compute_loss
     steps = {"count": 0}
