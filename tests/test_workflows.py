@@ -1,5 +1,6 @@
 """Daily workflows: threshold strategies, sweeps with summaries, and prediction on new images."""
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -8,9 +9,10 @@ import pytest
 from PIL import Image
 
 from config import resolve_config
-from main import main, run_experiment
+from main import main, run_benchmark, run_experiment
 from metrics.metrics_base import f1_adaptive_threshold
 from predict import predict
+from registry import build_dataloader
 from sweep import run_sweep
 from utils import FrameworkError
 
@@ -89,6 +91,30 @@ def test_cli_model_list_runs_a_sweep(tmp_path, demo_root, capsys):
     sweep_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
     with open(sweep_dir / "runs.csv") as handle:
         assert [row["model"] for row in csv.DictReader(handle)] == ["padim", "patchcore"]
+
+
+
+# -- benchmark -----------------------------------------------------------------------------------------
+def test_benchmark_sets_stage_timings_beside_their_floors(tmp_path, demo_root, capsys):
+    overrides = _overrides(tmp_path, demo_root, **{"model.name": "patchcore", "model.coreset_ratio": 0.25})
+    results = run_benchmark(overrides)
+    report, fit, timings = results["benchmark"], results["fit"], results["timings"]
+    dataloader = build_dataloader(resolve_config(overrides))
+    train_images, test_images = len(dataloader.train_dataset), len(dataloader.test_dataset)
+    assert report["images"] == train_images + test_images
+    patches = train_images * (64 // 8) ** 2  # resnet18 layer 2: stride 8
+    assert fit["bank_patches"] == int(patches * 0.25) and fit["coreset"]["steps"] == fit["bank_patches"]
+    assert fit["coreset"]["bytes_per_step"] == patches * (128 + 1) * 4
+    assert report["search_tflop"] == pytest.approx(2 * test_images * (64 // 8) ** 2 * fit["bank_patches"] * 1024 / 1e12)
+    assert report["search_at_matmul_rate_s"] == pytest.approx(report["search_tflop"] * 1e3 / report["matmul_gflops"])
+    assert report["all_but_coreset_over_backbone"] == pytest.approx(
+        (timings["fit"] - timings["fit_coreset"] + timings["evaluate"]) / report["backbone_forward_s"])
+    assert all(report[key] > 0 for key in ("backbone_forward_s", "copy_gb_per_s", "matmul_gflops", "coreset_gb_per_s"))
+    assert json.loads((Path(results["run_dir"]) / "benchmark.json").read_text()) == pytest.approx(report)
+    assert "matmul_gflops" in capsys.readouterr().out
+
+    padim = run_benchmark(_overrides(tmp_path, demo_root, **{"model.name": "padim"}))["benchmark"]
+    assert "search_tflop" not in padim and "coreset_gb_per_s" not in padim  # no bank, no coreset
 
 
 # -- prediction ----------------------------------------------------------------------------------------
