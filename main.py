@@ -11,6 +11,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -212,6 +213,8 @@ def backbone_floor(config: dict) -> dict:
 
 def run_benchmark(config: dict | None = None) -> dict:
     """Runs one experiment and sets its stage timings beside the floors measured on the same machine."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise FrameworkError("--benchmark times a single process against single-process floors: run it without torchrun")
     resolved = resolve_config(config)
     floor = backbone_floor(resolved)
     copy_gbs = copy_bandwidth_gbs()

@@ -117,6 +117,12 @@ def test_benchmark_sets_stage_timings_beside_their_floors(tmp_path, demo_root, c
     assert "search_tflop" not in padim and "coreset_gb_per_s" not in padim  # no bank, no coreset
 
 
+def test_benchmark_refuses_torchrun(tmp_path, demo_root, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FrameworkError, match="without torchrun"):
+        run_benchmark(_overrides(tmp_path, demo_root, **{"model.name": "patchcore"}))
+
+
 # -- prediction ----------------------------------------------------------------------------------------
 def test_predict_reproduces_run_scores_and_skips_unreadable_files(tmp_path, demo_root, capsys):
     results = run_experiment(_overrides(tmp_path, demo_root, **{"model.name": "padim"}))
