@@ -163,7 +163,7 @@ def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
 
 @torch.inference_mode()
 def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
-    """Float32 matrix-product rate on this device: the floor of an exact search built on matrix products."""
+    """Float32 matrix-product rate on this device: the floor of a brute-force search built on matrix products."""
     left, right = torch.randn(2 * size, size, device=device), torch.randn(size, 2 * size, device=device)
     left @ right  # warm-up: thread pool and kernel selection
     if device.type == "cuda":
@@ -178,8 +178,8 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
 
 @torch.inference_mode()
 def search_arithmetic_tflop(run_dir: str, config: dict) -> float | None:
-    """2 · test patches · bank entries · dimension: the work of an exact nearest-neighbour search over
-    the test split, for models with a memory bank (None for the others)."""
+    """2 · test patches · bank entries · dimension: the work of the brute-force exact nearest-neighbour
+    search (the official one) over the test split, for models with a memory bank (None for the others)."""
     modeler, _ = load_checkpoint(run_dir)
     model = modeler.model
     if not hasattr(model, "memory_bank"):
@@ -243,7 +243,7 @@ def run_benchmark(config: dict | None = None) -> dict:
         report["coreset_gb_per_s"] = stats["steps"] * stats["bytes_per_step"] / coreset / 1e9
     search_tflop = search_arithmetic_tflop(results["run_dir"], resolved)
     if search_tflop is not None:
-        # No exact search can beat its arithmetic at the machine's matrix-product rate.
+        # A brute-force search cannot beat its arithmetic at the machine's matrix-product rate.
         search_floor = search_tflop * 1e3 / gflops
         report["search_tflop"] = search_tflop
         report["search_at_matmul_rate_s"] = search_floor
