@@ -1,4 +1,5 @@
-"""Daily workflows: threshold strategies, sweeps with summaries, and prediction on new images."""
+"""Daily workflows: threshold strategies, sweeps with summaries, the benchmark report, and prediction on
+new images."""
 import csv
 import json
 import shutil
@@ -91,7 +92,6 @@ def test_cli_model_list_runs_a_sweep(tmp_path, demo_root, capsys):
     sweep_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
     with open(sweep_dir / "runs.csv") as handle:
         assert [row["model"] for row in csv.DictReader(handle)] == ["padim", "patchcore"]
-
 
 
 # -- benchmark -----------------------------------------------------------------------------------------
