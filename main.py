@@ -177,18 +177,14 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
 
 
 @torch.inference_mode()
-def search_arithmetic_tflop(run_dir: str, config: dict) -> float | None:
+def search_arithmetic_tflop(run_dir: str, fit: dict, test_images: int, image_size: int) -> float | None:
     """2 · test patches · bank entries · dimension: the work of the brute-force exact nearest-neighbour
     search (the official one) over the test split, for models with a memory bank (None for the others)."""
-    modeler, _ = load_checkpoint(run_dir)
-    model = modeler.model
-    if not hasattr(model, "memory_bank"):
+    if "bank_patches" not in fit:
         return None
-    test_images = len(build_dataloader(config).test_dataset)
-    size = config["data"]["image_size"]
-    _, height, width, _ = model.embed(torch.zeros(1, 3, size, size)).shape
-    entries, dim = model.memory_bank.shape
-    return 2 * test_images * height * width * entries * dim / 1e12
+    modeler, _ = load_checkpoint(run_dir)  # the patch grid per image, from the fitted model itself
+    _, height, width, _ = modeler.model.embed(torch.zeros(1, 3, image_size, image_size)).shape
+    return 2 * test_images * height * width * fit["bank_patches"] * fit["bank_dim"] / 1e12
 
 
 @torch.inference_mode()
@@ -208,7 +204,7 @@ def backbone_floor(config: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {"image_loading": loading, "backbone_forward": time.perf_counter() - start,
-            "images": sum(len(images) for images in batches)}
+            "images": sum(len(images) for images in batches), "test_images": len(dataloader.test_dataset)}
 
 
 def run_benchmark(config: dict | None = None) -> dict:
@@ -241,7 +237,8 @@ def run_benchmark(config: dict | None = None) -> dict:
     stats = results["fit"].get("coreset")
     if stats and coreset > 0:
         report["coreset_gb_per_s"] = stats["steps"] * stats["bytes_per_step"] / coreset / 1e9
-    search_tflop = search_arithmetic_tflop(results["run_dir"], resolved)
+    search_tflop = search_arithmetic_tflop(results["run_dir"], results["fit"], floor["test_images"],
+                                           resolved["data"]["image_size"])
     if search_tflop is not None:
         # A brute-force search cannot beat its arithmetic at the machine's matrix-product rate.
         search_floor = search_tflop * 1e3 / gflops
