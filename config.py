@@ -26,13 +26,18 @@ BASE_CONFIGS: dict[str, Any] = {
         "interpolation": "bilinear",  # bilinear | bicubic | lanczos (masks always nearest)
         "normalize": "imagenet",  # imagenet | none
         "batch_size": 32,
-        "num_workers": 0,
+        # DataLoader worker processes decoding images beside the model; None = auto: 0 on 1-2 cores (workers
+        # only contend with the model there, and cached images cost a memory copy), else min(8, cores - 1).
+        "num_workers": None,
         "val_fraction": 0.0,  # held-out share of train/good for validation and the threshold
         # Seeded, label-stratified share of the *test* split held out as a labelled validation set for
         # eval.threshold_strategy=f1_adaptive; those images are then excluded from the test metrics.
         "labelled_val_fraction": 0.0,
         "mask_size": None,  # side at which pixel metrics are computed; None = image_size
-        "cache": False,  # keep decoded, resized images in memory (multi-epoch training)
+        # Each image decoded and resized once per preprocessing into a shared on-disk cache (uint8, read
+        # memory-mapped by every run and worker); false = decode on every read.
+        "cache": True,
+        "cache_dir": None,  # None = $ANOMALY_FRAMEWORK_CACHE, else ~/.cache/anomaly_framework (images/, features/)
     },
     "model": {"name": "padim"},
     "train": {"trainer": "memory"},
@@ -76,14 +81,17 @@ _EPOCH_TRAINING = {
 }
 MONITORS = ("loss", "synthetic_pixel_auroc")
 # Held-out train/good images for validation and early stopping; decoded images cached across epochs.
-_EPOCH_DATA = {"val_fraction": 0.2, "cache": True, "image_size": 256, "crop_ratio": 1.0}
+_EPOCH_DATA = {"val_fraction": 0.2, "image_size": 256, "crop_ratio": 1.0}
+# The frozen backbone's features of each split, computed once per run and kept in memory up to
+# feature_cache_mb (0 = recompute on every pass); across runs with the same backbone weights, layers and
+# preprocessing they are read back from <data.cache_dir>/features, kept under feature_disk_cache_mb
+# (least recently used entries evicted; 0 = no disk copy).
+_FEATURE_CACHE = {"feature_cache_mb": 4096, "feature_disk_cache_mb": 8192}
 
 TRAIN_CONFIGS: dict[str, dict] = {
-    "memory": {"train": {"trainer": "memory"}},
+    "memory": {"train": {"trainer": "memory", **_FEATURE_CACHE}},
     "gradient": {"train": {"trainer": "gradient", **_EPOCH_TRAINING}, "data": dict(_EPOCH_DATA)},
-    # The frozen backbone's features of the train and valid splits are computed once if they fit in
-    # feature_cache_mb (0 = recompute every epoch).
-    "flow": {"train": {"trainer": "flow", **_EPOCH_TRAINING, "feature_cache_mb": 4096}, "data": dict(_EPOCH_DATA)},
+    "flow": {"train": {"trainer": "flow", **_EPOCH_TRAINING, **_FEATURE_CACHE}, "data": dict(_EPOCH_DATA)},
     # Trained on simulated anomalies (train.texture_root None: Perlin textures, lower numbers, a warning).
     "classification": {"train": {"trainer": "classification", **_EPOCH_TRAINING},
                        "data": dict(_EPOCH_DATA)},
@@ -180,6 +188,8 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "data.category": (str,),
     "data.root": (str,),
     "data.mask_size": (int,),
+    "data.num_workers": (int,),
+    "data.cache_dir": (str,),
     "model.weights": (str,),
     "model.n_features": (int,),
     "train.resume": (str,),
@@ -315,6 +325,8 @@ def _check_consistency(config: dict) -> None:
     for key in ("image_size", "batch_size"):
         if data[key] <= 0:
             raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
+    if data["num_workers"] is not None and data["num_workers"] < 0:
+        raise FrameworkError(f"Config key 'data.num_workers' must be >= 0 or null (auto), got {data['num_workers']}")
     if config["device"] not in ("auto", "cpu", "cuda"):
         raise FrameworkError(f"Config key 'device' must be auto, cpu or cuda, got {config['device']!r}")
     monitor = config["train"].get("monitor", "loss")

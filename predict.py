@@ -90,11 +90,11 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
     modeler, saved = load_checkpoint(checkpoint, device)
     config, threshold = saved["config"], saved["threshold"]
     paths = find_images(Path(input_path).expanduser())
-    dataset = AnomalyDataset([Sample(path, 0, "unknown") for path in paths], {**config["data"], "cache": True})
+    dataset = AnomalyDataset([Sample(path, 0, "unknown") for path in paths], config["data"])
     readable, skipped = [], []
     for index, path in enumerate(paths):
         try:
-            dataset.load(index)  # decodes once into the cache; the loader below reuses it
+            dataset.load(index)  # decodes once into the image cache (data.cache); the loader below reuses it
             readable.append(index)
         except FrameworkError as error:
             skipped.append((str(path), str(error)))

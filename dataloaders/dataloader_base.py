@@ -16,12 +16,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from dataloaders.image_cache import ArrayStore, cache_root, file_key
 from utils import FrameworkError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
 IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
 _INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
+# Part of every image-cache key: raise it when the decoding or the geometry below changes.
+_CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -49,11 +52,20 @@ def open_image(path: Path, mode: str) -> Image.Image:
         raise FrameworkError(f"Cannot read image '{path}': {error} (replace or remove the file)") from error
 
 
+def auto_workers() -> int:
+    """``data.num_workers=None``: no worker processes on 1-2 usable cores, where they only take turns with
+    the model, else one per spare core up to 8 (decoding then overlaps the forward pass)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
 class AnomalyDataset(Dataset):
     """Loads samples with the configured protocol: resize to image_size / crop_ratio, centre crop.
 
     Items are dicts: ``image`` float [3, H, W] (normalised per ``normalize``), ``label`` long,
-    ``mask`` float [1, H, W] in {0, 1}, ``image_path`` str, ``defect_type`` str.
+    ``mask`` float [1, H, W] in {0, 1}, ``image_path`` str, ``defect_type`` str. With ``data.cache``
+    each image and mask is decoded once per protocol and then read from the shared on-disk cache
+    (``data.cache_dir``, see ``image_cache``), by every run and every DataLoader worker.
     """
 
     def __init__(self, samples: list[Sample], data_cfg: dict) -> None:
@@ -66,54 +78,75 @@ class AnomalyDataset(Dataset):
         if data_cfg["normalize"] not in ("imagenet", "none"):
             raise FrameworkError(f"data.normalize must be 'imagenet' or 'none', got {data_cfg['normalize']!r}")
         self.normalize = data_cfg["normalize"]
-        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if data_cfg["cache"] else None
+        self.protocol = (f"v{_CACHE_VERSION}|resize={self.resize}|{data_cfg['interpolation']}|crop={self.image_size}")
+        self.store = ArrayStore(cache_root(data_cfg.get("cache_dir")) / "images") if data_cfg["cache"] else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _geometry(self, image: Image.Image, interpolation: int) -> torch.Tensor:
+    def _geometry(self, image: Image.Image, interpolation: int) -> np.ndarray:
         """Resize to a square of side ``resize``, centre-crop ``image_size``; uint8 [C, H, W]."""
         image = image.resize((self.resize, self.resize), interpolation)
         offset = (self.resize - self.image_size) // 2
         image = image.crop((offset, offset, offset + self.image_size, offset + self.image_size))
         array = np.asarray(image)
-        return torch.from_numpy(array.reshape(*array.shape[:2], -1).copy()).permute(2, 0, 1)
+        return np.ascontiguousarray(array.reshape(*array.shape[:2], -1).transpose(2, 0, 1))
+
+    def _cached(self, path: Path, kind: str, make) -> torch.Tensor:
+        """``make()``'s uint8 array, through the cache when it is on (a private copy of the mapped file)."""
+        if self.store is None:
+            return torch.from_numpy(make())
+        return torch.from_numpy(np.array(self.store.get(file_key(path, kind, self.protocol), make)))
+
+    def cache_key(self, index: int) -> str:
+        """Identifies the model input of item ``index``: the image file, the protocol and the normalisation."""
+        return file_key(self.samples[index].path, "rgb", self.protocol, self.normalize)
+
+    def load_image(self, index: int) -> torch.Tensor:
+        """Preprocessed uint8 image [3, H, W] of one sample."""
+        path = self.samples[index].path
+        return self._cached(path, "rgb", lambda: self._geometry(open_image(path, "RGB"), self.interpolation))
+
+    def load_mask(self, index: int) -> torch.Tensor:
+        """Binary uint8 mask [1, H, W] of one sample (zeros when it has none)."""
+        sample = self.samples[index]
+        if sample.mask_path is None:
+            return torch.zeros(1, self.image_size, self.image_size, dtype=torch.uint8)
+        # The image's key joins the mask's: the size check below must see the current image.
+        kind = f"mask|{file_key(sample.path)}"
+        return self._cached(sample.mask_path, kind, lambda: self._decode_mask(sample))
+
+    def _decode_mask(self, sample: Sample) -> np.ndarray:
+        mask = open_image(sample.mask_path, "L")
+        with Image.open(sample.path) as image:  # the header alone gives the size
+            size = image.size
+        if mask.size != size:
+            raise FrameworkError(
+                f"Mask '{sample.mask_path}' is {mask.size[0]}x{mask.size[1]} but image '{sample.path}' is "
+                f"{size[0]}x{size[1]}: masks must have their image's size"
+            )
+        # Any non-zero value is a defect: binary 0/255 masks and VisA's class-indexed masks alike.
+        return (self._geometry(mask.point(lambda value: 255 if value else 0), Image.NEAREST) > 0).astype(np.uint8)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed uint8 image [3, H, W] and binary uint8 mask [1, H, W] of one sample."""
-        if self.cache is not None and index in self.cache:
-            return self.cache[index]
-        sample = self.samples[index]
-        image = open_image(sample.path, "RGB")
-        if sample.mask_path is not None:
-            mask = open_image(sample.mask_path, "L")
-            if mask.size != image.size:
-                raise FrameworkError(
-                    f"Mask '{sample.mask_path}' is {mask.size[0]}x{mask.size[1]} but image '{sample.path}' is "
-                    f"{image.size[0]}x{image.size[1]}: masks must have their image's size"
-                )
-            # Any non-zero value is a defect: binary 0/255 masks and VisA's class-indexed masks alike.
-            mask = self._geometry(mask.point(lambda value: 255 if value else 0), Image.NEAREST) > 0
-        else:
-            mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.bool)
-        item = (self._geometry(image, self.interpolation), mask.to(torch.uint8))
-        if self.cache is not None:
-            self.cache[index] = item
-        return item
+        return self.load_image(index), self.load_mask(index)
 
-    def __getitem__(self, index: int) -> dict:
-        image, mask = self.load(index)
-        image = image.float().div_(255)
-        if self.normalize == "imagenet":
-            image = (image - IMAGENET_MEAN) / IMAGENET_STD
+    def targets(self, index: int) -> dict:
+        """Everything of an item but the image: what a pass over cached backbone features still needs."""
         sample = self.samples[index]
         return {
-            "image": image,
             "label": torch.tensor(sample.label, dtype=torch.long),
-            "mask": mask.float(),
+            "mask": self.load_mask(index).float(),
             "image_path": str(sample.path),
             "defect_type": sample.defect_type,
         }
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.load_image(index).float().div_(255)
+        if self.normalize == "imagenet":
+            image = (image - IMAGENET_MEAN) / IMAGENET_STD
+        return {"image": image, **self.targets(index)}
 
 
 class BaseDataloader:
@@ -206,13 +239,16 @@ class BaseDataloader:
     def make_loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False, sampler=None,
                     batch_size: int | None = None, num_workers: int | None = None) -> DataLoader:
         """A DataLoader over ``dataset`` (any split, or a wrapper of one) with the configured batch and workers
-        (``num_workers=0`` for in-memory tensors, which worker processes would only copy)."""
+        (``num_workers=0`` for in-memory tensors, which worker processes would only copy). Batches are
+        pinned when ``pin_memory`` is set (the trainer sets it on CUDA), so host-to-device copies overlap."""
         batch_size = batch_size or self.cfg["batch_size"]
-        num_workers = self.cfg["num_workers"] if num_workers is None else num_workers
+        if num_workers is None:
+            num_workers = self.cfg["num_workers"] if self.cfg["num_workers"] is not None else auto_workers()
         if drop_last and len(dataset) < batch_size:
             drop_last = False  # a tiny split still trains on its one partial batch
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
-                          num_workers=num_workers, persistent_workers=False)
+                          num_workers=num_workers, persistent_workers=False,
+                          pin_memory=getattr(self, "pin_memory", False))
 
     def train_loader(self, shuffle: bool = True, drop_last: bool = False) -> DataLoader:
         return self.make_loader(self.train_dataset, shuffle, drop_last)

@@ -18,6 +18,7 @@ import numpy as np
 
 from dataloaders.dataloader_base import BaseDataloader, Sample
 from dataloaders.dataloader_mvtec import MVTEC_LAYOUT, mvtec_samples
+from dataloaders.image_cache import default_cache_root
 from registry import DATALOADER_REGISTRY
 from utils import FrameworkError
 
@@ -29,7 +30,6 @@ DEMO_CATEGORIES = {
     "disc": ("scratch", "hole", "missing"),
 }
 TRAIN_IMAGES, TEST_GOOD, TEST_PER_DEFECT = 40, 10, 6
-DEFAULT_ROOT = Path.home() / ".cache" / "anomaly_framework" / "demo"
 
 
 def _fabric(rng: np.random.Generator) -> np.ndarray:
@@ -158,7 +158,7 @@ class DemoDataloader(BaseDataloader):
     def resolve_root(self) -> Path:
         if self.category not in DEMO_CATEGORIES:
             raise FrameworkError(f"Unknown demo category '{self.category}': known are {', '.join(DEMO_CATEGORIES)}")
-        root = Path(self.cfg["root"] or os.environ.get(self.env_var) or DEFAULT_ROOT).expanduser()
+        root = Path(self.cfg["root"] or os.environ.get(self.env_var) or default_cache_root() / "demo").expanduser()
         ensure_demo(root, self.category)
         return root
 

@@ -73,6 +73,10 @@ class BaseModeler:
             return [feature.to(self.device, non_blocking=True) for feature in batch["features"]]
         return self.images(batch)
 
+    def input_size(self, batch: dict) -> tuple[int, int]:
+        """The input images' side, also for batches of cached features (the configured size)."""
+        return tuple(batch["image"].shape[-2:]) if "image" in batch else (self.config["data"]["image_size"],) * 2
+
     # -- the seed's step methods ------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, Any]:
         """Runs the model on the batch's images (or their cached backbone features)."""
@@ -87,7 +91,7 @@ class BaseModeler:
         """One-pass models collect the batch; gradient models take one optimiser step."""
         if self.one_pass:
             with torch.inference_mode(), self.timer("features"):
-                self.model.update(self.images(batch))
+                self.model.update(self.inputs(batch))
             return {}
         self.model.train()
         with self.autocast():

@@ -16,5 +16,4 @@ class FastFlowModeler(BaseModeler):
 
     def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
         """At the input size (the configured one for batches of cached features)."""
-        size = batch["image"].shape[-2:] if "image" in batch else (self.config["data"]["image_size"],) * 2
-        return self.model.anomaly_map(outputs, size)
+        return self.model.anomaly_map(outputs, self.input_size(batch))

@@ -16,12 +16,12 @@ class PatchcoreModeler(BaseModeler):
 
     def forward(self, batch: dict) -> dict:
         with self.timer("features"):
-            embedding = self.model.embed(self.images(batch))
+            embedding = self.model.embed(self.inputs(batch))
         with self.timer("search"):
             return self.model.score_patches(embedding)
 
     def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
-        return self.smooth_to_input(outputs["patch_scores"], batch["image"].shape[-2:], self.model.sigma)
+        return self.smooth_to_input(outputs["patch_scores"], self.input_size(batch), self.model.sigma)
 
     def compute_anomaly_scores(self, maps: torch.Tensor, outputs: dict) -> torch.Tensor:
         return outputs["image_scores"]

@@ -71,12 +71,17 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self._count = 0
         self._scatter: torch.Tensor | None = None
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Concatenated, channel-subset features on the first layer's grid [B, d, h, w].
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's features per layer; the memory trainer caches them once per image."""
+        return self.extractor(images)
+
+    def embed(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Concatenated, channel-subset features on the first layer's grid [B, d, h, w], from images
+        [B, 3, H, W] or the per-layer features ``extract`` gave for them.
 
         Deeper maps are upsampled by nearest neighbour, which equals the reference code's unfold/fold.
         """
-        features = self.extractor(images)
+        features = self.extract(inputs) if isinstance(inputs, torch.Tensor) else inputs
         grid = features[0].shape[-2:]
         aligned = [features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]]
         return torch.cat(aligned, dim=1).index_select(1, self.feature_index)
@@ -86,9 +91,9 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self._count, self._scatter = 0, None
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor) -> None:
-        """Adds a batch of normal images to the running per-position mean and scatter."""
-        embedding = self.embed(images).float()
+    def update(self, inputs: torch.Tensor | list[torch.Tensor]) -> None:
+        """Adds a batch of normal images (or their features) to the running per-position mean and scatter."""
+        embedding = self.embed(inputs).float()
         batch, dim, height, width = embedding.shape
         samples = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim)  # [P, B, d]
         batch_mean = samples.mean(dim=1)
@@ -132,11 +137,12 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self.mean = self.mean.clone()
         self._scatter, self._count = None, 0
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mahalanobis distance of every position's embedding to its Gaussian [B, 1, h, w]."""
+    def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mahalanobis distance of every position's embedding to its Gaussian [B, 1, h, w], from images
+        or their features."""
         if self.inv_covariance.numel() == 0:
             raise FrameworkError("PaDiM is not fitted: run the memory trainer (or load a checkpoint) first")
-        embedding = self.embed(images).float()
+        embedding = self.embed(inputs).float()
         batch, dim, height, width = embedding.shape
         centred = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim) - self.mean.unsqueeze(1)
         squared = ((centred @ self.inv_covariance) * centred).sum(-1)  # [P, B]

@@ -109,15 +109,20 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
             weights.append(combined.T.reshape(self.embed_dim, channel, self.patch_size, self.patch_size).contiguous())
         return weights
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Locally aware patch features [B, h, w, embed_dim] on the first layer's grid.
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's features per layer; the memory trainer caches them once per image."""
+        return self.extractor(images)
+
+    def embed(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Locally aware patch features [B, h, w, embed_dim] on the first layer's grid, from images
+        [B, 3, H, W] or the per-layer features ``extract`` gave for them.
 
         Deeper layers are bilinearly resized to that grid after the (linear) aggregation, which equals
         the official resize-then-pool order. Narrow backbones use the fused convolution; wide ones
         (C·p² well above ``pre_embed_dim``, e.g. WR50) pool the unfolded patches, which costs fewer
         operations there.
         """
-        features = self.extractor(images)
+        features = self.extract(inputs) if isinstance(inputs, torch.Tensor) else inputs
         if not self.fused:
             return self._embed_by_pooling(features)
         grid = features[0].shape[-2:]
@@ -181,9 +186,9 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self._features = torch.empty(num_patches, self.embed_dim, dtype=self.bank_dtype, device=device)
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor) -> None:
-        """Appends a batch's patch features to the preallocated store."""
-        embedding = self.embed(images)
+    def update(self, inputs: torch.Tensor | list[torch.Tensor]) -> None:
+        """Appends a batch's patch features (from images or their backbone features) to the preallocated store."""
+        embedding = self.embed(inputs)
         if self._features is None:
             self._allocate(embedding.shape[1] * embedding.shape[2], embedding.device)
         embedding = embedding.reshape(-1, self.embed_dim)
@@ -243,8 +248,8 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         distances = (support_features - worst_queries.float().unsqueeze(1)).norm(dim=-1)
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.score_patches(self.embed(images))
+    def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.score_patches(self.embed(inputs))
 
 
 def _pool_matrix(inputs: int, outputs: int) -> torch.Tensor:

@@ -1,10 +1,25 @@
-"""Shared pytest setup: the repository root is the import root."""
+"""Shared pytest setup: the repository root is the import root; caches live in a session folder.
+
+The decoded-image and feature caches (``data.cache_dir``'s default), the generated demo data's default
+root and every library cache honouring ``XDG_CACHE_HOME`` point into one temporary folder, so the suite
+never writes to the user's home and every test starts from the same empty cache.
+"""
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="anomaly_framework_tests_"))
+atexit.register(shutil.rmtree, SESSION_CACHE, ignore_errors=True)
+os.environ["ANOMALY_FRAMEWORK_CACHE"] = str(SESSION_CACHE / "anomaly_framework")
+os.environ["XDG_CACHE_HOME"] = str(SESSION_CACHE / "xdg")
+os.environ.setdefault("MPLCONFIGDIR", str(SESSION_CACHE / "matplotlib"))
 
 import pytest  # noqa: E402
 

@@ -54,6 +54,7 @@ class BaseTrainer:
         self.timings: dict[str, float] = {}
         self.threshold: float | None = None
         self.threshold_source = "none"
+        dataloader.pin_memory = device.type == "cuda"  # host-to-device copies overlap the compute
 
     # -- to be provided by each family --------------------------------------------------------------
     def fit(self) -> dict:
@@ -63,6 +64,18 @@ class BaseTrainer:
     def run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
         """One pass over ``loader``: optimiser steps when ``train``, else validation; mean of each metric."""
         raise NotImplementedError
+
+    def split_dataset(self, dataset, split: str, with_targets: bool = False) -> tuple:
+        """What a loader of ``split`` iterates, and its worker count (None = ``data.num_workers``): the
+        images here; trainers that cache frozen-backbone features swap in the split's features."""
+        return dataset, None
+
+    def eval_loader(self, dataset, split: str):
+        """An unshuffled loader of ``split`` with its labels and masks, or None when the split is empty."""
+        if dataset is None:
+            return None
+        dataset, workers = self.split_dataset(dataset, split, with_targets=True)
+        return self.dataloader.make_loader(dataset, shuffle=False, num_workers=workers)
 
     # -- shared evaluation --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -107,7 +120,7 @@ class BaseTrainer:
         if strategy == "manual":
             self.threshold, self.threshold_source = float(evaluation["threshold_value"]), "manual (eval.threshold_value)"
         elif strategy == "f1_adaptive":
-            loader = self.dataloader.labelled_valid_loader()
+            loader = self.eval_loader(self.dataloader.labelled_valid_dataset, "labelled-valid")
             if loader is None:
                 raise FrameworkError("eval.threshold_strategy=f1_adaptive needs a labelled validation set: set "
                                      "data.labelled_val_fraction > 0 (a seeded share of the test split, then excluded "
@@ -119,9 +132,9 @@ class BaseTrainer:
                                      f"images held out: {anomalous} anomalous)")
         else:
             quantile = evaluation["threshold_quantile"]
-            loader, split = self.dataloader.valid_loader(), "held-out train/good"
+            loader, split = self.eval_loader(self.dataloader.valid_dataset, "valid"), "held-out train/good"
             if loader is None:
-                loader, split = self.dataloader.train_loader(shuffle=False), "train/good in-sample"
+                loader, split = self.eval_loader(self.dataloader.train_dataset, "train"), "train/good in-sample"
             scores = self.predict(loader, desc="threshold").scores
             self.threshold = normal_threshold(scores.numpy(), quantile)
             self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
@@ -133,7 +146,7 @@ class BaseTrainer:
             self.calibrate_threshold()
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        predictions = self.predict(self.dataloader.test_loader(), desc="evaluate")
+        predictions = self.predict(self.eval_loader(self.dataloader.test_dataset, "test"), desc="evaluate")
         metrics_start = time.perf_counter()
         metrics = compute_image_metrics(
             predictions.labels.numpy(), predictions.scores.numpy(), self.threshold, self.threshold_source

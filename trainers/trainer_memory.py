@@ -9,20 +9,25 @@ from tqdm.auto import tqdm
 
 from distributed import is_main, shard, world_size
 from registry import TRAINER_REGISTRY
+from trainers.feature_cache import FeatureCacheMixin
 from trainers.trainer_base import BaseTrainer
 from utils import StageTimer
 
 
 @TRAINER_REGISTRY.register("memory")
-class MemoryTrainer(BaseTrainer):
-    """One pass over train/good under ``torch.inference_mode()``, then the modeler's explicit ``fit``."""
+class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
+    """One pass over train/good under ``torch.inference_mode()``, then the modeler's explicit ``fit``.
+
+    The frozen backbone runs once per image (``feature_cache``): the fit, the threshold pass and any
+    later pass over the training split (a leave-one-out calibration) read the same cached features.
+    """
 
     def run_epoch(self, loader, train: bool = True, desc: str = "collect") -> dict[str, float]:
         images = 0
         with torch.inference_mode():
             for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main()):
                 self.modeler.training_step(batch)
-                images += len(batch["label"])
+                images += len(batch["features"][0] if "features" in batch else batch["label"])
         return {"images": images}
 
     def fit(self) -> dict:
@@ -33,7 +38,8 @@ class MemoryTrainer(BaseTrainer):
         dataset = self.dataloader.train_dataset
         if world_size() > 1:
             dataset = Subset(dataset, list(shard(len(dataset))))
-        loader = self.dataloader.make_loader(dataset, shuffle=False)
+        source, workers = self.split_dataset(dataset, "train")
+        loader = self.dataloader.make_loader(source, shuffle=False, num_workers=workers)
         self.modeler.begin_fit(len(dataset))
         summary = self.run_epoch(loader, desc="fit")
         if world_size() > 1:
