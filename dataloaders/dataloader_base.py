@@ -248,7 +248,7 @@ class BaseDataloader:
             drop_last = False  # a tiny split still trains on its one partial batch
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
                           num_workers=num_workers, persistent_workers=False,
-                          pin_memory=getattr(self, "pin_memory", False))
+                          pin_memory=getattr(self, "pin_memory", False) and not getattr(dataset, "on_device", False))
 
     def train_loader(self, shuffle: bool = True, drop_last: bool = False) -> DataLoader:
         return self.make_loader(self.train_dataset, shuffle, drop_last)

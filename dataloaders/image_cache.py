@@ -25,6 +25,8 @@ from typing import Callable
 
 import numpy as np
 
+from utils import FrameworkError
+
 CACHE_ENV = "ANOMALY_FRAMEWORK_CACHE"
 
 
@@ -43,7 +45,10 @@ def cache_root(cache_dir: str | None) -> Path:
 
 def file_key(path: Path, *parts: object) -> str:
     """A hex key of a source file (resolved path, size, modification time) and what was done to it."""
-    stat = path.stat()
+    try:
+        stat = Path(path).stat()
+    except OSError as error:
+        raise FrameworkError(f"Cannot read image '{path}': {error} (replace or remove the file)") from error
     text = "|".join(str(part) for part in (Path(path).resolve(), stat.st_size, stat.st_mtime_ns, *parts))
     return hashlib.sha1(text.encode()).hexdigest()
 

@@ -13,6 +13,7 @@ preprocessing, normalisation). Stored features are float32 as computed, so resul
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -33,6 +34,7 @@ class CachedFeatures(Dataset):
 
     def __init__(self, stages: list[torch.Tensor], targets: dict[str, torch.Tensor | list]) -> None:
         self.stages, self.targets = stages, targets
+        self.on_device = stages[0].device.type != "cpu"  # a loader must not pin these
 
     def __len__(self) -> int:
         return len(self.stages[0])
@@ -179,7 +181,8 @@ class FeatureCacheMixin:
                 if stored is None or stored.size != sum(sizes):
                     missing.append(index)
                     continue
-                os.utime(store.path(key))  # recently used: kept longest by the eviction
+                with contextlib.suppress(OSError):  # evicted meanwhile, or a read-only cache
+                    os.utime(store.path(key))  # recently used: kept longest by the eviction
                 for stage, part in zip(stages, np.split(stored, np.cumsum(sizes)[:-1])):
                     stage[index] = torch.from_numpy(np.array(part)).view(stage.shape[1:])
         targets: dict[str, list] = {}
