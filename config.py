@@ -53,6 +53,10 @@ DATA_CONFIGS: dict[str, dict] = {
     "mvtec": {"data": {"category": "bottle"}},
     "visa": {"data": {"category": "candle"}},
     "btad": {"data": {"category": "01"}},
+    # Any folders of images (dataloaders/dataloader_folder.py); relative paths are taken under data.root.
+    # data.category only names the run folder.
+    "folder": {"data": {"category": "custom", "train_dir": None, "test_normal_dir": None, "test_abnormal_dir": None,
+                        "mask_dir": None, "valid_dir": None}},
 }
 
 _EPOCH_TRAINING = {
@@ -191,6 +195,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "eval.threshold_value": (float, int),
     "model.feature_seed": (int,),
     "model.coreset_seed": (int,),
+    **{f"data.{key}": (str,) for key in ("train_dir", "test_normal_dir", "test_abnormal_dir", "mask_dir", "valid_dir")},
 }
 # Model seeds that follow the run's seed unless set, so that --seeds 0,1,2 varies every random choice.
 DERIVED_SEEDS = ("feature_seed", "coreset_seed")
