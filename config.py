@@ -9,6 +9,7 @@ Every override must name a key that exists in the merged defaults and carry a va
 from __future__ import annotations
 
 import copy
+import importlib.util
 from typing import Any
 
 from utils import FrameworkError
@@ -77,6 +78,7 @@ _EPOCH_TRAINING = {
     # Simulated defects' textures (DRAEM's training, the synthetic monitor): a folder in the DTD layout
     # (images/<class>/*.jpg), None = Perlin-derived textures.
     "texture_root": None,
+    "tensorboard": False,  # also write TensorBoard scalars (pip install 'anomaly-framework[tensorboard]')
 }
 MONITORS = ("loss", "synthetic_pixel_auroc")
 # Held-out train/good images for validation and early stopping; decoded images cached across epochs.
@@ -325,6 +327,9 @@ def _check_consistency(config: dict) -> None:
     monitor = config["train"].get("monitor", "loss")
     if monitor not in MONITORS:
         raise FrameworkError(f"Config key 'train.monitor' must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    if config["train"].get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
+        raise FrameworkError("train.tensorboard=true needs the tensorboard package: "
+                             "pip install 'anomaly-framework[tensorboard]'")
     evaluation = config["eval"]
     if not 0.0 <= evaluation["threshold_quantile"] <= 1.0:
         raise FrameworkError("Config key 'eval.threshold_quantile' must be in [0, 1]")
