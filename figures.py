@@ -36,6 +36,13 @@ def verdict(score: float, threshold: float | None) -> str:
     return f"predicted {label_text(int(score >= threshold))} (threshold {threshold:.4g})"
 
 
+def short_verdict(score: float, threshold: float | None) -> str:
+    """``score 3.2: anomalous (threshold 2.9)``, short enough for a strip above a small image."""
+    if threshold is None:
+        return f"score {score:.4g} (no threshold)"
+    return f"score {score:.4g}: {label_text(int(score >= threshold))} (threshold {threshold:.4g})"
+
+
 def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | None, count: int) -> list[Path]:
     """``figures/<index>_<type>.png`` for a spread of test images: image | ground truth | heat map with its
     colour bar | map >= threshold, titled with the image's label, score and predicted label.
@@ -145,14 +152,23 @@ def save_training_curves(path: Path, rows: list[dict]) -> Path | None:
     return path
 
 
-def banner(image: Image.Image, text: str, anomalous: bool | None) -> Image.Image:
-    """``image`` with a strip above it carrying ``text`` (red when predicted anomalous, green when normal),
-    its letters about 1/28 of the image width high, so they stay readable at the image's own size."""
-    size = max(14, image.width // 28)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
-        font = ImageFont.load_default(size=size)
+        return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size only
-        font = ImageFont.load_default()
+        return ImageFont.load_default()
+
+
+def banner(image: Image.Image, text: str, anomalous: bool | None) -> Image.Image:
+    """``image`` with a strip above it carrying ``text`` (red when predicted anomalous, green when normal).
+
+    Letters are 1/28 of the image width high (at least 12 px), made smaller (down to 9 px) only where the
+    text would not fit the width, so they stay readable at the image's own size."""
+    size = max(12, image.width // 28)
+    font = _font(size)
+    while size > 9 and font.getlength(text) > image.width - size:
+        size -= 1
+        font = _font(size)
     height = int(size * 1.8)
     canvas = Image.new("RGB", (image.width, image.height + height), (20, 20, 20))
     canvas.paste(image.convert("RGB"), (0, height))

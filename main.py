@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from config import resolve_config
+from figures import save_sample_figures, save_score_histogram
 from distributed import broadcast_object, init_from_env, is_main, rank, world_size
 from models.model_base import TimmFeatureExtractor
 from trainers.trainer_base import CHECKPOINT_NAME
@@ -30,7 +31,6 @@ from utils import (
     peak_memory_mb,
     resolve_device,
     save_roc_curve,
-    save_sample_figures,
     save_scores_csv,
     seed_everything,
     show_data_info,
@@ -111,6 +111,8 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, config["eval"]["num_figures"])
     save_scores_csv(run_dir, predictions)
     save_roc_curve(run_dir, predictions.labels.numpy(), predictions.scores.numpy(), metrics.get("image_auroc"))
+    save_score_histogram(run_dir / "score_histogram.png", predictions.labels.numpy(), predictions.scores.numpy(),
+                         trainer.threshold, trainer.threshold_source, metrics.get("separation"))
 
     timings = {key: round(value, 4) for key, value in trainer.timings.items()}
     timings["total"] = round(time.perf_counter() - start, 4)
