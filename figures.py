@@ -36,11 +36,13 @@ def verdict(score: float, threshold: float | None) -> str:
     return f"predicted {label_text(int(score >= threshold))} (threshold {threshold:.4g})"
 
 
-def short_verdict(score: float, threshold: float | None) -> str:
-    """``score 3.2: anomalous (threshold 2.9)``, short enough for a strip above a small image."""
+def short_verdicts(score: float, threshold: float | None) -> list[str]:
+    """The score and predicted label, longest first (``score 3.2: anomalous (threshold 2.9)``, then
+    ``3.2 anomalous``), for the band across an image of any width."""
     if threshold is None:
-        return f"score {score:.4g} (no threshold)"
-    return f"score {score:.4g}: {label_text(int(score >= threshold))} (threshold {threshold:.4g})"
+        return [f"score {score:.4g} (no threshold)", f"{score:.3g}"]
+    label = label_text(int(score >= threshold))
+    return [f"score {score:.4g}: {label} (threshold {threshold:.4g})", f"{score:.3g} {label}"]
 
 
 def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | None, count: int) -> list[Path]:
@@ -159,19 +161,23 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def banner(image: Image.Image, text: str, anomalous: bool | None) -> Image.Image:
-    """``image`` with a strip above it carrying ``text`` (red when predicted anomalous, green when normal).
+def banner(image: Image.Image, texts: list[str], anomalous: bool | None) -> Image.Image:
+    """``image`` with text on a dark translucent band across its top (red when predicted anomalous, green
+    when normal); the size stays the image's own, so the overlay keeps its pixel grid.
 
-    Letters are 1/28 of the image width high (at least 12 px), made smaller (down to 9 px) only where the
-    text would not fit the width, so they stay readable at the image's own size."""
-    size = max(12, image.width // 28)
+    Letters are 1/28 of the image width high (at least 12 px), made smaller (down to 9 px) where a text
+    would not fit the width; the first of ``texts`` (longest first) that fits is written."""
+    for text in texts:
+        size = max(12, image.width // 28)
+        while size > 9 and _font(size).getlength(text) > image.width - size:
+            size -= 1
+        if _font(size).getlength(text) <= image.width - size:
+            break
     font = _font(size)
-    while size > 9 and font.getlength(text) > image.width - size:
-        size -= 1
-        font = _font(size)
-    height = int(size * 1.8)
-    canvas = Image.new("RGB", (image.width, image.height + height), (20, 20, 20))
-    canvas.paste(image.convert("RGB"), (0, height))
+    height = min(int(size * 1.8), image.height)
+    framed = image.convert("RGB")
+    band = np.asarray(framed.crop((0, 0, image.width, height)), dtype=np.float32) * 0.25 + 0.75 * 20
+    framed.paste(Image.fromarray(band.round().astype(np.uint8)), (0, 0))
     colour = (255, 255, 255) if anomalous is None else (255, 90, 90) if anomalous else (120, 230, 120)
-    ImageDraw.Draw(canvas).text((size // 2, (height - size) // 2), text, fill=colour, font=font)
-    return canvas
+    ImageDraw.Draw(framed).text((size // 2, (height - size) // 2), text, fill=colour, font=font)
+    return framed

@@ -64,10 +64,10 @@ def map_to_original(anomaly_map: torch.Tensor, dataset: AnomalyDataset, size: tu
 def save_overlay(path: Path, image: Image.Image, heat: np.ndarray, low: float, high: float,
                  score: float | None = None, threshold: float | None = None) -> None:
     """The image with a jet heat map blended over it (45 %), at the image's own resolution; with ``score``,
-    a strip above it carries the score and the label predicted at ``threshold``."""
+    a band across its top carries the score and the label predicted at ``threshold``."""
     from matplotlib import colormaps
 
-    from figures import banner, short_verdict
+    from figures import banner, short_verdicts
 
     scaled = np.clip((heat - low) / max(high - low, 1e-12), 0, 1)
     colours = (colormaps["jet"](scaled)[..., :3] * 255).astype(np.float32)
@@ -75,7 +75,7 @@ def save_overlay(path: Path, image: Image.Image, heat: np.ndarray, low: float, h
     overlay = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
     if score is not None:
         anomalous = None if threshold is None else score >= threshold
-        overlay = banner(overlay, short_verdict(score, threshold), anomalous)
+        overlay = banner(overlay, short_verdicts(score, threshold), anomalous)
     overlay.save(path)
 
 
