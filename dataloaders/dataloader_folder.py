@@ -85,7 +85,6 @@ class FolderDataloader(BaseDataloader):
     """Normal training images, normal and anomalous test images, optional masks and labelled validation
     images, each from a folder of its own (``--train-dir``, ``--test-normal-dir``, ...)."""
 
-    env_var = "ANOMALY_FOLDER_ROOT"
     layout = FOLDER_LAYOUT
 
     @classmethod
