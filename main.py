@@ -108,7 +108,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     metrics, predictions = trainer.evaluate()
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
-    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, config["eval"]["num_figures"])
+    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.pixel_threshold, config["eval"]["num_figures"])
     save_scores_csv(run_dir, predictions)
     save_roc_curve(run_dir, predictions.labels.numpy(), predictions.scores.numpy(), metrics.get("image_auroc"))
 
