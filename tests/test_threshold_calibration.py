@@ -23,7 +23,7 @@ def _fit(model, images):
 def test_padim_leave_one_out_equals_gaussians_fitted_without_the_image():
     torch.manual_seed(0)
     images = torch.rand(9, 3, 32, 32)
-    model = _fit(PadimModel(backbone="resnet18", pretrained=False), images)
+    model = _fit(PadimModel(backbone="resnet18", pretrained=False, n_features=24), images)
     held_out = model.leave_one_out(images[:3], torch.arange(3))["patch_scores"].double()
 
     samples = model.embed(images).double()  # [N, d, h, w]
@@ -46,9 +46,9 @@ def test_padim_leave_one_out_equals_gaussians_fitted_without_the_image():
 @pytest.mark.parametrize("score_mode", ["max", "reweighted"])
 def test_patchcore_leave_one_out_excludes_exactly_the_image_own_patches(coreset_ratio, score_mode):
     torch.manual_seed(0)
-    images = torch.rand(6, 3, 32, 32)
+    images = torch.rand(5, 3, 32, 32)
     model = PatchcoreModel(backbone="resnet18", pretrained=False, coreset_ratio=coreset_ratio, score_mode=score_mode,
-                           num_neighbors=3, chunk_mb=0.05)  # tiny chunks: exclusion across chunk borders
+                           pre_embed_dim=64, embed_dim=64, num_neighbors=3, chunk_mb=0.002)  # tiny chunks: exclusion across chunk borders
     _fit(model, images)
     embedding = model.embed(images)  # [N, h, w, D]
     per_image = embedding.shape[1] * embedding.shape[2]
