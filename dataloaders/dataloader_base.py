@@ -78,6 +78,43 @@ def open_mask(path: Path) -> Image.Image:
     return Image.fromarray(np.where(values != 0, 255, 0).astype(np.uint8), "L")
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright), read from the header only."""
+    if image.format == "PNG":  # Pillow's getexif() decodes a PNG's pixels to look for an eXIf chunk after them
+        exif = Image.Exif()
+        if image.info.get("exif"):
+            exif.load(image.info["exif"])
+        return exif.get(0x0112, 1)
+    return image.getexif().get(0x0112, 1)
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """Upright (width, height) from the file's header, its structure verified (PNG chunk checksums) but not decoded."""
+    try:
+        with Image.open(path) as image:
+            size, orientation = image.size, _orientation(image)
+            image.verify()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise FrameworkError(f"Cannot read image '{path}': {error} (replace or remove the file)") from error
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size  # these orientations swap the axes
+
+
+def mask_size_error(sample: Sample, mask_size: tuple[int, int], image_size: tuple[int, int]) -> FrameworkError:
+    return FrameworkError(f"Mask '{sample.mask_path}' is {mask_size[0]}x{mask_size[1]} but image '{sample.path}' is "
+                          f"{image_size[0]}x{image_size[1]}: masks must have their image's size")
+
+
+def check_files(samples: list[Sample]) -> None:
+    """Reads every image's and mask's header, so a broken file or a mask of the wrong size stops the run
+    before the fit, not after it."""
+    for sample in samples:
+        size = header_size(sample.path)
+        if sample.mask_path is not None:
+            mask_size = header_size(sample.mask_path)
+            if mask_size != size:
+                raise mask_size_error(sample, mask_size, size)
+
+
 class AnomalyDataset(Dataset):
     """Loads samples with the configured protocol: resize to image_size / crop_ratio, centre crop.
 
@@ -117,10 +154,7 @@ class AnomalyDataset(Dataset):
         if sample.mask_path is not None:
             mask = open_mask(sample.mask_path)
             if mask.size != image.size:
-                raise FrameworkError(
-                    f"Mask '{sample.mask_path}' is {mask.size[0]}x{mask.size[1]} but image '{sample.path}' is "
-                    f"{image.size[0]}x{image.size[1]}: masks must have their image's size"
-                )
+                raise mask_size_error(sample, mask.size, image.size)
             mask = self._geometry(mask, Image.NEAREST) > 0
         else:
             mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.bool)
@@ -178,6 +212,7 @@ class BaseDataloader:
             raise FrameworkError(f"No training images for category '{self.category}' under '{self.root}' ({self.layout})")
         if not test:
             raise FrameworkError(f"No test images for category '{self.category}' under '{self.root}' ({self.layout})")
+        check_files(train + test)
         self.has_masks = any(sample.mask_path is not None for sample in test)
         if not self.has_masks:
             warnings.warn(f"Category '{self.category}' has no ground-truth masks: pixel metrics are unavailable")

@@ -293,6 +293,21 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
     return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=False)
 
 
+def check_image_size(model: nn.Module, image_size: int) -> None:
+    """Refuses an input smaller than the coarsest feature map's stride, before any long work.
+
+    Below it that map has no cell computed from the image rather than the padding around it: the
+    run would finish and its numbers would mean nothing.
+    """
+    extractor = next((m for m in model.modules() if isinstance(m, TimmFeatureExtractor)), None)
+    if extractor is None:
+        return
+    minimum = max(extractor.reductions)
+    if image_size < minimum:
+        raise FrameworkError(f"data.image_size={image_size} is too small for {extractor.backbone_name} layers "
+                             f"{extractor.layers} (stride {minimum}): the minimum is {minimum}")
+
+
 class FittedBuffersMixin:
     """Lets buffers whose shape is only known after fitting (covariances, memory banks) load from a state dict.
 
