@@ -294,18 +294,21 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
 
 
 def check_image_size(model: nn.Module, image_size: int) -> None:
-    """Refuses an input smaller than the coarsest feature map's stride, before any long work.
+    """Refuses an input side the model's grid cannot support, before any long work.
 
-    Below it that map has no cell computed from the image rather than the padding around it: the
-    run would finish and its numbers would mean nothing.
+    Below the coarsest feature map's stride that map has no cell computed from the image rather than
+    the padding around it: the run would finish and its numbers would mean nothing. A U-Net's skip
+    connections need a multiple of 2^depth.
     """
-    extractor = next((m for m in model.modules() if isinstance(m, TimmFeatureExtractor)), None)
-    if extractor is None:
-        return
-    minimum = max(extractor.reductions)
-    if image_size < minimum:
-        raise FrameworkError(f"data.image_size={image_size} is too small for {extractor.backbone_name} layers "
-                             f"{extractor.layers} (stride {minimum}): the minimum is {minimum}")
+    for module in model.modules():
+        if isinstance(module, TimmFeatureExtractor) and image_size < max(module.reductions):
+            minimum = max(module.reductions)
+            raise FrameworkError(f"data.image_size={image_size} is too small for {module.backbone_name} layers "
+                                 f"{module.layers} (stride {minimum}): the minimum is {minimum}")
+        multiple = getattr(module, "size_multiple", None)
+        if multiple and image_size % multiple:
+            raise FrameworkError(f"data.image_size={image_size} does not suit the U-Net's {multiple.bit_length() - 1} "
+                                 f"poolings: use a multiple of {multiple} (the minimum is {multiple})")
 
 
 class FittedBuffersMixin:

@@ -8,6 +8,7 @@ from PIL import Image
 
 from dataloaders.dataloader_demo import ensure_demo
 from main import main
+from models.model_ae import UNetAE
 from models.model_base import check_image_size
 from models.model_padim import PadimModel
 from utils import FrameworkError
@@ -80,3 +81,11 @@ def test_image_size_below_the_coarsest_stride_is_refused_naming_the_minimum(tmp_
     check_image_size(model, 8)  # layer2: stride 8 suffices
     with pytest.raises(FrameworkError, match="minimum is 8"):
         check_image_size(model, 7)
+
+
+def test_unet_sizes_must_suit_its_poolings():
+    model = UNetAE(depth=3, base_channels=4)
+    check_image_size(model, 24)
+    for size in (7, 20):
+        with pytest.raises(FrameworkError, match="multiple of 8"):
+            check_image_size(model, size)
