@@ -247,7 +247,8 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         if self.bank_source.numel() != self.memory_bank.shape[0]:
             raise FrameworkError("PatchCore's leave-one-out scores need the fit's own images in this process")
         if int(self.bank_source.max()) == int(self.bank_source.min()):
-            raise FrameworkError("PatchCore's leave-one-out scores need a bank drawn from at least 2 training images")
+            raise FrameworkError("PatchCore's leave-one-out threshold needs a bank drawn from at least 2 training images: "
+                                 "raise model.coreset_ratio, or set data.val_fraction > 0 to hold images out")
         return self.score_patches(self.embed(images), indices.to(self.memory_bank.device))
 
     def _reweight(self, worst_queries: torch.Tensor, matches: torch.Tensor,
