@@ -18,6 +18,8 @@ from metrics.lpips import LPIPS
 from metrics.metrics_base import aupro
 from metrics.ssim import ssim_map
 from modelers.modeler_base import BaseModeler
+from models.flow_components import AllInOneCoupling
+from models.model_fastflow import FastFlowModel
 from models.model_padim import PadimModel
 from models.model_patchcore import PatchcoreModel, greedy_select
 from models.model_stfpm import STFPMModel
@@ -214,3 +216,28 @@ def test_lpips_equals_the_lpips_package():
     model = LPIPS(seeded_alexnet_state(), heads)
     x, y = (torch.from_numpy(fixture[k]).float()[:, :, :40, :40] * 2 - 1 for k in ("x", "y"))
     np.testing.assert_allclose(model(x, y).numpy(), fixture["lpips"], rtol=1e-4)
+
+
+# -- FastFlow -------------------------------------------------------------------------------------------
+def test_fastflow_coupling_block_equals_freia_all_in_one_block():
+    fixture = _fixture("fastflow")
+    block = AllInOneCoupling(7, kernel_size=3, hidden_ratio=1.0, clamp=2.0)
+    subnet = {key[len("block_subnet_"):].replace("_", "."): torch.from_numpy(value)
+              for key, value in fixture.items() if key.startswith("block_subnet_")}
+    block.subnet.load_state_dict(subnet)
+    permutation = torch.from_numpy(fixture["block_permutation"])
+    block.load_state_dict({**block.state_dict(), "permutation": permutation, "inverse_permutation": permutation.argsort(),
+                           "global_scale": torch.from_numpy(fixture["block_global_scale"]),
+                           "global_offset": torch.from_numpy(fixture["block_global_offset"])}, strict=True)
+    with torch.no_grad():
+        y, log_det = block(torch.from_numpy(fixture["block_x"]).float())
+    np.testing.assert_allclose(y.numpy(), fixture["block_y"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(log_det.numpy(), fixture["block_log_det"], rtol=1e-5)
+
+
+def test_fastflow_loss_and_anomaly_map_formulas():
+    fixture = _fixture("fastflow")
+    outputs = {"z": [torch.from_numpy(fixture[f"z{i}"]) for i in range(3)],
+               "log_det": [torch.from_numpy(fixture[f"log_det{i}"]) for i in range(3)]}
+    assert FastFlowModel.loss(outputs).item() == pytest.approx(float(fixture["loss"]), rel=1e-5)
+    np.testing.assert_allclose(FastFlowModel.anomaly_map(outputs, (32, 32)).numpy(), fixture["anomaly_map"], rtol=1e-5)

@@ -299,6 +299,66 @@ def mvtec_eval(checkout: Path) -> None:
           **{k: np.array(v) for k, v in results.items()})
 
 
+# -- FastFlow -------------------------------------------------------------------------------------------
+def fastflow(checkout: Path, freia: Path) -> None:
+    """FrEIA's AllInOneBlock (the pinned commit, as fastflow.nf_fast_flow configures it: clamp 2, hard
+    permutation) on random weights; and fastflow.FastFlow.forward's loss and eval-mode map on a stub
+    backbone (channels 4, 6, 8 at reductions 4, 8, 16 of a 32-pixel input, 2 flow steps)."""
+    sys.path.insert(0, str(freia))
+    sys.path.insert(0, str(checkout))
+    import FrEIA.framework as Ff
+    import fastflow as official
+
+    g = torch.Generator().manual_seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    chain = official.nf_fast_flow([7, 5, 5], conv3x3_only=True, hidden_ratio=1.0, flow_steps=1)
+    block = chain.module_list[0]
+    with torch.no_grad():
+        for parameter in block.subnet.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.5)
+        block.global_scale.add_(torch.randn(block.global_scale.shape, generator=g))
+        block.global_offset.copy_(torch.randn(block.global_offset.shape, generator=g) * 0.3)
+    x = _half(g, 2, 7, 5, 5)
+    with torch.no_grad():
+        y, log_det = chain(x)
+    permutation = block.w_perm.detach()[:, :, 0, 0].argmax(1)
+
+    class Stub(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.feature_info = types.SimpleNamespace(channels=lambda: [4, 6, 8], reduction=lambda: [4, 8, 16])
+            self.features = [_half(g, 3, c, s, s) for c, s in ((4, 8), (6, 4), (8, 2))]
+
+        def forward(self, images):
+            return self.features
+
+    stub = Stub()
+    official.timm.create_model = lambda *args, **kwargs: stub
+    torch.manual_seed(10)
+    model = official.FastFlow("resnet18", flow_steps=2, input_size=32, conv3x3_only=False, hidden_ratio=1.0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=g) * 0.1)
+    model.eval()
+    with torch.no_grad():
+        result = model(torch.zeros(3, 3, 32, 32))
+        latents, log_dets = zip(*(flow(norm(f)) for flow, norm, f in zip(model.nf_flows, model.norms, stub.features)))
+    _save(
+        "fastflow", "fastflow",
+        "FrEIA.modules.AllInOneBlock via fastflow.nf_fast_flow (FrEIA at "
+        f"{OFFICIAL['freia'][1]}); fastflow.FastFlow.forward (loss, eval anomaly_map)",
+        block_x=x.half().numpy(), block_y=y.numpy(), block_log_det=log_det.numpy(),
+        block_permutation=permutation.numpy(), block_global_scale=block.global_scale.detach().numpy(),
+        block_global_offset=block.global_offset.detach().numpy(),
+        **{f"block_subnet_{k.replace('.', '_')}": v.detach().numpy() for k, v in block.subnet.state_dict().items()},
+        **{f"z{i}": z.numpy() for i, z in enumerate(latents)},
+        **{f"log_det{i}": d.numpy() for i, d in enumerate(log_dets)},
+        loss=result["loss"].numpy(), anomaly_map=result["anomaly_map"].numpy(),
+    )
+
+
 def ssim_lpips(_: Path | None) -> None:
     """pytorch_msssim.ssim (valid-region mean per image) and lpips.LPIPS(net='alex') with the seeded random
     trunk of tests/test_parity.py and random positive heads, from the installed PyPI packages."""
@@ -338,7 +398,8 @@ def gaussian_like(maps: np.ndarray) -> np.ndarray:
     return np.stack([ndimage.gaussian_filter(m, 1.5) for m in maps]).astype(np.float32)
 
 
-STAGES = {"padim": padim, "patchcore": patchcore, "stfpm": stfpm, "mvtec-eval": mvtec_eval, "ssim-lpips": ssim_lpips}
+STAGES = {"padim": padim, "patchcore": patchcore, "stfpm": stfpm, "mvtec-eval": mvtec_eval, "ssim-lpips": ssim_lpips,
+          "fastflow": fastflow}
 PACKAGE_STAGES = {"ssim-lpips"}  # use installed PyPI packages, no checkout
 
 
@@ -355,6 +416,11 @@ def main() -> None:
             print(f"skipping {key}: no --{key} checkout given")
             continue
         torch.manual_seed(0)
+        if key == "fastflow":
+            if args.freia is None:
+                parser.error("--fastflow needs --freia (FrEIA at the commit gathierry/FastFlow pins)")
+            fastflow(checkout.resolve(), args.freia.resolve())
+            continue
         STAGES[key](checkout.resolve() if checkout else None)
 
 
