@@ -19,6 +19,7 @@ from metrics.metrics_base import aupro
 from metrics.ssim import ssim_map
 from modelers.modeler_base import BaseModeler
 from models.flow_components import AllInOneCoupling
+from models.model_draem import DraemModel, focal_loss
 from models.model_fastflow import FastFlowModel
 from models.model_padim import PadimModel
 from models.model_patchcore import PatchcoreModel, greedy_select
@@ -241,3 +242,18 @@ def test_fastflow_loss_and_anomaly_map_formulas():
                "log_det": [torch.from_numpy(fixture[f"log_det{i}"]) for i in range(3)]}
     assert FastFlowModel.loss(outputs).item() == pytest.approx(float(fixture["loss"]), rel=1e-5)
     np.testing.assert_allclose(FastFlowModel.anomaly_map(outputs, (32, 32)).numpy(), fixture["anomaly_map"], rtol=1e-5)
+
+
+# -- DRAEM ----------------------------------------------------------------------------------------------
+def test_draem_focal_loss_ssim_loss_and_image_score():
+    fixture = _fixture("draem")
+    probabilities = torch.from_numpy(fixture["focal_logits"]).softmax(dim=1)
+    focal = focal_loss(probabilities, torch.from_numpy(fixture["focal_masks"]))
+    assert focal.item() == pytest.approx(float(fixture["focal"]), rel=1e-5)
+    clean, reconstruction = (torch.from_numpy(fixture[k]).float() for k in ("ssim_clean", "ssim_reconstruction"))
+    model = DraemModel(reconstructive_width=2, discriminative_width=2, image_size=32)
+    losses = model.loss({"reconstruction": reconstruction, "logits": torch.zeros(2, 2, 32, 32)}, clean, torch.zeros(2, 1, 32, 32))
+    assert losses["ssim_loss"].item() == pytest.approx(float(fixture["ssim_loss"]), rel=1e-5)
+    logits = torch.from_numpy(fixture["score_logits_16"]).repeat_interleave(16, 2).repeat_interleave(16, 3)
+    scores = model.image_score(DraemModel.anomaly_map({"logits": logits}))
+    np.testing.assert_allclose(scores.numpy(), fixture["image_scores"], rtol=1e-5)

@@ -359,6 +359,68 @@ def fastflow(checkout: Path, freia: Path) -> None:
     )
 
 
+# -- DRAEM ----------------------------------------------------------------------------------------------
+def draem(checkout: Path) -> None:
+    """loss.FocalLoss() on softmax probabilities, loss.SSIM() (1 − SSIM), and test_DRAEM.test's image
+    score (captured from its roc_auc_score call) with stub networks returning fixed logits."""
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    loss = _import(checkout / "loss.py", "draem_official_loss")
+    np.sctypes = {"float": [np.float16, np.float32, np.float64], "int": [np.int8, np.int16, np.int32, np.int64],
+                  "uint": [np.uint8, np.uint16, np.uint32, np.uint64], "complex": [np.complex64, np.complex128],
+                  "others": [bool, object, bytes, str, np.void]}  # imgaug 0.4 predates numpy 2
+    tester = _import(checkout / "test_DRAEM.py", "draem_official_test")
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 2, 32, 32, generator=g) * 2
+    masks = (torch.rand(2, 1, 32, 32, generator=g) > 0.7).float()
+    focal = loss.FocalLoss()(torch.softmax(logits, dim=1), masks)
+    clean = torch.rand(2, 3, 32, 32, generator=g).half().float()
+    reconstruction = (clean + 0.2 * torch.randn(clean.shape, generator=g)).clamp(0, 1).half().float()
+    ssim_loss = loss.SSIM()(reconstruction, clean)
+
+    low = torch.randn(4, 2, 16, 16, generator=g) * 3  # image-score logits, upsampled ×16 to 256
+    low[1, 1, 3:5, 7:9] += 6.0
+
+    class Stub(nn.Module):
+        calls = 0
+
+        def __init__(self, *args, seg=False, **kwargs):
+            super().__init__()
+            self.seg = seg
+
+        def load_state_dict(self, *args, **kwargs):
+            return None
+
+        def forward(self, x):
+            if not self.seg:
+                return x
+            index = Stub.calls
+            Stub.calls += 1
+            return low[index:index + 1].repeat_interleave(16, 2).repeat_interleave(16, 3)
+
+    tester.torch.load = lambda *args, **kwargs: {}
+    tester.ReconstructiveSubNetwork = lambda **kwargs: Stub()
+    tester.DiscriminativeSubNetwork = lambda **kwargs: Stub(seg=True)
+    tester.MVTecDRAEMTestDataset = lambda *args, **kwargs: [
+        {"image": torch.zeros(3, 256, 256), "has_anomaly": np.array([float(i % 2)]), "mask": torch.zeros(1, 256, 256)}
+        for i in range(4)]
+    recorded = []
+    real_auc = tester.roc_auc_score
+    tester.roc_auc_score = lambda labels, scores: recorded.append(np.array(scores)) or real_auc(labels, scores)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        import os
+
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            tester.test(["stub"], tmp + "/", tmp, "stub")
+        finally:
+            os.chdir(cwd)
+    _save("draem", "draem", "loss.FocalLoss (softmax input, as train_DRAEM), loss.SSIM, test_DRAEM.test image score",
+          focal_logits=logits.numpy(), focal_masks=masks.numpy(), focal=focal.numpy(),
+          ssim_clean=clean.half().numpy(), ssim_reconstruction=reconstruction.half().numpy(), ssim_loss=ssim_loss.numpy(),
+          score_logits_16=low.numpy(), image_scores=recorded[0].astype(np.float32))
+
+
 def ssim_lpips(_: Path | None) -> None:
     """pytorch_msssim.ssim (valid-region mean per image) and lpips.LPIPS(net='alex') with the seeded random
     trunk of tests/test_parity.py and random positive heads, from the installed PyPI packages."""
@@ -399,7 +461,7 @@ def gaussian_like(maps: np.ndarray) -> np.ndarray:
 
 
 STAGES = {"padim": padim, "patchcore": patchcore, "stfpm": stfpm, "mvtec-eval": mvtec_eval, "ssim-lpips": ssim_lpips,
-          "fastflow": fastflow}
+          "fastflow": fastflow, "draem": draem}
 PACKAGE_STAGES = {"ssim-lpips"}  # use installed PyPI packages, no checkout
 
 
