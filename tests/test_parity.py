@@ -257,3 +257,33 @@ def test_draem_focal_loss_ssim_loss_and_image_score():
     logits = torch.from_numpy(fixture["score_logits_16"]).repeat_interleave(16, 2).repeat_interleave(16, 3)
     scores = model.image_score(DraemModel.anomaly_map({"logits": logits}))
     np.testing.assert_allclose(scores.numpy(), fixture["image_scores"], rtol=1e-5)
+
+
+def test_draem_anomaly_simulation_matches_the_official_generator_in_distribution():
+    """Mask coverage, share of anomalous draws and β of 400 draws each, ours against the official
+    augment_image: two-sample KS statistics below the 1 % critical value (our draws are seeded, so the
+    outcome is fixed, and a wrong Perlin scale range, threshold, rotation or β range moves them far above)."""
+    from scipy.stats import ks_2samp
+
+    from dataloaders.anomaly_simulation import simulate_anomaly
+
+    fixture = _fixture("draem")
+    rng = np.random.default_rng(0)
+    image = np.full((64, 64, 3), 0.5, dtype=np.float32)
+    texture = rng.random((64, 64, 3)).astype(np.float32)
+    coverage, betas = [], []
+    for _ in range(400):
+        augmented, mask, has_anomaly = simulate_anomaly(image, texture, rng)
+        coverage.append(mask.mean())
+        inside = mask[..., 0] > 0
+        if inside.any():
+            betas.append(float(np.median((augmented - texture)[inside] / (image - texture)[inside])))
+    coverage = np.array(coverage)
+    official = fixture["simulation_coverage"][fixture["simulation_anomalous"] > 0]
+    ours = coverage[coverage > 0]
+    critical = lambda n, m: 1.63 * np.sqrt((n + m) / (n * m))  # noqa: E731  (KS, α = 0.01)
+    assert abs(len(ours) / 400 - len(official) / 400) < 0.1
+    assert ks_2samp(ours, official).statistic < critical(len(ours), len(official))
+    official_betas = fixture["simulation_beta"]
+    assert 0.0 <= min(betas) and max(betas) < 0.8
+    assert ks_2samp(betas, official_betas).statistic < critical(len(betas), len(official_betas))

@@ -415,10 +415,55 @@ def draem(checkout: Path) -> None:
             tester.test(["stub"], tmp + "/", tmp, "stub")
         finally:
             os.chdir(cwd)
+    simulation = _draem_simulation_statistics(checkout)
     _save("draem", "draem", "loss.FocalLoss (softmax input, as train_DRAEM), loss.SSIM, test_DRAEM.test image score",
           focal_logits=logits.numpy(), focal_masks=masks.numpy(), focal=focal.numpy(),
           ssim_clean=clean.half().numpy(), ssim_reconstruction=reconstruction.half().numpy(), ssim_loss=ssim_loss.numpy(),
-          score_logits_16=low.numpy(), image_scores=recorded[0].astype(np.float32))
+          score_logits_16=low.numpy(), image_scores=recorded[0].astype(np.float32), **simulation)
+
+
+def _draem_simulation_statistics(checkout: Path, draws: int = 400, size: int = 64) -> dict[str, np.ndarray]:
+    """data_loader.MVTecDRAEMTrainDataset.augment_image (Perlin mask incl. its imgaug rotation, blend) on a grey image and a random texture file, with
+    its torch.rand draws recorded (β = 0.8·first draw; the second decides "no anomaly"): per draw the
+    mask coverage, whether it is anomalous, and β."""
+    import cv2
+
+    loader = _import(checkout / "data_loader.py", "draem_official_data_loader")
+    recorded = []
+    real_torch = loader.torch
+
+    class RecordingTorch(types.SimpleNamespace):
+        def __getattr__(self, name):
+            return getattr(real_torch, name)
+
+        @staticmethod
+        def rand(*args, **kwargs):
+            value = real_torch.rand(*args, **kwargs)
+            recorded.append(float(value[0]))
+            return value
+
+    loader.torch = RecordingTorch()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "dtd" / "a").mkdir(parents=True)
+        texture_path = str(Path(tmp) / "dtd" / "a" / "t.jpg")
+        cv2.imwrite(texture_path, np.random.default_rng(12).integers(0, 256, (size, size, 3), dtype=np.uint8))
+        dataset = loader.MVTecDRAEMTrainDataset(tmp, str(Path(tmp) / "dtd"), resize_shape=[size, size])
+        # The texture augmenters (imgaug 0.4 fails on current PIL in Autocontrast) change neither the mask
+        # nor β: their choice is still drawn, then the texture passes unchanged.
+        choose = dataset.randAugmenter
+        dataset.randAugmenter = lambda: (choose(), lambda image: image)[1]
+        torch.manual_seed(12)
+        np.random.seed(12)
+        image = np.full((size, size, 3), 0.5, dtype=np.float32)
+        coverage, anomalous, betas = [], [], []
+        for _ in range(draws):
+            recorded.clear()
+            _, mask, has_anomaly = dataset.augment_image(image, texture_path)
+            coverage.append(float(mask.mean()))
+            anomalous.append(float(has_anomaly[0]))
+            betas.append(0.8 * recorded[-2])
+    return {"simulation_coverage": np.array(coverage, np.float32), "simulation_anomalous": np.array(anomalous),
+            "simulation_beta": np.array(betas, np.float32)}
 
 
 def ssim_lpips(_: Path | None) -> None:
