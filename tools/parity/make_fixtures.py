@@ -229,7 +229,7 @@ def stfpm(checkout: Path) -> None:
     import cv2
 
     g = torch.Generator().manual_seed(5)
-    shapes = [(3, 64), (4, 32), (5, 16)]
+    shapes = [(2, 64), (3, 32), (4, 16)]
     teacher = [_half(g, 2, c, s, s) for c, s in shapes]
     student = [t + 0.7 * _half(g, *t.shape) for t in teacher]
     student[1][1, :, 10:20, 5:9] += 2.0
