@@ -45,9 +45,11 @@ def short_verdicts(score: float, threshold: float | None) -> list[str]:
     return [f"score {score:.4g}: {label} (threshold {threshold:.4g})", f"{score:.3g} {label}"]
 
 
-def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | None, count: int) -> list[Path]:
+def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | None, pixel_threshold: float | None,
+                        count: int) -> list[Path]:
     """``figures/<index>_<type>.png`` for a spread of test images: image | ground truth | heat map with its
-    colour bar | map >= threshold, titled with the image's label, score and predicted label.
+    colour bar | map >= ``pixel_threshold``, titled with the image's label, score and the label predicted
+    at the image ``threshold``.
 
     The colour scale is shared by every panel of the run (the test maps' minimum and maximum), so two
     panels' colours can be compared. ``dataset[i]["image"]`` gives back image ``i`` of ``predictions``.
@@ -75,9 +77,10 @@ def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | 
         shown = axes[2].imshow(heat, cmap="jet", alpha=0.5, vmin=low, vmax=high)
         axes[2].set_title("anomaly map", fontsize=11)
         figure.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.03).ax.tick_params(labelsize=9)
-        predicted = heat >= threshold if threshold is not None else np.zeros_like(heat, dtype=bool)
+        predicted = heat >= pixel_threshold if pixel_threshold is not None else np.zeros_like(heat, dtype=bool)
         axes[3].imshow(predicted, cmap="gray", vmin=0, vmax=1)
-        axes[3].set_title(f"map >= threshold {threshold:.4g}" if threshold is not None else "no threshold", fontsize=11)
+        axes[3].set_title(f"map >= pixel threshold {pixel_threshold:.4g}" if pixel_threshold is not None
+                          else "no pixel threshold", fontsize=11)
         for axis in axes:
             axis.axis("off")
         figure.suptitle(f"{predictions.defect_types[index]}: label {label_text(label)}, image score {score:.4g}, "
