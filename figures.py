@@ -51,14 +51,19 @@ def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | 
     colour bar | map >= ``pixel_threshold``, titled with the image's label, score and the label predicted
     at the image ``threshold``.
 
-    The colour scale is shared by every panel of the run (the test maps' minimum and maximum), so two
-    panels' colours can be compared. ``dataset[i]["image"]`` gives back image ``i`` of ``predictions``.
+    The colour scale is shared by every panel of the run, so two panels' colours can be compared: from the
+    test maps' minimum to twice the pixel threshold's distance above it, which puts the threshold in the
+    middle of the colour bar (marked) and keeps one outlying image from turning every other map blue;
+    values above the scale are drawn at its top colour. Without a pixel threshold: the maps' maximum.
+    ``dataset[i]["image"]`` gives back image ``i`` of ``predictions``.
     """
     folder = Path(run_dir) / "figures"
     folder.mkdir(exist_ok=True)
     total = len(predictions.scores)
     indices = np.unique(np.linspace(0, total - 1, num=min(count, total)).round().astype(int)) if count > 0 else []
     low, high = float(predictions.maps.min()), float(predictions.maps.max())
+    if pixel_threshold is not None and pixel_threshold > low:
+        high = 2 * pixel_threshold - low
     normalize = getattr(dataset, "normalize", "imagenet")
     paths = []
     for index in indices:
@@ -76,7 +81,10 @@ def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | 
         axes[2].imshow(rgb)
         shown = axes[2].imshow(heat, cmap="jet", alpha=0.5, vmin=low, vmax=high)
         axes[2].set_title("anomaly map", fontsize=11)
-        figure.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.03).ax.tick_params(labelsize=9)
+        colour_bar = figure.colorbar(shown, ax=axes[2], fraction=0.046, pad=0.03, extend="max")
+        colour_bar.ax.tick_params(labelsize=9)
+        if pixel_threshold is not None:
+            colour_bar.ax.axhline(pixel_threshold, color="black", linewidth=2)
         predicted = heat >= pixel_threshold if pixel_threshold is not None else np.zeros_like(heat, dtype=bool)
         axes[3].imshow(predicted, cmap="gray", vmin=0, vmax=1)
         axes[3].set_title(f"map >= pixel threshold {pixel_threshold:.4g}" if pixel_threshold is not None
