@@ -96,6 +96,16 @@ def test_a_required_folder_missing_from_the_config_names_its_flag(tmp_path):
         FolderDataloader(_folder_cfg(make_tree(tmp_path), **{"data.test_abnormal_dir": None})["data"], seed=0)
 
 
+def test_the_cli_reports_a_bad_tree_in_one_line(tmp_path, capsys):
+    root = make_tree(tmp_path)
+    (root / "masks" / "x.bmp").unlink()
+    code = main(["--data-root", str(root), "--train-dir", "train", "--test-normal-dir", "test/ok",
+                 "--test-abnormal-dir", "test/bad", "--mask-dir", "masks", "--output-dir", str(tmp_path / "runs")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.startswith("error: Image '") and "has no mask" in error and "\n" not in error
+    assert not (tmp_path / "runs").exists()  # refused before any run folder or model
+
+
 def test_labelled_validation_folder_sets_the_f1_adaptive_threshold(tmp_path):
     root = make_tree(tmp_path)
     rng = np.random.default_rng(1)
