@@ -67,14 +67,17 @@ _EPOCH_TRAINING = {
     "patience": 10,  # epochs without a better monitored value (train.monitor) before stopping
     "min_delta": 0.0,
     "resume": None,  # a run folder holding last.pt
-    # Early stopping and the kept epoch: "loss" = the validation loss; "synthetic_pixel_auroc" = the
-    # pixel AUROC on the held-out images with fixed simulated defects (never the test set).
+    # Early stopping and the best epoch: "loss" = the validation loss; "synthetic_pixel_auroc" = the
+    # pixel AUROC on the held-out images with fixed simulated defects (never the test set);
+    # "normal_map_mean" = the mean anomaly map over the held-out normal images (STFPM's official rule).
     "monitor": "loss",
+    "keep": "best",  # weights evaluated: "best" = the best monitored epoch, "last" = the final epoch
     # Simulated defects' textures (DRAEM's training, the synthetic monitor): a folder in the DTD layout
     # (images/<class>/*.jpg), None = Perlin-derived textures.
     "texture_root": None,
 }
-MONITORS = ("loss", "synthetic_pixel_auroc")
+MONITORS = ("loss", "synthetic_pixel_auroc", "normal_map_mean")
+KEEPS = ("best", "last")
 # Held-out train/good images for validation and early stopping; decoded images cached across epochs.
 _EPOCH_DATA = {"val_fraction": 0.2, "cache": True, "image_size": 256, "crop_ratio": 1.0}
 
@@ -93,7 +96,7 @@ MODEL_CONFIGS: dict[str, dict] = {
     # PaDiM (Defard et al., ICPR-W 2020): xia's reference protocol, LANCZOS resize 256, centre crop 224.
     "padim": {
         "model": {
-            "backbone": "wide_resnet50_2",
+            "backbone": "wide_resnet50_2.tv_in1k",  # torchvision's V1 weights, as xia's code
             "layers": [1, 2, 3],
             "pretrained": True,
             "weights": None,
@@ -107,7 +110,7 @@ MODEL_CONFIGS: dict[str, dict] = {
     # PatchCore (Roth et al., CVPR 2022): official IM224 protocol, resize 256 (bilinear), centre crop 224.
     "patchcore": {
         "model": {
-            "backbone": "wide_resnet50_2",
+            "backbone": "wide_resnet50_2.tv_in1k",  # torchvision's V1 weights, as the official code
             "layers": [2, 3],
             "pretrained": True,
             "weights": None,
@@ -129,11 +132,11 @@ MODEL_CONFIGS: dict[str, dict] = {
         "data": {"image_size": 224, "crop_ratio": 0.875, "interpolation": "bilinear", "batch_size": 8},
     },
     # STFPM (Wang et al., BMVC 2021): official code's recipe; 20% of train/good held out, and the
-    # checkpoint with the lowest validation loss over all epochs is kept (patience = epochs).
+    # epoch with the lowest mean anomaly map over them is kept (official rule; patience = epochs).
     "stfpm": {
-        "model": {"backbone": "resnet18", "layers": [1, 2, 3], "pretrained": True, "weights": None},
+        "model": {"backbone": "resnet18.tv_in1k", "layers": [1, 2, 3], "pretrained": True, "weights": None},
         "train": {"trainer": "gradient", "epochs": 100, "optimizer": "sgd", "lr": 0.4, "momentum": 0.9,
-                  "weight_decay": 1e-4, "patience": 100},
+                  "weight_decay": 1e-4, "patience": 100, "monitor": "normal_map_mean"},
         "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.2},
     },
     # Reconstruction baselines (Bergmann et al., VISAPP 2019 settings): images in [0, 1], Adam 2e-4,
@@ -152,24 +155,25 @@ MODEL_CONFIGS: dict[str, dict] = {
             "unet_vae": {"depth": 4, "beta": 1.0},
         }.items()
     },
-    # FastFlow (Yu et al., 2021) as gathierry/FastFlow: 256 px, Adam 1e-3 / wd 1e-5, batch 32, 500 epochs.
+    # FastFlow (Yu et al., 2021) as gathierry/FastFlow: 256 px, Adam 1e-3 / wd 1e-5, batch 32, 500 epochs,
+    # every train/good image trained on and the last epoch kept (resnet18: its timm's torchvision weights).
     # Transformers as the paper: --backbone deit_base_distilled_patch16_384 --image-size 384 (or cait_m48_448, 448).
     "fastflow": {
-        "model": {"backbone": "resnet18", "layers": [1, 2, 3], "pretrained": True, "weights": None,
+        "model": {"backbone": "resnet18.tv_in1k", "layers": [1, 2, 3], "pretrained": True, "weights": None,
                   "flow_steps": None, "hidden_ratio": None, "conv3x3_only": None, "clamp": 2.0,
                   "vit_block_index": None},
         "train": {"trainer": "flow", "epochs": 500, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-5,
-                  "patience": 20},
-        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32},
+                  "patience": 500, "keep": "last"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.0},
     },
     # DRAEM (Zavrtanik et al., ICCV 2021) as the official code: 256 px in [0, 1], Adam 1e-4, batch 8,
-    # 700 epochs, MultiStepLR at 0.8·E and 0.9·E with γ 0.2. The paper's schedule instead:
-    # --set train.milestones=[0.5715,0.8572] --set train.gamma=0.1 (epochs 400 and 600 of 700).
+    # 700 epochs, MultiStepLR at 0.8·E and 0.9·E with γ 0.2, every train/good image, the last epoch kept.
+    # The paper's schedule instead: --set train.milestones=[0.5715,0.8572] --set train.gamma=0.1 (epochs 400, 600).
     "draem": {
         "model": {"reconstructive_width": 128, "discriminative_width": 64, "focal_gamma": 2.0, "score_filter": 21},
         "train": {"trainer": "classification", "epochs": 700, "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0,
-                  "scheduler": "multistep", "milestones": [0.8, 0.9], "gamma": 0.2, "patience": 700},
-        "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 8},
+                  "scheduler": "multistep", "milestones": [0.8, 0.9], "gamma": 0.2, "patience": 700, "keep": "last"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 8, "val_fraction": 0.0},
     },
 }
 
@@ -320,6 +324,9 @@ def _check_consistency(config: dict) -> None:
     monitor = config["train"].get("monitor", "loss")
     if monitor not in MONITORS:
         raise FrameworkError(f"Config key 'train.monitor' must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    keep = config["train"].get("keep", "best")
+    if keep not in KEEPS:
+        raise FrameworkError(f"Config key 'train.keep' must be one of {', '.join(KEEPS)}, got {keep!r}")
     evaluation = config["eval"]
     if not 0.0 <= evaluation["threshold_quantile"] <= 1.0:
         raise FrameworkError("Config key 'eval.threshold_quantile' must be in [0, 1]")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.model_base import FittedBuffersMixin, TimmFeatureExtractor
+from models.model_base import FittedBuffersMixin, TimmFeatureExtractor, arch_name
 from registry import MODEL_REGISTRY
 from utils import FrameworkError
 
@@ -59,7 +59,7 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self.extractor = TimmFeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights)
         total = sum(self.extractor.channels)
         if n_features is None:
-            n_features = PAPER_N_FEATURES.get(backbone, min(DEFAULT_N_FEATURES, total))
+            n_features = PAPER_N_FEATURES.get(arch_name(backbone), min(DEFAULT_N_FEATURES, total))
         if not 0 < n_features <= total:
             raise FrameworkError(f"model.n_features must be in 1..{total} for {backbone} {layers}, got {n_features}")
         self.sigma = sigma

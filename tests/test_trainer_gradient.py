@@ -29,9 +29,11 @@ def _scores(run_dir):
 def test_stfpm_end_to_end_trains_and_keeps_the_best_checkpoint(tmp_path, demo_root):
     results = run_experiment(_config(tmp_path, demo_root))
     history = results["fit"]["history"]
-    assert len(history) == 3 and results["fit"]["monitored"] == "valid loss"
+    assert len(history) == 3 and results["fit"]["monitored"] == "mean anomaly map of the held-out train images"
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
-    assert results["fit"]["best_monitored"] == min(epoch["valid"]["loss"] for epoch in history)
+    means = [epoch["valid"]["normal_map_mean"] for epoch in history]
+    assert results["fit"]["best_monitored"] == min(means)
+    assert results["fit"]["kept"] == f"epoch {means.index(min(means)) + 1} (best monitored)"
     assert (Path(results["run_dir"]) / "last.pt").is_file() and (Path(results["run_dir"]) / "best.pt").is_file()
     assert 0.0 <= results["metrics"]["image_auroc"] <= 1.0
 
