@@ -127,6 +127,9 @@ MODEL_CONFIGS: dict[str, dict] = {
             "bank_dtype": "float32",
             "memory_budget_mb": 8192.0,
             "chunk_mb": 64.0,
+            # True replays the official code's batch-norm side effect (one all-ones image through the
+            # backbone in training mode before extraction), for exact reproduction of its numbers.
+            "official_batchnorm_pass": False,
         },
         "train": {"trainer": "memory"},
         "data": {"image_size": 224, "crop_ratio": 0.875, "interpolation": "bilinear", "batch_size": 8},

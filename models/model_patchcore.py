@@ -43,6 +43,9 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         bank_dtype: ``float32`` or ``float16`` storage of the bank (search runs in float32 chunks).
         memory_budget_mb: refuse to fit when the bank plus working memory would exceed this.
         chunk_mb: bound on each chunk's working memory in the coreset and the search.
+        official_batchnorm_pass: reproduce the official code's side effect before the first feature is
+            extracted (``feature_dimensions()`` runs one all-ones image through the backbone in training
+            mode, moving its batch-norm running statistics); off = the pretrained statistics, as intended.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         bank_dtype: str = "float32",
         memory_budget_mb: float = 8192.0,
         chunk_mb: float = 64.0,
+        official_batchnorm_pass: bool = False,
     ) -> None:
         super().__init__()
         if score_mode not in ("reweighted", "max"):
@@ -79,6 +83,7 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self.score_mode, self.num_neighbors, self.sigma = score_mode, num_neighbors, sigma
         self.bank_dtype = _DTYPES[bank_dtype]
         self.memory_budget_mb, self.chunk_mb = memory_budget_mb, chunk_mb
+        self.official_batchnorm_pass = official_batchnorm_pass
         self.register_buffer("memory_bank", torch.empty(0, embed_dim))
         # The fused convolution costs embed_dim·C·p² per position: worth it only for narrow layers.
         self.fused = all(c * patch_size**2 <= 2 * pre_embed_dim for c in self.extractor.channels)
@@ -183,6 +188,8 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
     @torch.no_grad()
     def update(self, images: torch.Tensor) -> None:
         """Appends a batch's patch features to the preallocated store."""
+        if self._features is None and self.official_batchnorm_pass:
+            self.extractor.official_patchcore_batchnorm_pass(images.shape[-1])
         embedding = self.embed(images)
         if self._features is None:
             self._allocate(embedding.shape[1] * embedding.shape[2], embedding.device)
