@@ -31,7 +31,10 @@ BASE_CONFIGS: dict[str, Any] = {
         # Seeded, label-stratified share of the *test* split held out as a labelled validation set for
         # eval.threshold_strategy=f1_adaptive; those images are then excluded from the test metrics.
         "labelled_val_fraction": 0.0,
-        "mask_size": None,  # side at which pixel metrics are computed; None = image_size
+        # Resolution of the pixel metrics: None = the model input; an int = that square side; "native" =
+        # each original image's own size (the MVTec protocol; the centre crop, if any, is not undone).
+        # Ground truth always comes from the original mask files.
+        "mask_size": None,
         "cache": False,  # keep decoded, resized images in memory (multi-epoch training)
     },
     "model": {"name": "padim"},
@@ -186,7 +189,7 @@ THRESHOLD_STRATEGIES = ("normal_quantile", "f1_adaptive", "manual")
 NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "data.category": (str,),
     "data.root": (str,),
-    "data.mask_size": (int,),
+    "data.mask_size": (int, str),
     "model.weights": (str,),
     "model.n_features": (int,),
     "train.resume": (str,),
@@ -319,6 +322,10 @@ def _check_consistency(config: dict) -> None:
         raise FrameworkError(f"Config key 'data.crop_ratio' must be in (0, 1], got {data['crop_ratio']}")
     if not 0.0 <= data["val_fraction"] < 1.0:
         raise FrameworkError(f"Config key 'data.val_fraction' must be in [0, 1), got {data['val_fraction']}")
+    if isinstance(data["mask_size"], str) and data["mask_size"] != "native":
+        raise FrameworkError(f"Config key 'data.mask_size' must be an int, \"native\" or null, got {data['mask_size']!r}")
+    if isinstance(data["mask_size"], int) and data["mask_size"] <= 0:
+        raise FrameworkError(f"Config key 'data.mask_size' must be positive, got {data['mask_size']}")
     for key in ("image_size", "batch_size"):
         if data[key] <= 0:
             raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")

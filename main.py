@@ -20,8 +20,8 @@ import torch
 
 from config import resolve_config
 from distributed import broadcast_object, init_from_env, is_main, rank, world_size
-from models.model_base import TimmFeatureExtractor
-from trainers.trainer_base import CHECKPOINT_NAME
+from models.model_base import TimmFeatureExtractor, weights_record
+from trainers.trainer_base import CHECKPOINT_NAME, describe_resolution
 from registry import build_dataloader, build_model, build_modeler, build_trainer
 from sweep import run_sweep, split_list
 from utils import (
@@ -57,11 +57,10 @@ def make_run_dir(config: dict) -> Path:
 
 def backbone_facts(model: torch.nn.Module, config: dict) -> dict:
     """Backbone name, weight source and whether it was pretrained, for results.json."""
-    extractor = next((m for m in model.modules() if isinstance(m, TimmFeatureExtractor)), None)
     model_cfg = config["model"]
     return {
         "backbone": model_cfg.get("backbone", "none"),
-        "weights_source": extractor.weights_source if extractor is not None else "trained from scratch",
+        **weights_record(model),
         "pretrained": bool(model_cfg.get("pretrained", False)),
     }
 
@@ -120,6 +119,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         **backbone_facts(model, config),
         "mask_size": config["data"]["mask_size"] or config["data"]["image_size"],
+        "pixel_resolution": describe_resolution(config["data"]),
         "fit": fit_summary,
         "versions": library_versions(),
         "world_size": world_size(),

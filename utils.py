@@ -124,7 +124,8 @@ def show_results(results: dict[str, Any]) -> None:
     timings = {key: f"{value:.2f} s" if key != "images_per_second" else f"{value:.1f}" for key, value in results["timings"].items()}
     _print_block("Timings", timings)
     _print_block("Run", {"peak memory": f"{results['peak_memory_mb']:.0f} MB", "backbone": results["backbone"],
-                         "weights": results["weights_source"], "run folder": results["run_dir"]})
+                         "weights": results["weights_source"], "weights sha256": results.get("weights_sha256") or "-",
+                         "pixel metrics at": results.get("pixel_resolution", "-"), "run folder": results["run_dir"]})
 
 
 def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:

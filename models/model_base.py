@@ -67,6 +67,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_record(model: nn.Module) -> dict[str, str | None]:
+    """Which backbone weights a model was built with (``hub:<arch>.<tag>``, or a file and its sha256), for
+    results.json, the checkpoint and the console; models without a pretrained backbone say so."""
+    extractor = next((m for m in model.modules() if hasattr(m, "weights_source")), None)
+    if extractor is None:
+        return {"weights_source": "trained from scratch", "weights_sha256": None}
+    return {"weights_source": extractor.weights_source, "weights_sha256": extractor.weights_sha256}
+
+
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """Reads a plain state dict (``.safetensors`` or a ``torch.save`` file) without executing pickled code."""
     if not path.is_file():

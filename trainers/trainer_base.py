@@ -10,10 +10,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from models.model_base import upsample_maps, weights_record
 from metrics.metrics_base import compute_image_metrics, compute_pixel_metrics, f1_adaptive_threshold, normal_threshold
 from utils import FrameworkError, StageTimer
 
@@ -22,7 +23,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 @dataclass
 class Predictions:
-    """Everything evaluation needs, on the CPU: scores [N], maps and masks [N, 1, S, S], labels [N]."""
+    """Everything evaluation needs, on the CPU: scores [N], maps and masks [N, 1, S, S] at the model input,
+    labels [N]; with ``ground_truth``, the maps and original masks at the evaluation resolution (one
+    [h, w] pair per image, sizes may differ)."""
 
     scores: torch.Tensor
     maps: torch.Tensor
@@ -30,6 +33,31 @@ class Predictions:
     masks: torch.Tensor
     image_paths: list[str]
     defect_types: list[str]
+    eval_maps: list[np.ndarray] | None = None
+    eval_masks: list[np.ndarray] | None = None
+
+    def pixel_pairs(self) -> tuple:
+        """(masks, maps) for the pixel metrics: at the evaluation resolution when one was set."""
+        if self.eval_maps is not None:
+            return self.eval_masks, self.eval_maps
+        return self.masks.numpy(), self.maps.numpy()
+
+
+def evaluation_resolution(data_cfg: dict) -> int | str | None:
+    """``data.mask_size`` when it asks for another resolution than the model input, else None."""
+    size = data_cfg["mask_size"]
+    return None if size is None or size == data_cfg["image_size"] else size
+
+
+def describe_resolution(data_cfg: dict) -> str:
+    """What results.json records as the pixel metrics' resolution."""
+    size = evaluation_resolution(data_cfg)
+    if size is None:
+        return f"input {data_cfg['image_size']}x{data_cfg['image_size']} (masks resized by nearest neighbour as the images)"
+    if size == "native":
+        crop = "" if data_cfg["crop_ratio"] == 1.0 else ", its centre-crop region"
+        return f"native (each original image's own size{crop}; map bilinearly upsampled, original masks)"
+    return f"{size}x{size} (map bilinearly resized, original masks resized by nearest neighbour and cropped)"
 
 
 class BaseTrainer:
@@ -66,20 +94,25 @@ class BaseTrainer:
 
     # -- shared evaluation --------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict(self, loader, desc: str = "predict") -> Predictions:
-        """Maps and scores for every image of ``loader``, maps at the stated mask resolution."""
-        mask_size = self.config["data"]["mask_size"]
-        parts: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [], "types": []}
+    def predict(self, loader, desc: str = "predict", ground_truth: bool = False) -> Predictions:
+        """Maps and scores for every image of ``loader`` at the model input; with ``ground_truth`` (a split
+        of an AnomalyDataset), also each map resized to the evaluation resolution (``data.mask_size``) beside
+        the mask read again from its original file, never from the mask already resized to the input."""
+        resolution = evaluation_resolution(self.config["data"]) if ground_truth else None
+        index = {str(sample.path): i for i, sample in enumerate(loader.dataset.samples)} if resolution else {}
+        parts: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [], "types": [],
+                                  "eval_maps": [], "eval_masks": []}
         for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
             output = self.modeler.evaluate_step(batch)
-            maps, masks = output["anomaly_maps"], batch["mask"]
-            if mask_size is not None and maps.shape[-1] != mask_size:
-                maps = F.interpolate(maps, size=(mask_size, mask_size), mode="bilinear", align_corners=False)
-                masks = F.interpolate(masks, size=(mask_size, mask_size), mode="nearest")
+            maps = output["anomaly_maps"].float().cpu()
+            for heat, path in zip(maps if resolution else [], batch["image_path"]):
+                mask = loader.dataset.ground_truth(index[path], resolution)[0]
+                parts["eval_masks"].append(mask.numpy().astype(bool))
+                parts["eval_maps"].append(upsample_maps(heat[None], mask.shape)[0, 0].numpy())
             parts["scores"].append(output["anomaly_scores"].float().cpu())
-            parts["maps"].append(maps.cpu())
+            parts["maps"].append(maps)
             parts["labels"].append(batch["label"])
-            parts["masks"].append(masks)
+            parts["masks"].append(batch["mask"])
             parts["paths"].extend(batch["image_path"])
             parts["types"].extend(batch["defect_type"])
         if not parts["scores"]:
@@ -91,6 +124,8 @@ class BaseTrainer:
             masks=torch.cat(parts["masks"]),
             image_paths=parts["paths"],
             defect_types=parts["types"],
+            eval_maps=parts["eval_maps"] if resolution else None,
+            eval_masks=parts["eval_masks"] if resolution else None,
         )
 
     def calibrate_threshold(self) -> None:
@@ -133,14 +168,14 @@ class BaseTrainer:
             self.calibrate_threshold()
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        predictions = self.predict(self.dataloader.test_loader(), desc="evaluate")
+        predictions = self.predict(self.dataloader.test_loader(), desc="evaluate", ground_truth=True)
         metrics_start = time.perf_counter()
         metrics = compute_image_metrics(
             predictions.labels.numpy(), predictions.scores.numpy(), self.threshold, self.threshold_source
         )
         metrics["threshold_strategy"] = self.config["eval"]["threshold_strategy"]
         if self.dataloader.has_masks:
-            metrics.update(compute_pixel_metrics(predictions.masks.numpy(), predictions.maps.numpy()))
+            metrics.update(compute_pixel_metrics(*predictions.pixel_pairs()))
         else:
             warnings.warn("This category has no ground_truth folder: pixel metrics are unavailable")
             metrics.update({"pixel_auroc": None, "pixel_aupr": None, "aupro": None})
@@ -158,6 +193,7 @@ class BaseTrainer:
             "format_version": 1,
             "model": self.modeler.state_dict(),
             "config": self.config,
+            "weights": weights_record(self.modeler.model),
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
         }
