@@ -66,3 +66,14 @@ def test_stfpm_first_epoch_loss_from_two_processes_equals_one(tmp_path, demo_roo
     first = single["fit"]["history"][0]
     assert history[0]["train"]["loss"] == pytest.approx(first["train"]["loss"], rel=0.02)
     assert history[0]["valid"]["loss"] == pytest.approx(first["valid"]["loss"], rel=0.05)
+
+
+def test_stfpm_with_an_efficientnet_student_trains_under_torchrun(tmp_path, demo_root):
+    # timm's EfficientNet feature model keeps the blocks after the last matched stage; in the student
+    # they get no gradient, which DistributedDataParallel refuses at the second step.
+    flags = _flags(tmp_path, demo_root, "stfpm", "--set", "train.epochs=1", "--set", "data.batch_size=8")
+    flags[flags.index("resnet18")] = "efficientnet_lite0"
+    run_dir = _torchrun(flags)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["backbone"] == "efficientnet_lite0"
+    assert results["fit"]["kept"] == "epoch 1 (best monitored)"
