@@ -68,14 +68,15 @@ def test_tagged_local_file_is_used_and_its_sha256_recorded(tmp_path, monkeypatch
         TimmFeatureExtractor("resnet18.nope", [1], pretrained=False)
 
 
-def test_results_and_checkpoint_name_the_weights_file(tmp_path, demo_root, monkeypatch):
+def test_results_and_checkpoint_name_the_weights_file(tmp_path, monkeypatch):
     path = tmp_path / "resnet18.tv_in1k.pth"
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     monkeypatch.setattr(model_base, "BACKBONES_DIR", tmp_path)
-    results = run_experiment({"model.name": "padim", "model.backbone": "resnet18.tv_in1k", "data.name": "demo",
-                              "data.root": str(demo_root), "data.image_size": 32, "eval.num_figures": 0,
-                              "output_dir": str(tmp_path / "runs")})
+    _thin_defect_dataset(tmp_path)
+    results = run_experiment({"model.name": "padim", "model.backbone": "resnet18.tv_in1k", "data.name": "mvtec",
+                              "data.root": str(tmp_path), "data.category": "lines", "data.image_size": 32,
+                              "data.mask_size": 128, "eval.num_figures": 0, "output_dir": str(tmp_path / "runs")})
     assert results["weights_source"] == str(path) and results["weights_sha256"] == digest
     checkpoint = torch.load(Path(results["run_dir"]) / "checkpoint.pt", weights_only=True)
     assert checkpoint["weights"] == {"weights_source": str(path), "weights_sha256": digest}
@@ -119,15 +120,16 @@ def test_stfpm_map_is_the_product_on_the_feature_grid_then_resized():
     assert np.allclose(ours[:, 0].numpy(), official, rtol=1e-5, atol=1e-7)
 
 
-def test_keep_last_is_faithful_for_fastflow_and_draem_and_evaluates_the_final_epoch(tmp_path, demo_root):
+def test_keep_last_is_faithful_for_fastflow_and_draem_and_evaluates_the_final_epoch(tmp_path):
     for name in ("fastflow", "draem"):
         config = resolve_config({"model.name": name})
         assert config["train"]["keep"] == "last" and config["data"]["val_fraction"] == 0.0
         assert config["train"]["patience"] == config["train"]["epochs"]
+    _thin_defect_dataset(tmp_path)
     results = run_experiment({"model.name": "fastflow", "model.backbone": "resnet18", "model.pretrained": False,
-                              "data.name": "demo", "data.root": str(demo_root), "data.image_size": 64,
-                              "data.batch_size": 8, "train.epochs": 2, "eval.num_figures": 0,
-                              "output_dir": str(tmp_path)})
+                              "data.name": "mvtec", "data.root": str(tmp_path), "data.category": "lines",
+                              "data.image_size": 32, "data.mask_size": 128, "data.batch_size": 2, "train.epochs": 2,
+                              "eval.num_figures": 0, "output_dir": str(tmp_path / "runs")})
     run_dir = Path(results["run_dir"])
     assert results["fit"]["kept"] == "epoch 2 (last)" and not (run_dir / "best.pt").exists()
     last = torch.load(run_dir / "last.pt", weights_only=True)["model"]
