@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from main import run_experiment
+from main import load_checkpoint, run_experiment
 from modelers.modeler_stfpm import STFPMModeler
+from registry import build_dataloader
 from trainers.trainer_gradient import GradientTrainer
 from utils import FrameworkError
 
@@ -34,6 +36,22 @@ def test_stfpm_end_to_end_trains_and_keeps_the_best_checkpoint(tmp_path, demo_ro
     means = [epoch["valid"]["normal_map_mean"] for epoch in history]
     assert results["fit"]["best_monitored"] == min(means)
     assert results["fit"]["kept"] == f"epoch {means.index(min(means)) + 1} (best monitored)"
+    # The official criterion, recomputed on the evaluated weights: the mean over the held-out images of
+    # the product of the per-level distance maps, each resized to the finest level's grid.
+    modeler, _ = load_checkpoint(results["run_dir"])
+    dataloader = build_dataloader(results["config"])
+    grids = []
+    with torch.no_grad():
+        for batch in dataloader.make_loader(dataloader.valid_dataset, shuffle=False):
+            outputs = modeler.model(batch["image"])
+            product = None
+            for t, s in zip(outputs["teacher"], outputs["student"]):
+                level = ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1, keepdim=True)
+                grid = outputs["teacher"][0].shape[-2:]
+                level = F.interpolate(level, size=grid, mode="bilinear", align_corners=False)
+                product = level if product is None else product * level
+            grids.append(product)
+    assert results["fit"]["best_monitored"] == pytest.approx(float(torch.cat(grids).mean()), rel=1e-5)
     assert (Path(results["run_dir"]) / "last.pt").is_file() and (Path(results["run_dir"]) / "best.pt").is_file()
     assert 0.0 <= results["metrics"]["image_auroc"] <= 1.0
 
