@@ -199,7 +199,7 @@ class _MeanMapModeler:
     def to(self, device):
         return self
 
-    def evaluate_step(self, batch):
+    def evaluate_step(self, batch, held_out=None):
         maps = batch["image"].mean(dim=1, keepdim=True)
         return {"anomaly_maps": maps, "anomaly_scores": maps.amax(dim=(1, 2, 3))}
 
