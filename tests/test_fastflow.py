@@ -56,7 +56,9 @@ def test_fastflow_end_to_end(tmp_path, demo_root, scores_auroc):
     })
     history = results["fit"]["history"]
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
-    assert "bits_per_dim" in history[-1]["valid"]
+    # The official default: every train/good image trained on, nothing held out, the last epoch kept.
+    assert "bits_per_dim" in history[-1]["train"] and history[-1]["valid"] == {}
+    assert results["fit"]["kept"] == "epoch 2 (last)"
     assert results["metrics"]["image_auroc"] == pytest.approx(scores_auroc(results["run_dir"]), abs=1e-9)
 
 
