@@ -276,7 +276,7 @@ def gaussian_blur2d(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps)
     radius = kernel.numel() // 2
-    channels = maps.shape[1]
+    channels = int(maps.shape[1])  # a constant, not a traced size: exporters need the kernel's shape
     horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
     vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
     mode = "reflect" if min(maps.shape[-2:]) > radius else "replicate"

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from distributed import gather_rows
 from models.model_base import FittedBuffersMixin, TimmFeatureExtractor
-from models.nearest_neighbors import chunked_nearest, chunked_topk_nearest
+from models.nearest_neighbors import bank_chunked_topk_nearest, chunked_topk_nearest
 from registry import MODEL_REGISTRY
 from utils import FrameworkError
 
@@ -89,6 +89,9 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self._filled = 0
         self._expected_images = 0
         self.coreset_stats: dict[str, int] = {}
+        # Set by the exporter: a search chunked over the (constant) bank only, so that a traced graph keeps a
+        # dynamic batch. Same distances; its memory grows with the batch instead of staying bounded.
+        self.export_search = False
 
     # -- features ---------------------------------------------------------------------------------
     def _projection_weights(self) -> list[torch.Tensor]:
@@ -222,8 +225,8 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
             raise FrameworkError("PatchCore is not fitted: run the memory trainer (or load a checkpoint) first")
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
-        distances, nearest = chunked_nearest(queries, self.memory_bank, self.chunk_mb)
-        distances = distances.reshape(batch, height * width)
+        distances, nearest = self._search(queries, 1, sized_for=8 * height * width)
+        distances, nearest = distances[:, 0].reshape(batch, height * width), nearest[:, 0]
         worst = distances.argmax(dim=1)
         scores = distances.gather(1, worst[:, None]).squeeze(1)
         if self.score_mode == "reweighted":
@@ -238,10 +241,16 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         """
         neighbours = min(self.num_neighbors, self.memory_bank.shape[0])
         anchors = self.memory_bank.index_select(0, matches).float()
-        _, support = chunked_topk_nearest(anchors, self.memory_bank, neighbours, self.chunk_mb)  # [B, b], m* first
+        _, support = self._search(anchors, neighbours, sized_for=anchors.shape[0])  # [B, b], m* first
         support_features = self.memory_bank[support.reshape(-1)].float().reshape(*support.shape, -1)
         distances = (support_features - worst_queries.float().unsqueeze(1)).norm(dim=-1)
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]
+
+    def _search(self, queries: torch.Tensor, k: int, sized_for: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances [Q, k] and indices [Q, k] of the k nearest bank entries (exact, brute force)."""
+        if self.export_search:
+            return bank_chunked_topk_nearest(queries, self.memory_bank, k, self.chunk_mb, sized_for)
+        return chunked_topk_nearest(queries, self.memory_bank, k, self.chunk_mb)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.score_patches(self.embed(images))
