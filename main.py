@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from config import resolve_config
+from deploy_onnx import DeploymentError
 from distributed import broadcast_object, init_from_env, is_main, rank, world_size
 from models.model_base import TimmFeatureExtractor
 from trainers.trainer_base import CHECKPOINT_NAME
@@ -287,12 +288,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_predict_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py predict", description="Score new images with a saved run.")
-    parser.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run folder (or its checkpoint.pt)")
+    source.add_argument("--model-file", help="an exported .onnx file, run with onnxruntime alone (see export.py)")
     parser.add_argument("--input", required=True, help="an image or a folder of images")
     parser.add_argument("--output-dir", help="where to write (default <run>/predictions/<timestamp>)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-overlays", action="store_true", help="write the CSV only")
     return parser
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py export", description="Export a saved run for deployment.")
+    parser.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.pt)")
+    parser.add_argument("--format", required=True, help="onnx, torchscript or openvino")
+    parser.add_argument("--output", help="the artifact's path (default <run>/export/model.<format suffix>)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    return parser
+
+
+def predict_command(argv: list[str]) -> dict:
+    """``predict`` with a run (torch) or with an exported ONNX file (onnxruntime only)."""
+    args = build_predict_parser().parse_args(argv)
+    if args.model_file:
+        from deploy_onnx import predict_onnx
+
+        return predict_onnx(args.model_file, args.input, args.output_dir, overlays=not args.no_overlays)
+    from predict import predict
+
+    return predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
 
 
 FLAG_KEYS = {
@@ -324,11 +348,13 @@ def one_line(error: BaseException) -> str:
 def run_command(argv: list[str]) -> str:
     """Runs what the command line asks (one run, a sweep, a benchmark or a prediction); returns the
     folder to print last."""
-    if argv[:1] == ["predict"]:
-        from predict import predict
+    if argv[:1] == ["export"]:
+        from export import export
 
-        args = build_predict_parser().parse_args(argv[1:])
-        result = predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
+        args = build_export_parser().parse_args(argv[1:])
+        return str(export(args.checkpoint, args.format, args.output, force=args.force))
+    if argv[:1] == ["predict"]:
+        result = predict_command(argv[1:])
         for path, reason in result["skipped"]:
             print(f"skipped: {reason}", file=sys.stderr)
         print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
@@ -351,7 +377,7 @@ def run_command(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         folder = run_command(sys.argv[1:] if argv is None else argv)
-    except FrameworkError as error:
+    except (FrameworkError, DeploymentError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     print(folder)
