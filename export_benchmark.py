@@ -64,7 +64,7 @@ def runners(run_dir: Path, folder: Path, threads: int) -> dict:
     for format in installed_formats():
         path = export(run_dir, format, folder / f"model{FORMATS[format]}")
         found[format] = load_artifact(path, format, threads)
-    return found, saved["config"]
+    return found, saved["config"], saved["threshold"]
 
 
 def time_runner(run, images: np.ndarray, repeats: int) -> float:
@@ -81,7 +81,7 @@ def time_runner(run, images: np.ndarray, repeats: int) -> float:
 def speed(run_dir: Path, batches: list[int], repeats: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder:
-        found, config = runners(run_dir, Path(folder), threads)
+        found, config, _ = runners(run_dir, Path(folder), threads)
         size = config["data"]["image_size"]
         rows = []
         for batch in batches:
@@ -96,33 +96,29 @@ def speed(run_dir: Path, batches: list[int], repeats: int, threads: int) -> list
     return rows
 
 
-def score_split(run, dataset, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Maps [N, H, W] and scores [N] of every image of ``dataset`` (uint8 as the dataset preprocesses them)."""
-    maps, scores = [], []
+def score_split(run, dataset, batch: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maps [N, H, W], scores [N] and labels [N] of every image of ``dataset`` (uint8, as the dataset
+    preprocesses them)."""
+    outputs = []
     for start in range(0, len(dataset), batch):
-        images = np.stack([dataset.load(i)[0].permute(1, 2, 0).numpy() for i in range(start, min(start + batch, len(dataset)))])
-        output = run(images)
-        maps.append(output[0])
-        scores.append(output[1])
-    return np.concatenate(maps), np.concatenate(scores)
+        indices = range(start, min(start + batch, len(dataset)))
+        outputs.append(run(np.stack([dataset.load(i)[0].permute(1, 2, 0).numpy() for i in indices])))
+    return tuple(np.concatenate(part) for part in zip(*outputs))
 
 
 def parity(run_dir: Path, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder:
-        found, config = runners(run_dir, Path(folder), threads)
+        found, config, _ = runners(run_dir, Path(folder), threads)
         dataset = build_dataloader({**config, "data": {**config["data"], "cache": False}}).test_dataset
         labels = np.array([sample.label for sample in dataset.samples])
         masks = np.stack([dataset.load(i)[1][0].numpy() > 0 for i in range(len(dataset))])
         outputs = {name: score_split(run, dataset) for name, run in found.items()}
-    _, saved = load_run(run_dir)
-    threshold = saved["threshold"]
     rows = []
-    for name, (maps, scores) in outputs.items():
+    for name, (maps, scores, predicted) in outputs.items():
         row = {"model": config["model"]["name"], "backbone": config["model"].get("backbone", "none"), "runtime": name,
                "image_auroc": roc_auc_score(labels, scores), "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel())}
-        reference = outputs["eager"]
-        row.update(differences((reference[0], reference[1], reference[1] >= threshold), (maps, scores, scores >= threshold)))
+        row.update(differences(outputs["eager"], (maps, scores, predicted)))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
