@@ -173,6 +173,7 @@ def test_export_refusals_are_one_line(padim_export, tmp_path, capsys):
     assert model_file.stat().st_mtime_ns == before  # untouched
     assert main(["export", "--checkpoint", str(run_dir), "--format", "onnx", "--force"]) == 0
     assert model_file.stat().st_mtime_ns != before
+    capsys.readouterr()
     saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     old = tmp_path / "old.pt"
     torch.save({key: value for key, value in saved.items() if key != "format_version"}, old)
