@@ -137,8 +137,8 @@ def export(run_dir: str | Path, format: str, output: str | Path | None = None, f
 def deployable(modeler, config: dict, threshold: float) -> DeployedModel:
     """The traceable wrapper of a loaded run (PatchCore switched to its export search)."""
     model = copy.copy(modeler.model)
-    if hasattr(model, "export_search"):
-        model.export_search = True
+    if hasattr(model, "export_mode"):
+        model.export_mode = True
     wrapper = copy.copy(modeler)
     wrapper.model = wrapper.network = model
     return DeployedModel(wrapper, config["data"], threshold).eval()

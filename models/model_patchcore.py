@@ -89,9 +89,10 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self._filled = 0
         self._expected_images = 0
         self.coreset_stats: dict[str, int] = {}
-        # Set by the exporter: a search chunked over the (constant) bank only, so that a traced graph keeps a
-        # dynamic batch. Same distances; its memory grows with the batch instead of staying bounded.
-        self.export_search = False
+        # Set by the exporter: graph-friendly equivalents (a search chunked over the constant bank only, pooling
+        # as a matrix product), so a traced graph keeps a dynamic batch. Same values up to float rounding; the
+        # search's memory grows with the batch instead of staying bounded.
+        self.export_mode = False
 
     # -- features ---------------------------------------------------------------------------------
     def _projection_weights(self) -> list[torch.Tensor]:
@@ -140,13 +141,19 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
             batch, channels, height, width = feature.shape
             patches = F.unfold(feature, kernel_size=self.patch_size, padding=self.patch_size // 2)
             patches = patches.transpose(1, 2).reshape(-1, 1, channels * self.patch_size**2)
-            layer = F.adaptive_avg_pool1d(patches, self.pre_embed_dim).reshape(batch, height, width, -1)
+            layer = self._pool(patches, self.pre_embed_dim).reshape(batch, height, width, -1)
             if (height, width) != tuple(grid):
                 layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
                 layer = layer.permute(0, 2, 3, 1)
             pooled.append(layer)
         stacked = torch.stack(pooled, dim=3).reshape(-1, 1, len(pooled) * self.pre_embed_dim)
-        return F.adaptive_avg_pool1d(stacked, self.embed_dim).reshape(*pooled[0].shape[:3], self.embed_dim)
+        return self._pool(stacked, self.embed_dim).reshape(*pooled[0].shape[:3], self.embed_dim)
+
+    def _pool(self, rows: torch.Tensor, size: int) -> torch.Tensor:
+        """Adaptive average pooling of [N, 1, L] rows to ``size``; exported graphs multiply by its matrix."""
+        if self.export_mode:
+            return rows @ _pool_matrix(rows.shape[-1], size).to(rows)
+        return F.adaptive_avg_pool1d(rows, size)
 
     # -- fitting ----------------------------------------------------------------------------------
     @property
@@ -248,7 +255,7 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
 
     def _search(self, queries: torch.Tensor, k: int, sized_for: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances [Q, k] and indices [Q, k] of the k nearest bank entries (exact, brute force)."""
-        if self.export_search:
+        if self.export_mode:
             return bank_chunked_topk_nearest(queries, self.memory_bank, k, self.chunk_mb, sized_for)
         return chunked_topk_nearest(queries, self.memory_bank, k, self.chunk_mb)
 
