@@ -135,10 +135,11 @@ def export(run_dir: str | Path, format: str, output: str | Path | None = None, f
 
 
 def deployable(modeler, config: dict, threshold: float) -> DeployedModel:
-    """The traceable wrapper of a loaded run (PatchCore switched to its export search)."""
+    """The traceable wrapper of a loaded run; a model with ``prepare_export`` switches on a shallow copy, so
+    ``modeler`` keeps its own code path (the eager reference of the checks)."""
     model = copy.copy(modeler.model)
-    if hasattr(model, "export_mode"):
-        model.export_mode = True
+    if hasattr(model, "prepare_export"):
+        model.prepare_export()
     wrapper = copy.copy(modeler)
     wrapper.model = wrapper.network = model
     return DeployedModel(wrapper, config["data"], threshold).eval()

@@ -89,10 +89,8 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self._filled = 0
         self._expected_images = 0
         self.coreset_stats: dict[str, int] = {}
-        # Set by the exporter: graph-friendly equivalents (a search chunked over the constant bank only, pooling
-        # as a matrix product), so a traced graph keeps a dynamic batch. Same values up to float rounding; the
-        # search's memory grows with the batch instead of staying bounded.
-        self.export_mode = False
+        self.export_mode = False  # see prepare_export
+        self._pool_matrices: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- features ---------------------------------------------------------------------------------
     def _projection_weights(self) -> list[torch.Tensor]:
@@ -152,8 +150,17 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
     def _pool(self, rows: torch.Tensor, size: int) -> torch.Tensor:
         """Adaptive average pooling of [N, 1, L] rows to ``size``; exported graphs multiply by its matrix."""
         if self.export_mode:
-            return rows @ _pool_matrix(rows.shape[-1], size).to(rows)
+            return rows @ self._pool_matrices[(int(rows.shape[-1]), size)].to(rows)
         return F.adaptive_avg_pool1d(rows, size)
+
+    def prepare_export(self) -> None:
+        """Switches to graph-friendly equivalents so that a traced graph keeps a dynamic batch: the search
+        chunked over the constant bank only, and pooling as a product with its (precomputed) matrix. Same
+        values up to float rounding; the search's memory then grows with the batch instead of staying bounded."""
+        self.export_mode = True
+        widths = [(c * self.patch_size**2, self.pre_embed_dim) for c in self.extractor.channels]
+        widths.append((len(self.extractor.channels) * self.pre_embed_dim, self.embed_dim))
+        self._pool_matrices = {pair: _pool_matrix(*pair) for pair in widths}
 
     # -- fitting ----------------------------------------------------------------------------------
     @property
