@@ -6,17 +6,44 @@ size and mode (grayscale, RGBA) are accepted; unreadable files are listed and sk
 """
 from __future__ import annotations
 
+import csv
+import datetime as dt
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from dataloaders.dataloader_base import AnomalyDataset, Sample, open_image
-from deploy_onnx import find_images, new_output_dir, save_overlay, write_predictions
+from dataloaders.dataloader_base import IMAGE_SUFFIXES, AnomalyDataset, Sample, open_image
 from utils import FrameworkError
+
+
+def find_images(path: Path) -> list[Path]:
+    """One image, or every image under a folder (recursively, sorted)."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FrameworkError(f"Input '{path}' not found (give an image file or a folder of images)")
+    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FrameworkError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under '{path}'")
+    return images
+
+
+def new_output_dir(parent: Path) -> Path:
+    """A fresh folder under ``parent``; an earlier prediction is never overwritten."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        folder = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+            return folder
+        except FileExistsError:
+            continue
+    raise FrameworkError(f"Could not create a new output folder under '{parent}'")
 
 
 def map_to_original(anomaly_map: torch.Tensor, dataset: AnomalyDataset, size: tuple[int, int]) -> np.ndarray:
@@ -32,6 +59,24 @@ def map_to_original(anomaly_map: torch.Tensor, dataset: AnomalyDataset, size: tu
     canvas[0, 0, offset:offset + dataset.image_size, offset:offset + dataset.image_size] = anomaly_map
     width, height = size
     return F.interpolate(canvas, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def save_overlay(path: Path, image: Image.Image, heat: np.ndarray, low: float, high: float,
+                 score: float | None = None, threshold: float | None = None) -> None:
+    """The image with a jet heat map blended over it (45 %), at the image's own resolution; with ``score``,
+    a band across its top carries the score and the label predicted at ``threshold``."""
+    from matplotlib import colormaps
+
+    from figures import banner, short_verdicts
+
+    scaled = np.clip((heat - low) / max(high - low, 1e-12), 0, 1)
+    colours = (colormaps["jet"](scaled)[..., :3] * 255).astype(np.float32)
+    blended = 0.55 * np.asarray(image, dtype=np.float32) + 0.45 * colours
+    overlay = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+    if score is not None:
+        anomalous = None if threshold is None else score >= threshold
+        overlay = banner(overlay, short_verdicts(score, threshold), anomalous)
+    overlay.save(path)
 
 
 def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Path | None = None,
@@ -78,7 +123,13 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
     rows = [{"image_path": str(paths[index]), "score": float(score),
              "label": (int(score >= threshold) if threshold is not None else None)}
             for index, score in zip(readable, scores_all.tolist())]
-    write_predictions(folder, rows, skipped)
+    with (folder / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_path", "score", "label"])
+        writer.writerows([row["image_path"], repr(row["score"]), "" if row["label"] is None else row["label"]]
+                         for row in rows)
+    if skipped:
+        (folder / "skipped.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
     if overlays:
         low, high = float(maps_all.min()), float(maps_all.max())
         root = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
@@ -86,5 +137,5 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
             image = open_image(paths[index], "RGB")
             heat = map_to_original(maps_all[position, 0], dataset, image.size)
             name = "__".join(paths[index].relative_to(root).with_suffix("").parts)
-            save_overlay(folder / f"{name}_overlay.png", image, heat, low, high)
+            save_overlay(folder / f"{name}_overlay.png", image, heat, low, high, rows[position]["score"], threshold)
     return {"rows": rows, "skipped": skipped, "threshold": threshold, "output_dir": str(folder)}
