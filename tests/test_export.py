@@ -139,10 +139,12 @@ def test_onnx_predict_imports_no_torch_and_matches_predict(padim_export, demo_ro
     assert [deployed[k][1] for k in reference] == [reference[k][1] for k in reference]
     overlays = sorted(p.name for p in torch_dir.glob("*_overlay.png"))
     assert overlays == sorted(p.name for p in deployed_dir.glob("*_overlay.png")) and overlays
-    for name in overlays:  # OpenCV's and torch's bilinear resize: the same formula, rounding apart
+    # OpenCV's and torch's bilinear resize are the same formula, rounding apart; a heat value on a colour-table
+    # boundary may take the next of jet's 256 colours: at most 1/64 per channel × 0.45 × 255 ≈ 2 grey levels.
+    for name in overlays:
         deployed_image, reference_image = (np.asarray(Image.open(d / name), dtype=int) for d in (deployed_dir, torch_dir))
         half = len(reference_image) // 2  # predict draws a score banner across the top; the heat maps lie below
-        assert np.abs(deployed_image[half:] - reference_image[half:]).max() <= 1, name
+        assert np.abs(deployed_image[half:] - reference_image[half:]).max() <= 2, name
 
 
 def test_onnx_predict_resizes_odd_images_and_refuses_wrong_arrays(padim_export, demo_root, tmp_path, capsys):
