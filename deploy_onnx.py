@@ -5,8 +5,8 @@
 
 The file and its sidecar (``model.onnx.json``, written by ``export.py``) are all it needs: neither torch
 nor this framework's training code is imported. It writes what ``predict.py`` writes for a run
-(``predictions.csv``, ``skipped.txt``, ``<name>_overlay.png``), so the two paths can be compared
-file by file. Images are resized and centre-cropped as the run's dataset did (Pillow, on uint8), then
+(``predictions.csv``, ``skipped.txt``, ``<name>_overlay.png``; the overlays without predict's score
+banner, which is drawn by the torch-importing ``figures.py``), so the two paths can be compared file by file. Images are resized and centre-cropped as the run's dataset did (Pillow, on uint8), then
 handed to the graph as uint8 RGB [B, H, W, 3]; the graph normalises, scores and thresholds.
 """
 from __future__ import annotations
