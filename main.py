@@ -20,7 +20,7 @@ import torch
 
 from config import resolve_config
 from distributed import broadcast_object, init_from_env, is_main, rank, world_size
-from models.model_base import TimmFeatureExtractor
+from models.model_base import TimmFeatureExtractor, check_image_size
 from trainers.trainer_base import CHECKPOINT_NAME
 from registry import build_dataloader, build_model, build_modeler, build_trainer
 from sweep import run_sweep, split_list
@@ -93,6 +93,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     dataloader = build_dataloader(config)
     model = build_model(config)
+    check_image_size(model, config["data"]["image_size"])
     modeler = build_modeler(config, model)
     run_dir = Path(broadcast_object(str(make_run_dir(config)) if is_main() else None))
     if is_main():
@@ -108,7 +109,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     metrics, predictions = trainer.evaluate()
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
-    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, config["eval"]["num_figures"])
+    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.pixel_threshold, config["eval"]["num_figures"])
     save_scores_csv(run_dir, predictions)
     save_roc_curve(run_dir, predictions.labels.numpy(), predictions.scores.numpy(), metrics.get("image_auroc"))
 

@@ -300,6 +300,24 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
     return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=False)
 
 
+def check_image_size(model: nn.Module, image_size: int) -> None:
+    """Refuses an input side the model's grid cannot support, before any long work.
+
+    Below the coarsest feature map's stride that map has no cell computed from the image rather than
+    the padding around it: the run would finish and its numbers would mean nothing. A U-Net's skip
+    connections need a multiple of 2^depth.
+    """
+    for module in model.modules():
+        if isinstance(module, TimmFeatureExtractor) and image_size < max(module.reductions):
+            minimum = max(module.reductions)
+            raise FrameworkError(f"data.image_size={image_size} is too small for {module.backbone_name} layers "
+                                 f"{module.layers} (stride {minimum}): the minimum is {minimum}")
+        multiple = getattr(module, "size_multiple", None)
+        if multiple and image_size % multiple:
+            raise FrameworkError(f"data.image_size={image_size} does not suit the U-Net's {multiple.bit_length() - 1} "
+                                 f"poolings: use a multiple of {multiple} (the minimum is {multiple})")
+
+
 class FittedBuffersMixin:
     """Lets buffers whose shape is only known after fitting (covariances, memory banks) load from a state dict.
 
