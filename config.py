@@ -169,7 +169,9 @@ MODEL_CONFIGS: dict[str, dict] = {
     # 700 epochs, MultiStepLR at 0.8·E and 0.9·E with γ 0.2. The paper's schedule instead:
     # --set train.milestones=[0.5715,0.8572] --set train.gamma=0.1 (epochs 400 and 600 of 700).
     "draem": {
-        "model": {"reconstructive_width": 128, "discriminative_width": 64, "focal_gamma": 2.0, "score_filter": 21},
+        # recompute_activations: null = on the CPU only (same gradients, about a third of the memory).
+        "model": {"reconstructive_width": 128, "discriminative_width": 64, "focal_gamma": 2.0, "score_filter": 21,
+                  "recompute_activations": None},
         "train": {"trainer": "classification", "epochs": 700, "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0,
                   "scheduler": "multistep", "milestones": [0.8, 0.9], "gamma": 0.2, "patience": 700},
         "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 8},
@@ -194,6 +196,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "eval.threshold_value": (float, int),
     "model.feature_seed": (int,),
     "model.coreset_seed": (int,),
+    "model.recompute_activations": (bool,),
 }
 # Model seeds that follow the run's seed unless set, so that --seeds 0,1,2 varies every random choice.
 DERIVED_SEEDS = ("feature_seed", "coreset_seed")

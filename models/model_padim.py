@@ -131,8 +131,9 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self._scatter = None
         covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
         inverse = torch.linalg.inv(covariance)
-        # Exactly symmetric (inv leaves rounding-level asymmetry), so that storing one triangle is lossless.
-        self.inv_covariance = (inverse + inverse.mT) / 2
+        # Exactly symmetric (inv leaves rounding-level asymmetry) and row-major as a loaded checkpoint is,
+        # so that storing one triangle is lossless and a reloaded model scores bit for bit the same.
+        self.inv_covariance = ((inverse + inverse.mT) / 2).contiguous()
         self.mean = self.mean.clone()
         self._scatter, self._count = None, 0
 

@@ -127,7 +127,6 @@ class GradientTrainer(BaseTrainer):
         count = 0
         bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
         for step, batch in enumerate(bar):
-            self.step = step + 1
             try:
                 report = self.modeler.training_step(batch, self.optimizer) if train else self.modeler.validate_step(batch)
             except NonFiniteLossError as error:
@@ -136,6 +135,7 @@ class GradientTrainer(BaseTrainer):
                     f"Training stopped at epoch {self.epoch + 1}, step {step + 1}: {error}; "
                     f"the last good checkpoint is kept at '{kept}' (lower train.lr?)"
                 ) from error
+            self.steps_done = step + 1 if train else self.steps_done
             for key, value in report.items():
                 totals[key] = totals.get(key, 0.0) + value
             count += 1
@@ -147,9 +147,9 @@ class GradientTrainer(BaseTrainer):
         epochs = self.config["train"]["epochs"]
         if self.timings.get("fit") is not None:
             return f"while evaluating, after training ({len(self.history)} epochs in last.pt)"
-        if not hasattr(self, "history"):
+        if not hasattr(self, "steps_done"):
             return "before the first epoch"
-        return (f"in epoch {self.epoch + 1}/{epochs} at step {getattr(self, 'step', 0)}; last.pt holds "
+        return (f"in epoch {self.epoch + 1}/{epochs} after {self.steps_done} training steps; last.pt holds "
                 f"{len(self.history)} completed epoch{'s' * (len(self.history) != 1)}")
 
     def resumable(self) -> bool:
@@ -222,6 +222,7 @@ class GradientTrainer(BaseTrainer):
         stopped_early = False
         self.epoch = self.start_epoch
         for self.epoch in range(self.start_epoch, train_cfg["epochs"]):
+            self.steps_done = 0
             for epoch_aware in (train_loader.dataset, train_loader.sampler):
                 if hasattr(epoch_aware, "set_epoch"):
                     epoch_aware.set_epoch(self.epoch)
