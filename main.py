@@ -15,9 +15,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # torch, timm, matplotlib and the models are imported inside the functions that use them, so that
 # `python main.py --help` and argument errors answer at once.
+if TYPE_CHECKING:
+    import torch
+
 
 def make_run_dir(config: dict) -> Path:
     """A new folder per run; never reuses one, even for two runs started in the same second."""
@@ -123,7 +127,7 @@ def interruption_message(trainer, run_dir: Path) -> str:
     """Where an interrupted run stopped and how to go on from there."""
     where = trainer.progress() if trainer is not None else "before training started"
     if trainer is not None and trainer.resumable():
-        return (f"run interrupted {where}; continue it with the same options plus --resume {run_dir}")
+        return f"run interrupted {where}; continue it with the same options plus --resume {run_dir}"
     return f"run interrupted {where}; nothing to resume for this model: run it again"
 
 

@@ -214,7 +214,7 @@ def _draem_step(model: DraemModel, images: torch.Tensor, masks: torch.Tensor) ->
         outputs = model(images)
         loss = model.loss(outputs, images, masks)["loss"]
     loss.backward()
-    return float(loss), sum(saved)
+    return loss.item(), sum(saved)
 
 
 def test_draem_recomputation_gives_the_same_gradients_and_statistics_with_less_memory():
