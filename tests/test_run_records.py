@@ -131,11 +131,28 @@ def test_ctrl_c_of_a_memory_model_says_there_is_nothing_to_resume(tmp_path, demo
     assert read_status(next((tmp_path / "runs").rglob("config.json")).parent)["status"] == "interrupted"
 
 
-def test_skip_done_reuses_only_runs_whose_status_is_done(tmp_path, demo_root, monkeypatch):
+@pytest.fixture(scope="module")
+def padim_done(tmp_path_factory, demo_root):
+    """Overrides and results of one finished PaDiM run in a folder of its own."""
+    output = tmp_path_factory.mktemp("padim_done")
     overrides = {"model.name": "padim", "data.name": "demo", "data.root": str(demo_root), "model.backbone": "resnet18",
                  "model.pretrained": False, "data.image_size": 64, "eval.num_figures": 0,
-                 "output_dir": str(tmp_path / "runs")}
-    results = run_experiment(overrides)
+                 "output_dir": str(output / "runs")}
+    return overrides, run_experiment(overrides)
+
+
+def test_predict_output_dir_that_is_a_file_is_one_line_before_scoring(tmp_path, demo_root, padim_done, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    image = next((demo_root / "fabric" / "test").rglob("*.png"))
+    argv = ["predict", "--checkpoint", padim_done[1]["run_dir"], "--input", str(image), "--output-dir", str(blocker)]
+    assert main(argv) == 2
+    assert _one_error_line(capsys).startswith(f"error: Cannot create the output folder '{blocker}'")
+    assert blocker.read_text() == "mine"
+
+
+def test_skip_done_reuses_only_runs_whose_status_is_done(padim_done, monkeypatch):
+    overrides, results = padim_done
     run_dir = Path(results["run_dir"])
     assert read_status(run_dir)["status"] == "done"
     config = resolve_config(overrides)
@@ -149,7 +166,7 @@ def test_skip_done_reuses_only_runs_whose_status_is_done(tmp_path, demo_root, mo
     monkeypatch.setattr(MemoryTrainer, "fit", boom)
     with pytest.raises(RuntimeError):
         run_experiment(overrides)
-    failed = [read_status(p.parent) for p in (tmp_path / "runs").rglob("config.json") if p.parent != run_dir]
+    failed = [read_status(p.parent) for p in Path(overrides["output_dir"]).rglob("config.json") if p.parent != run_dir]
     assert [(status["status"], status["error"]) for status in failed] == [("failed", "boom")]
 
 
