@@ -90,6 +90,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     import torch
 
     from distributed import broadcast_object, is_main
+    from models.model_base import check_image_size
     from registry import build_dataloader, build_model, build_modeler, build_trainer
     from utils import RunInterrupted, show_data_info, show_model_info, show_train_info, write_status
 
@@ -97,6 +98,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     dataloader = build_dataloader(config)
     model = build_model(config)
+    check_image_size(model, config["data"]["image_size"])
     modeler = build_modeler(config, model)
     run_dir = Path(broadcast_object(str(make_run_dir(config)) if is_main() else None))
     trainer = None
@@ -145,7 +147,7 @@ def _fit_and_evaluate(config: dict, trainer, model, device, start: float) -> dic
     dataloader = trainer.dataloader
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
-    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, config["eval"]["num_figures"])
+    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.pixel_threshold, config["eval"]["num_figures"])
     save_scores_csv(run_dir, predictions)
     save_roc_curve(run_dir, predictions.labels.numpy(), predictions.scores.numpy(), metrics.get("image_auroc"))
 

@@ -127,10 +127,18 @@ class BaseModeler:
             report.update(compute(outputs, batch))
         return report
 
-    def evaluate_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Anomaly maps [B, 1, H, W] at the input resolution and image scores [B]."""
+    def evaluate_step(self, batch: dict, held_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Anomaly maps [B, 1, H, W] at the input resolution and image scores [B].
+
+        ``held_out`` [B]: the batch is the fit's own images at these positions; a memory model then
+        scores each as if fitted without it (``model.leave_one_out``), for an unbiased threshold.
+        """
         self.model.eval()
-        outputs = self.forward(batch)
+        if held_out is None:
+            outputs = self.forward(batch)
+        else:
+            with self.timer("features"):
+                outputs = self.model.leave_one_out(self.images(batch), held_out)
         with self.timer("maps"):
             maps = self.compute_anomaly_maps(outputs, batch).float()
             scores = self.compute_anomaly_scores(maps, outputs)

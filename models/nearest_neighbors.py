@@ -14,9 +14,14 @@ def _chunk_rows(chunk_mb: float, other_rows: int) -> int:
 
 
 def chunked_topk_nearest(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_mb: float = 64.0
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_mb: float = 64.0,
+    query_groups: torch.Tensor | None = None, bank_groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` nearest bank rows of every query: Euclidean distances [Q, k] (ascending) and indices [Q, k]."""
+    """The ``k`` nearest bank rows of every query: Euclidean distances [Q, k] (ascending) and indices [Q, k].
+
+    With ``query_groups`` [Q] and ``bank_groups`` [M] (e.g. source image ids), a query never matches a
+    bank row of its own group (leave-one-image-out scores); a query with no other row gets ``inf``.
+    """
     num_queries, num_bank = queries.shape[0], bank.shape[0]
     k = min(k, num_bank)
     bank_rows = min(num_bank, max(k, _chunk_rows(chunk_mb / 2, min(num_queries, 4096))))
@@ -30,6 +35,9 @@ def chunked_topk_nearest(
         for b_start in range(0, num_bank, bank_rows):
             block = bank[b_start:b_start + bank_rows].float()
             squared = torch.addmm(query_sq, query, block.T, alpha=-2).add_((block * block).sum(1))
+            if query_groups is not None:
+                own = query_groups[q_start:q_start + query_rows, None] == bank_groups[None, b_start:b_start + bank_rows]
+                squared.masked_fill_(own, float("inf"))
             if k == 1:
                 chunk_sq, chunk_index = squared.min(dim=1, keepdim=True)
             else:
@@ -47,7 +55,9 @@ def chunked_topk_nearest(
     return best_sq.clamp_min_(0).sqrt_(), best_index
 
 
-def chunked_nearest(queries: torch.Tensor, bank: torch.Tensor, chunk_mb: float = 64.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance [Q] to the nearest bank row and that row's index [Q]."""
-    distances, indices = chunked_topk_nearest(queries, bank, 1, chunk_mb)
+def chunked_nearest(queries: torch.Tensor, bank: torch.Tensor, chunk_mb: float = 64.0,
+                    query_groups: torch.Tensor | None = None, bank_groups: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance [Q] to the nearest bank row (outside the query's group, if groups are given) and its index [Q]."""
+    distances, indices = chunked_topk_nearest(queries, bank, 1, chunk_mb, query_groups, bank_groups)
     return distances[:, 0], indices[:, 0]
