@@ -136,8 +136,8 @@ def interruption_message(trainer, run_dir: Path) -> str:
 def _fit_and_evaluate(config: dict, trainer, model, device, start: float) -> dict:
     """Fit, evaluation and every output file of one run (rank 0 alone evaluates and writes)."""
     from distributed import is_main, rank, world_size
-    from utils import (library_versions, peak_memory_mb, save_roc_curve, save_sample_figures, save_scores_csv,
-                       show_results)
+    from figures import save_sample_figures, save_score_histogram
+    from utils import library_versions, peak_memory_mb, save_roc_curve, save_scores_csv, show_results
 
     run_dir = trainer.run_dir
     fit_summary = trainer.fit()
@@ -147,9 +147,12 @@ def _fit_and_evaluate(config: dict, trainer, model, device, start: float) -> dic
     dataloader = trainer.dataloader
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
-    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.pixel_threshold, config["eval"]["num_figures"])
+    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, trainer.pixel_threshold,
+                        config["eval"]["num_figures"])
     save_scores_csv(run_dir, predictions)
     save_roc_curve(run_dir, predictions.labels.numpy(), predictions.scores.numpy(), metrics.get("image_auroc"))
+    save_score_histogram(run_dir / "score_histogram.png", predictions.labels.numpy(), predictions.scores.numpy(),
+                         trainer.threshold, trainer.threshold_source, metrics.get("separation"))
 
     timings = {key: round(value, 4) for key, value in trainer.timings.items()}
     timings["total"] = round(time.perf_counter() - start, 4)
@@ -323,9 +326,11 @@ def parse_value(text: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train and evaluate an anomaly detector.")
     parser.add_argument("--model", help="model name, e.g. padim; a comma list (padim,patchcore) runs a sweep")
-    parser.add_argument("--dataset", help="dataset name: demo, mvtec, visa, btad")
+    parser.add_argument("--dataset", help="dataset name: demo, mvtec, visa, btad, folder")
     parser.add_argument("--category", help="category of the dataset, e.g. bottle; 'all' or a comma list runs a sweep")
     parser.add_argument("--data-root", help="dataset root folder (else the dataset's environment variable)")
+    for key, what in FOLDER_FLAGS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", help=f"--dataset folder: {what} (data.{key})")
     parser.add_argument("--backbone", help="timm backbone, e.g. wide_resnet50_2")
     parser.add_argument("--image-size", type=int, help="model input side in pixels")
     parser.add_argument("--epochs", type=int, help="training epochs (gradient-trained models)")
@@ -354,11 +359,15 @@ def build_predict_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FOLDER_FLAGS = {"train_dir": "folder of normal training images", "test_normal_dir": "folder of normal test images",
+                "test_abnormal_dir": "folder of anomalous test images (sub-folders = defect types)",
+                "mask_dir": "optional folder of masks, matched to anomalous images by stem",
+                "valid_dir": "optional labelled validation folder with normal/ and abnormal/"}
 FLAG_KEYS = {
     "model": "model.name", "dataset": "data.name", "category": "data.category", "data_root": "data.root",
     "backbone": "model.backbone", "image_size": "data.image_size", "epochs": "train.epochs",
     "batch_size": "data.batch_size", "device": "device", "seed": "seed", "output_dir": "output_dir",
-    "resume": "train.resume",
+    "resume": "train.resume", **{key: f"data.{key}" for key in FOLDER_FLAGS},
 }
 
 
@@ -367,6 +376,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     from utils import FrameworkError
 
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if any(getattr(args, flag) is not None for flag in FOLDER_FLAGS):
+        overrides.setdefault("data.name", "folder")  # the folder flags only mean something there
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -179,21 +179,21 @@ def test_a_sweep_whose_runs_fail_exits_non_zero_and_says_how_many(tmp_path, demo
     assert captured.err.strip().splitlines()[-1] == (
         f"error: 2 of 2 sweep runs failed (their errors are in {sweep_dir / 'runs.csv'})")
     assert (sweep_dir / "summary.png").stat().st_size > 0
-    assert "| nowhere | failed | failed | failed |" in (sweep_dir / "summary.md").read_text()
+    assert "| nowhere | failed | failed | failed | failed |" in (sweep_dir / "summary.md").read_text()
 
 
 def test_failed_runs_are_marked_in_the_table_and_on_the_chart(tmp_path):
     def row(model, category, seed, auroc):
         status = "failed" if auroc is None else "ok"
         return {"model": model, "category": category, "seed": seed, "status": status, "image_auroc": auroc,
-                "pixel_auroc": auroc, "aupro": auroc, "run_dir": "" if auroc is None else f"r{seed}",
+                "pixel_auroc": auroc, "aupro": auroc, "separation": auroc, "run_dir": "" if auroc is None else f"r{seed}",
                 "error": "boom" if auroc is None else ""}
 
     rows = [row("padim", "a", 0, 0.9), row("padim", "a", 1, None), row("padim", "b", 0, None),
             row("stfpm", "a", 0, 0.8), row("stfpm", "b", 0, 0.7)]
     summary = summarise(rows)
     table = markdown_table(summary, ["padim", "stfpm"], ["a", "b"])
-    assert "| a | 0.9000 (1 of 2 failed) |" in table and "| b | failed | failed | failed | 0.7000 |" in table
+    assert "| a | 0.9000 (1 of 2 failed) |" in table and "| b | failed | failed | failed | failed | 0.7000 |" in table
     marks = plot_summary(tmp_path / "summary.png", summary, ["padim", "stfpm"], ["a", "b"])
     assert marks == ["padim/a: 1/2 failed", "padim/b: failed"]
 
