@@ -351,12 +351,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_predict_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py predict", description="Score new images with a saved run.")
-    parser.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run folder (or its checkpoint.pt)")
+    source.add_argument("--model-file", help="an exported .onnx file, run with onnxruntime alone (see export.py)")
     parser.add_argument("--input", required=True, help="an image or a folder of images")
     parser.add_argument("--output-dir", help="where to write (default <run>/predictions/<timestamp>)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-overlays", action="store_true", help="write the CSV only")
     return parser
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py export", description="Export a saved run for deployment.")
+    parser.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.pt)")
+    parser.add_argument("--format", required=True, help="onnx, torchscript or openvino")
+    parser.add_argument("--output", help="the artifact's path (default <run>/export/model.<format suffix>)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    return parser
+
+
+def predict_command(args: argparse.Namespace) -> dict:
+    """``predict`` with a run (torch) or with an exported ONNX file (onnxruntime only)."""
+    if args.model_file:
+        from deploy_onnx import predict_onnx
+
+        return predict_onnx(args.model_file, args.input, args.output_dir, overlays=not args.no_overlays)
+    from predict import predict
+
+    return predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
 
 
 FOLDER_FLAGS = {"train_dir": "folder of normal training images", "test_normal_dir": "folder of normal test images",
@@ -394,22 +416,26 @@ def one_line(error: BaseException) -> str:
 
 
 def parse_command(argv: list[str]) -> tuple[str, argparse.Namespace]:
-    """("predict", args) or ("run", args); argparse answers --help and usage errors here, before any
+    """("export" | "predict" | "run", args); argparse answers --help and usage errors here, before any
     heavy import."""
+    if argv[:1] == ["export"]:
+        return "export", build_export_parser().parse_args(argv[1:])
     if argv[:1] == ["predict"]:
         return "predict", build_predict_parser().parse_args(argv[1:])
     return "run", build_parser().parse_args(argv)
 
 
 def run_command(kind: str, args: argparse.Namespace) -> tuple[str, str | None]:
-    """Runs what the command line asks (one run, a sweep, a benchmark or a prediction); returns the
-    folder to print last and, when some runs of a sweep failed, the line that says so."""
+    """Runs what the command line asks (one run, a sweep, a benchmark, an export or a prediction); returns
+    the folder to print last and, when some runs of a sweep failed, the line that says so."""
     from utils import FrameworkError
 
-    if kind == "predict":
-        from predict import predict
+    if kind == "export":
+        from export import export
 
-        result = predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
+        return str(export(args.checkpoint, args.format, args.output, force=args.force)), None
+    if kind == "predict":
+        result = predict_command(args)
         for path, reason in result["skipped"]:
             print(f"skipped: {reason}", file=sys.stderr)
         print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
@@ -437,11 +463,12 @@ def run_command(kind: str, args: argparse.Namespace) -> tuple[str, str | None]:
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 on success, 1 when runs of a sweep failed, 2 for a user error, 130 on Ctrl-C."""
     kind, args = parse_command(sys.argv[1:] if argv is None else argv)
+    from deploy_onnx import DeploymentError
     from utils import FrameworkError
 
     try:
         folder, problem = run_command(kind, args)
-    except FrameworkError as error:
+    except (FrameworkError, DeploymentError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
