@@ -66,9 +66,10 @@ def _truncated(path: Path, keep: float) -> Path:
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.0])
-def test_truncated_or_empty_checkpoint_for_predict_is_one_line(tmp_path, capsys, keep):
+@pytest.mark.parametrize("command", [["predict", "--input", "."], ["export", "--format", "onnx"]])
+def test_truncated_or_empty_checkpoint_for_predict_and_export_is_one_line(tmp_path, capsys, keep, command):
     checkpoint = _truncated(tmp_path / "checkpoint.pt", keep)
-    assert main(["predict", "--checkpoint", str(tmp_path), "--input", str(tmp_path)]) == 2
+    assert main([*command, "--checkpoint", str(tmp_path)]) == 2
     line = _one_error_line(capsys)
     assert str(checkpoint) in line and "not a readable checkpoint" in line
 
