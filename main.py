@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from config import resolve_config
+from figures import save_sample_figures, save_score_histogram
 from distributed import broadcast_object, init_from_env, is_main, rank, world_size
 from models.model_base import TimmFeatureExtractor, check_image_size
 from trainers.trainer_base import CHECKPOINT_NAME
@@ -30,7 +31,6 @@ from utils import (
     peak_memory_mb,
     resolve_device,
     save_roc_curve,
-    save_sample_figures,
     save_scores_csv,
     seed_everything,
     show_data_info,
@@ -109,9 +109,12 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     metrics, predictions = trainer.evaluate()
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
-    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.pixel_threshold, config["eval"]["num_figures"])
+    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, trainer.pixel_threshold,
+                        config["eval"]["num_figures"])
     save_scores_csv(run_dir, predictions)
     save_roc_curve(run_dir, predictions.labels.numpy(), predictions.scores.numpy(), metrics.get("image_auroc"))
+    save_score_histogram(run_dir / "score_histogram.png", predictions.labels.numpy(), predictions.scores.numpy(),
+                         trainer.threshold, trainer.threshold_source, metrics.get("separation"))
 
     timings = {key: round(value, 4) for key, value in trainer.timings.items()}
     timings["total"] = round(time.perf_counter() - start, 4)
@@ -265,9 +268,11 @@ def parse_value(text: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train and evaluate an anomaly detector.")
     parser.add_argument("--model", help="model name, e.g. padim; a comma list (padim,patchcore) runs a sweep")
-    parser.add_argument("--dataset", help="dataset name: demo, mvtec, visa, btad")
+    parser.add_argument("--dataset", help="dataset name: demo, mvtec, visa, btad, folder")
     parser.add_argument("--category", help="category of the dataset, e.g. bottle; 'all' or a comma list runs a sweep")
     parser.add_argument("--data-root", help="dataset root folder (else the dataset's environment variable)")
+    for key, what in FOLDER_FLAGS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", help=f"--dataset folder: {what} (data.{key})")
     parser.add_argument("--backbone", help="timm backbone, e.g. wide_resnet50_2")
     parser.add_argument("--image-size", type=int, help="model input side in pixels")
     parser.add_argument("--epochs", type=int, help="training epochs (gradient-trained models)")
@@ -296,17 +301,23 @@ def build_predict_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FOLDER_FLAGS = {"train_dir": "folder of normal training images", "test_normal_dir": "folder of normal test images",
+                "test_abnormal_dir": "folder of anomalous test images (sub-folders = defect types)",
+                "mask_dir": "optional folder of masks, matched to anomalous images by stem",
+                "valid_dir": "optional labelled validation folder with normal/ and abnormal/"}
 FLAG_KEYS = {
     "model": "model.name", "dataset": "data.name", "category": "data.category", "data_root": "data.root",
     "backbone": "model.backbone", "image_size": "data.image_size", "epochs": "train.epochs",
     "batch_size": "data.batch_size", "device": "device", "seed": "seed", "output_dir": "output_dir",
-    "resume": "train.resume",
+    "resume": "train.resume", **{key: f"data.{key}" for key in FOLDER_FLAGS},
 }
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Dotted overrides from the flags; ``--set`` entries come last and win."""
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if any(getattr(args, flag) is not None for flag in FOLDER_FLAGS):
+        overrides.setdefault("data.name", "folder")  # the folder flags only mean something there
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:

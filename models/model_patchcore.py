@@ -294,18 +294,32 @@ def greedy_coreset(
     per step over the projected bank.
     """
     total = features.shape[0]
-    count = max(1, int(total * ratio))
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(features.shape[1])  # nn.Linear's default initialisation, as the official mapper
     mapper = (torch.rand(features.shape[1], projection_dim, generator=generator) * 2 - 1).mul_(bound)
-    mapper = mapper.to(features.device)
+    starts = torch.randperm(total, generator=generator)[: min(num_start_points, total)]
+    return greedy_select(features, mapper, starts, max(1, int(total * ratio)), chunk_mb, progress)
+
+
+def greedy_select(
+    features: torch.Tensor,
+    mapper: torch.Tensor,
+    starts: torch.Tensor,
+    count: int,
+    chunk_mb: float = 64.0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The greedy steps of ``greedy_coreset`` for a given projection [D, d] and anchor indices: ``count``
+    indices, each the point farthest (in ``features @ mapper``) from those already selected."""
+    total, projection_dim = features.shape[0], mapper.shape[1]
+    mapper = mapper.to(features.device, torch.float32)
     rows = max(1, int(chunk_mb * 2**20 // (4 * (features.shape[1] + projection_dim))))
     projected = torch.empty(total, projection_dim, device=features.device)
     for start in range(0, total, rows):
         projected[start:start + rows] = features[start:start + rows].float() @ mapper
     norms = (projected * projected).sum(1)
 
-    starts = torch.randperm(total, generator=generator)[: min(num_start_points, total)].to(features.device)
+    starts = starts.to(features.device)
     anchors = projected[starts]
     anchor_sq = (norms[:, None] - 2 * projected @ anchors.T + norms[starts][None]).clamp_min_(0)
     min_sq = anchor_sq.sqrt_().mean(1).square_()
