@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainers.trainer_base import CHECKPOINT_NAME
+from trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
 from utils import FrameworkError, library_versions
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "openvino": ".xml"}
@@ -66,7 +66,7 @@ def load_run(run_dir: str | Path):
     path = path / CHECKPOINT_NAME if path.is_dir() else path
     if not path.is_file():
         raise FrameworkError(f"Checkpoint '{path}' not found (give a run folder or its checkpoint.pt)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = read_checkpoint(path, "cpu", needs=())  # a truncated or foreign file is one line naming it
     version = saved.get("format_version") if isinstance(saved, dict) else None
     if version != CHECKPOINT_FORMAT or saved.get("threshold") is None:
         raise FrameworkError(f"Checkpoint '{path}' has format_version {version} and threshold "
