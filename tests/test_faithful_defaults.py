@@ -129,7 +129,8 @@ def test_keep_last_is_faithful_for_fastflow_and_draem_and_evaluates_the_final_ep
     results = run_experiment({"model.name": "fastflow", "model.backbone": "resnet18", "model.pretrained": False,
                               "data.name": "mvtec", "data.root": str(tmp_path), "data.category": "lines",
                               "data.image_size": 32, "data.mask_size": 128, "data.batch_size": 2, "train.epochs": 2,
-                              "eval.num_figures": 0, "output_dir": str(tmp_path / "runs")})
+                              "train.keep_training_state": True, "eval.num_figures": 0,
+                              "output_dir": str(tmp_path / "runs")})
     run_dir = Path(results["run_dir"])
     assert results["fit"]["kept"] == "epoch 2 (last)" and not (run_dir / "best.pt").exists()
     last = torch.load(run_dir / "last.pt", weights_only=True)["model"]
