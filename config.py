@@ -72,6 +72,9 @@ _EPOCH_TRAINING = {
     "patience": 10,  # epochs without a better monitored value (train.monitor) before stopping
     "min_delta": 0.0,
     "resume": None,  # a run folder holding last.pt
+    # last.pt (weights + optimiser state, 3× the weights with Adam) is deleted once a run is done; keep it
+    # to extend the run later with train.resume.
+    "keep_training_state": False,
     # Early stopping and the kept epoch: "loss" = the validation loss; "synthetic_pixel_auroc" = the
     # pixel AUROC on the held-out images with fixed simulated defects (never the test set).
     "monitor": "loss",
@@ -172,7 +175,9 @@ MODEL_CONFIGS: dict[str, dict] = {
     # 700 epochs, MultiStepLR at 0.8·E and 0.9·E with γ 0.2. The paper's schedule instead:
     # --set train.milestones=[0.5715,0.8572] --set train.gamma=0.1 (epochs 400 and 600 of 700).
     "draem": {
-        "model": {"reconstructive_width": 128, "discriminative_width": 64, "focal_gamma": 2.0, "score_filter": 21},
+        # recompute_activations: null = on the CPU only (same gradients, about a third of the memory).
+        "model": {"reconstructive_width": 128, "discriminative_width": 64, "focal_gamma": 2.0, "score_filter": 21,
+                  "recompute_activations": None},
         "train": {"trainer": "classification", "epochs": 700, "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0,
                   "scheduler": "multistep", "milestones": [0.8, 0.9], "gamma": 0.2, "patience": 700},
         "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 8},
@@ -197,6 +202,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "eval.threshold_value": (float, int),
     "model.feature_seed": (int,),
     "model.coreset_seed": (int,),
+    "model.recompute_activations": (bool,),
     **{f"data.{key}": (str,) for key in ("train_dir", "test_normal_dir", "test_abnormal_dir", "mask_dir", "valid_dir")},
 }
 # Model seeds that follow the run's seed unless set, so that --seeds 0,1,2 varies every random choice.
@@ -304,12 +310,23 @@ def resolve_config(overrides: dict | None = None) -> dict:
     dataset = overrides.get("data", {}).get("name", BASE_CONFIGS["data"]["name"])
     trainer = overrides.get("train", {}).get("trainer")
     config = default_config(model, dataset, trainer)
+    _refuse_epoch_keys_of_one_pass_models(config, overrides.get("train", {}))
     _apply(config, overrides)
     _check_consistency(config)
     for key in DERIVED_SEEDS:
         if key in config["model"] and config["model"][key] is None:
             config["model"][key] = config["seed"]
     return config
+
+
+def _refuse_epoch_keys_of_one_pass_models(config: dict, train: dict) -> None:
+    """``--resume`` or ``--epochs`` for PaDiM or PatchCore: say why, rather than 'Unknown config key'."""
+    for key in ("resume", "epochs", "keep_training_state"):
+        if key in train and key not in config["train"]:
+            why = ("memory models have nothing to resume: run it again without --resume" if key == "resume"
+                   else f"it has no epochs and no training state, so train.{key} does not apply")
+            raise FrameworkError(f"{config['model']['name']} is fitted in one pass over the training images "
+                                 f"({config['train']['trainer']} trainer): {why}")
 
 
 def _check_consistency(config: dict) -> None:
@@ -324,6 +341,8 @@ def _check_consistency(config: dict) -> None:
             raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
     if config["device"] not in ("auto", "cpu", "cuda"):
         raise FrameworkError(f"Config key 'device' must be auto, cpu or cuda, got {config['device']!r}")
+    if "epochs" in config["train"] and config["train"]["epochs"] < 1:
+        raise FrameworkError(f"Config key 'train.epochs' (--epochs) must be at least 1, got {config['train']['epochs']}")
     monitor = config["train"].get("monitor", "loss")
     if monitor not in MONITORS:
         raise FrameworkError(f"Config key 'train.monitor' must be one of {', '.join(MONITORS)}, got {monitor!r}")

@@ -284,7 +284,7 @@ def gaussian_blur2d(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps)
     radius = kernel.numel() // 2
-    channels, height, width = maps.shape[1:]
+    channels, height, width = (int(size) for size in maps.shape[1:])  # constants: exporters need the kernel's shape
     horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
     vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
     maps = F.conv2d(maps.index_select(3, _reflect_indices(width, radius, maps.device)), horizontal, groups=channels)

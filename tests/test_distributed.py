@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from main import run_experiment
+from models.model_padim import PACKED_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +49,8 @@ def test_padim_statistics_from_two_processes_equal_one(tmp_path, demo_root):
     one = torch.load(Path(single["run_dir"]) / "checkpoint.pt", weights_only=True)["model"]
     two = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
     assert torch.allclose(one["mean"], two["mean"], atol=1e-5)
-    scale = one["inv_covariance"].abs().max()
-    assert torch.allclose(one["inv_covariance"] / scale, two["inv_covariance"] / scale, atol=1e-4)
+    scale = one[PACKED_KEY].abs().max()  # the stored triangles of the inverse covariances
+    assert torch.allclose(one[PACKED_KEY] / scale, two[PACKED_KEY] / scale, atol=1e-4)
     expected, got = _scores(single["run_dir"]), _scores(run_dir)
     assert expected.keys() == got.keys()
     assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())

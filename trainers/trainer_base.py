@@ -5,6 +5,8 @@ for the gradient-style ones), so evaluation is written once here.
 """
 from __future__ import annotations
 
+import os
+import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,6 +21,32 @@ from metrics.metrics_base import (compute_image_metrics, compute_pixel_metrics, 
 from utils import FrameworkError, StageTimer
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def read_checkpoint(path: Path, device: torch.device | str, needs: tuple[str, ...] = ("model",)) -> dict:
+    """``torch.load(weights_only=True)`` of a checkpoint, or one line naming the file when it is truncated,
+    empty, not a checkpoint, or lacks one of ``needs``."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as error:
+        size = path.stat().st_size if path.is_file() else 0
+        raise FrameworkError(f"'{path}' ({size:,} bytes) is not a readable checkpoint (truncated, empty or another "
+                             f"file; an interrupted copy?): {str(error).splitlines()[0] if str(error) else ''}"
+                             .rstrip(": ")) from error
+    missing = [key for key in needs if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise FrameworkError(f"'{path}' is not a checkpoint of this framework: it lacks {', '.join(missing)}")
+    return state
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` through a temporary file, so that Ctrl-C or a full disk never leaves a truncated file."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 @dataclass
@@ -66,6 +94,17 @@ class BaseTrainer:
     def run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
         """One pass over ``loader``: optimiser steps when ``train``, else validation; mean of each metric."""
         raise NotImplementedError
+
+    def progress(self) -> str:
+        """Where the run is, for the message of an interrupted run."""
+        return "while evaluating" if self.timings.get("fit") is not None else "while fitting"
+
+    def resumable(self) -> bool:
+        """Whether the run folder holds a training state that ``train.resume`` can continue."""
+        return False
+
+    def finish(self, checkpoint_saved: bool) -> None:
+        """Called once the run is done; families that keep training files drop what is no longer needed."""
 
     # -- shared evaluation --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -191,5 +230,5 @@ class BaseTrainer:
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
         path = Path(path or self.run_dir / CHECKPOINT_NAME)
-        torch.save(self.checkpoint(), path)
+        save_atomically(self.checkpoint(), path)
         return path

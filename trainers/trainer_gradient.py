@@ -26,7 +26,7 @@ from distributed import broadcast_object, is_main, mean_over_ranks, world_size
 from metrics.metrics_base import auroc
 from modelers.modeler_base import NonFiniteLossError
 from registry import TRAINER_REGISTRY
-from trainers.trainer_base import BaseTrainer
+from trainers.trainer_base import CHECKPOINT_NAME, BaseTrainer, read_checkpoint, save_atomically
 from trainers.training_log import TrainingLog
 from utils import FrameworkError, StageTimer
 
@@ -136,6 +136,7 @@ class GradientTrainer(BaseTrainer):
                     f"Training stopped at epoch {self.epoch + 1}, step {step + 1}: {error}; "
                     f"the last good checkpoint is kept at '{kept}' (lower train.lr?)"
                 ) from error
+            self.steps_done = step + 1 if train else self.steps_done
             for key, value in report.items():
                 totals[key] = totals.get(key, 0.0) + value
             count += 1
@@ -143,6 +144,26 @@ class GradientTrainer(BaseTrainer):
         return {key: value / max(count, 1) for key, value in totals.items()}
 
     # -- checkpoints of the training state ----------------------------------------------------------
+    def progress(self) -> str:
+        epochs = self.config["train"]["epochs"]
+        if self.timings.get("fit") is not None:
+            return f"while evaluating, after training ({len(self.history)} epochs in last.pt)"
+        if not hasattr(self, "steps_done"):
+            return "before the first epoch"
+        return (f"in epoch {self.epoch + 1}/{epochs} after {self.steps_done} training steps; last.pt holds "
+                f"{len(self.history)} completed epoch{'s' * (len(self.history) != 1)}")
+
+    def resumable(self) -> bool:
+        return (self.run_dir / LAST_NAME).is_file()
+
+    def finish(self, checkpoint_saved: bool) -> None:
+        """Keeps the weights once: checkpoint.pt holds the best epoch, so best.pt goes; last.pt (weights,
+        optimiser state) goes too unless ``train.keep_training_state``. Only what this run wrote is removed."""
+        if checkpoint_saved:
+            (self.run_dir / BEST_NAME).unlink(missing_ok=True)
+        if not self.config["train"]["keep_training_state"]:
+            (self.run_dir / LAST_NAME).unlink(missing_ok=True)
+
     def _training_state(self) -> dict:
         return {
             **self.checkpoint(),
@@ -159,7 +180,7 @@ class GradientTrainer(BaseTrainer):
         path = Path(run_dir) / LAST_NAME
         if not path.is_file():
             raise FrameworkError(f"Cannot resume: '{path}' not found (train.resume must be a run folder with last.pt)")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = read_checkpoint(path, self.device, needs=("model", "optimizer"))
         self.modeler.load_state_dict(state["model"], source=str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -171,10 +192,12 @@ class GradientTrainer(BaseTrainer):
             raise FrameworkError(f"Cannot resume from '{path}': it lacks {error} (written by an older version "
                                  f"of this framework; start a new run)") from error
         set_rng_state(rng)
-        # The best epoch may precede the interruption; this run's folder must hold it for evaluation.
-        best = Path(run_dir) / BEST_NAME
-        if is_main() and best.is_file():
-            shutil.copy2(best, self.run_dir / BEST_NAME)
+        # The best epoch may precede the interruption; this run's folder must hold it for evaluation. A run
+        # that finished keeps it in checkpoint.pt (best.pt is dropped then).
+        for best in (Path(run_dir) / BEST_NAME, Path(run_dir) / CHECKPOINT_NAME):
+            if is_main() and best.is_file():
+                shutil.copy2(best, self.run_dir / BEST_NAME)
+                break
 
     @staticmethod
     def monitored_name(valid_loader, defect_loader) -> str:
@@ -201,6 +224,7 @@ class GradientTrainer(BaseTrainer):
         log = TrainingLog(self.run_dir, train_cfg["tensorboard"]) if is_main() else None
         self.epoch = self.start_epoch
         for self.epoch in range(self.start_epoch, train_cfg["epochs"]):
+            self.steps_done = 0
             epoch_start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
             for epoch_aware in (train_loader.dataset, train_loader.sampler):
                 if hasattr(epoch_aware, "set_epoch"):
@@ -217,11 +241,11 @@ class GradientTrainer(BaseTrainer):
             if monitored < self.best_monitored - train_cfg["min_delta"]:
                 self.best_monitored, self.bad_epochs = monitored, 0
                 if is_main():
-                    torch.save(self.checkpoint(), self.run_dir / BEST_NAME)
+                    save_atomically(self.checkpoint(), self.run_dir / BEST_NAME)
             else:
                 self.bad_epochs += 1
             if is_main():
-                torch.save(self._training_state(), self.run_dir / LAST_NAME)
+                save_atomically(self._training_state(), self.run_dir / LAST_NAME)
                 log.record(self.history)
                 tqdm.write(f"epoch {self.epoch + 1}: train loss {train_metrics['loss']:.5g}"
                            + (f", valid loss {valid_metrics['loss']:.5g}" if valid_metrics else "")
@@ -232,7 +256,7 @@ class GradientTrainer(BaseTrainer):
         self.modeler.network = self.modeler.model
         if is_main():  # the only rank that evaluates
             log.close(self.history)
-            best = torch.load(self.run_dir / BEST_NAME, map_location=self.device, weights_only=True)
+            best = read_checkpoint(self.run_dir / BEST_NAME, self.device)
             self.modeler.load_state_dict(best["model"])
         self.timings.update(self.modeler.timer.as_dict("fit_"))
         self.timings["fit"] = time.perf_counter() - start
