@@ -34,7 +34,10 @@ BASE_CONFIGS: dict[str, Any] = {
         # Seeded, label-stratified share of the *test* split held out as a labelled validation set for
         # eval.threshold_strategy=f1_adaptive; those images are then excluded from the test metrics.
         "labelled_val_fraction": 0.0,
-        "mask_size": None,  # side at which pixel metrics are computed; None = image_size
+        # Resolution of the pixel metrics: None = the model input; an int = that square side; "native" =
+        # each original image's own size (the MVTec protocol; the centre crop, if any, is not undone).
+        # Ground truth always comes from the original mask files.
+        "mask_size": None,
         # Each image decoded and resized once per preprocessing into a shared on-disk cache (uint8, read
         # memory-mapped by every run and worker); false = decode on every read.
         "cache": True,
@@ -77,15 +80,21 @@ _EPOCH_TRAINING = {
     "patience": 10,  # epochs without a better monitored value (train.monitor) before stopping
     "min_delta": 0.0,
     "resume": None,  # a run folder holding last.pt
-    # Early stopping and the kept epoch: "loss" = the validation loss; "synthetic_pixel_auroc" = the
-    # pixel AUROC on the held-out images with fixed simulated defects (never the test set).
+    # last.pt (weights + optimiser state, 3× the weights with Adam) is deleted once a run is done; keep it
+    # to extend the run later with train.resume.
+    "keep_training_state": False,
+    # Early stopping and the best epoch: "loss" = the validation loss; "synthetic_pixel_auroc" = the
+    # pixel AUROC on the held-out images with fixed simulated defects (never the test set);
+    # "normal_map_mean" = the mean anomaly map over the held-out normal images (STFPM's official rule).
     "monitor": "loss",
+    "keep": "best",  # weights evaluated: "best" = the best monitored epoch, "last" = the final epoch
     # Simulated defects' textures (DRAEM's training, the synthetic monitor): a folder in the DTD layout
     # (images/<class>/*.jpg), None = Perlin-derived textures.
     "texture_root": None,
     "tensorboard": False,  # also write TensorBoard scalars (pip install 'anomaly-framework[tensorboard]')
 }
-MONITORS = ("loss", "synthetic_pixel_auroc")
+MONITORS = ("loss", "synthetic_pixel_auroc", "normal_map_mean")
+KEEPS = ("best", "last")
 # Held-out train/good images for validation and early stopping; decoded images cached across epochs.
 _EPOCH_DATA = {"val_fraction": 0.2, "image_size": 256, "crop_ratio": 1.0}
 # The frozen backbone's features of each split, computed once per run and kept in memory up to
@@ -107,7 +116,7 @@ MODEL_CONFIGS: dict[str, dict] = {
     # PaDiM (Defard et al., ICPR-W 2020): xia's reference protocol, LANCZOS resize 256, centre crop 224.
     "padim": {
         "model": {
-            "backbone": "wide_resnet50_2",
+            "backbone": "wide_resnet50_2.tv_in1k",  # torchvision's V1 weights, as xia's code
             "layers": [1, 2, 3],
             "pretrained": True,
             "weights": None,
@@ -121,7 +130,7 @@ MODEL_CONFIGS: dict[str, dict] = {
     # PatchCore (Roth et al., CVPR 2022): official IM224 protocol, resize 256 (bilinear), centre crop 224.
     "patchcore": {
         "model": {
-            "backbone": "wide_resnet50_2",
+            "backbone": "wide_resnet50_2.tv_in1k",  # torchvision's V1 weights, as the official code
             "layers": [2, 3],
             "pretrained": True,
             "weights": None,
@@ -138,16 +147,19 @@ MODEL_CONFIGS: dict[str, dict] = {
             "bank_dtype": "float32",
             "memory_budget_mb": 8192.0,
             "chunk_mb": 64.0,
+            # True replays the official code's batch-norm side effect (one all-ones image through the
+            # backbone in training mode before extraction), for exact reproduction of its numbers.
+            "official_batchnorm_pass": False,
         },
         "train": {"trainer": "memory"},
         "data": {"image_size": 224, "crop_ratio": 0.875, "interpolation": "bilinear", "batch_size": 8},
     },
     # STFPM (Wang et al., BMVC 2021): official code's recipe; 20% of train/good held out, and the
-    # checkpoint with the lowest validation loss over all epochs is kept (patience = epochs).
+    # epoch with the lowest mean anomaly map over them is kept (official rule; patience = epochs).
     "stfpm": {
-        "model": {"backbone": "resnet18", "layers": [1, 2, 3], "pretrained": True, "weights": None},
+        "model": {"backbone": "resnet18.tv_in1k", "layers": [1, 2, 3], "pretrained": True, "weights": None},
         "train": {"trainer": "gradient", "epochs": 100, "optimizer": "sgd", "lr": 0.4, "momentum": 0.9,
-                  "weight_decay": 1e-4, "patience": 100},
+                  "weight_decay": 1e-4, "patience": 100, "monitor": "normal_map_mean"},
         "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.2},
     },
     # Reconstruction baselines (Bergmann et al., VISAPP 2019 settings): images in [0, 1], Adam 2e-4,
@@ -166,24 +178,27 @@ MODEL_CONFIGS: dict[str, dict] = {
             "unet_vae": {"depth": 4, "beta": 1.0},
         }.items()
     },
-    # FastFlow (Yu et al., 2021) as gathierry/FastFlow: 256 px, Adam 1e-3 / wd 1e-5, batch 32, 500 epochs.
+    # FastFlow (Yu et al., 2021) as gathierry/FastFlow: 256 px, Adam 1e-3 / wd 1e-5, batch 32, 500 epochs,
+    # every train/good image trained on and the last epoch kept (resnet18: its timm's torchvision weights).
     # Transformers as the paper: --backbone deit_base_distilled_patch16_384 --image-size 384 (or cait_m48_448, 448).
     "fastflow": {
-        "model": {"backbone": "resnet18", "layers": [1, 2, 3], "pretrained": True, "weights": None,
+        "model": {"backbone": "resnet18.tv_in1k", "layers": [1, 2, 3], "pretrained": True, "weights": None,
                   "flow_steps": None, "hidden_ratio": None, "conv3x3_only": None, "clamp": 2.0,
                   "vit_block_index": None},
         "train": {"trainer": "flow", "epochs": 500, "optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-5,
-                  "patience": 20},
-        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32},
+                  "patience": 500, "keep": "last"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.0},
     },
     # DRAEM (Zavrtanik et al., ICCV 2021) as the official code: 256 px in [0, 1], Adam 1e-4, batch 8,
-    # 700 epochs, MultiStepLR at 0.8·E and 0.9·E with γ 0.2. The paper's schedule instead:
-    # --set train.milestones=[0.5715,0.8572] --set train.gamma=0.1 (epochs 400 and 600 of 700).
+    # 700 epochs, MultiStepLR at 0.8·E and 0.9·E with γ 0.2, every train/good image, the last epoch kept.
+    # The paper's schedule instead: --set train.milestones=[0.5715,0.8572] --set train.gamma=0.1 (epochs 400, 600).
     "draem": {
-        "model": {"reconstructive_width": 128, "discriminative_width": 64, "focal_gamma": 2.0, "score_filter": 21},
+        # recompute_activations: null = on the CPU only (same gradients, about a third of the memory).
+        "model": {"reconstructive_width": 128, "discriminative_width": 64, "focal_gamma": 2.0, "score_filter": 21,
+                  "recompute_activations": None},
         "train": {"trainer": "classification", "epochs": 700, "optimizer": "adam", "lr": 1e-4, "weight_decay": 0.0,
-                  "scheduler": "multistep", "milestones": [0.8, 0.9], "gamma": 0.2, "patience": 700},
-        "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 8},
+                  "scheduler": "multistep", "milestones": [0.8, 0.9], "gamma": 0.2, "patience": 700, "keep": "last"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 8, "val_fraction": 0.0},
     },
 }
 
@@ -193,7 +208,7 @@ THRESHOLD_STRATEGIES = ("normal_quantile", "f1_adaptive", "manual")
 NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "data.category": (str,),
     "data.root": (str,),
-    "data.mask_size": (int,),
+    "data.mask_size": (int, str),
     "data.num_workers": (int,),
     "data.cache_dir": (str,),
     "model.weights": (str,),
@@ -207,6 +222,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "eval.threshold_value": (float, int),
     "model.feature_seed": (int,),
     "model.coreset_seed": (int,),
+    "model.recompute_activations": (bool,),
     **{f"data.{key}": (str,) for key in ("train_dir", "test_normal_dir", "test_abnormal_dir", "mask_dir", "valid_dir")},
 }
 # Model seeds that follow the run's seed unless set, so that --seeds 0,1,2 varies every random choice.
@@ -314,12 +330,23 @@ def resolve_config(overrides: dict | None = None) -> dict:
     dataset = overrides.get("data", {}).get("name", BASE_CONFIGS["data"]["name"])
     trainer = overrides.get("train", {}).get("trainer")
     config = default_config(model, dataset, trainer)
+    _refuse_epoch_keys_of_one_pass_models(config, overrides.get("train", {}))
     _apply(config, overrides)
     _check_consistency(config)
     for key in DERIVED_SEEDS:
         if key in config["model"] and config["model"][key] is None:
             config["model"][key] = config["seed"]
     return config
+
+
+def _refuse_epoch_keys_of_one_pass_models(config: dict, train: dict) -> None:
+    """``--resume`` or ``--epochs`` for PaDiM or PatchCore: say why, rather than 'Unknown config key'."""
+    for key in ("resume", "epochs", "keep_training_state"):
+        if key in train and key not in config["train"]:
+            why = ("memory models have nothing to resume: run it again without --resume" if key == "resume"
+                   else f"it has no epochs and no training state, so train.{key} does not apply")
+            raise FrameworkError(f"{config['model']['name']} is fitted in one pass over the training images "
+                                 f"({config['train']['trainer']} trainer): {why}")
 
 
 def _check_consistency(config: dict) -> None:
@@ -329,6 +356,10 @@ def _check_consistency(config: dict) -> None:
         raise FrameworkError(f"Config key 'data.crop_ratio' must be in (0, 1], got {data['crop_ratio']}")
     if not 0.0 <= data["val_fraction"] < 1.0:
         raise FrameworkError(f"Config key 'data.val_fraction' must be in [0, 1), got {data['val_fraction']}")
+    if isinstance(data["mask_size"], str) and data["mask_size"] != "native":
+        raise FrameworkError(f"Config key 'data.mask_size' must be an int, \"native\" or null, got {data['mask_size']!r}")
+    if isinstance(data["mask_size"], int) and data["mask_size"] <= 0:
+        raise FrameworkError(f"Config key 'data.mask_size' must be positive, got {data['mask_size']}")
     for key in ("image_size", "batch_size"):
         if data[key] <= 0:
             raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
@@ -336,9 +367,14 @@ def _check_consistency(config: dict) -> None:
         raise FrameworkError(f"Config key 'data.num_workers' must be >= 0 or null (auto), got {data['num_workers']}")
     if config["device"] not in ("auto", "cpu", "cuda"):
         raise FrameworkError(f"Config key 'device' must be auto, cpu or cuda, got {config['device']!r}")
+    if "epochs" in config["train"] and config["train"]["epochs"] < 1:
+        raise FrameworkError(f"Config key 'train.epochs' (--epochs) must be at least 1, got {config['train']['epochs']}")
     monitor = config["train"].get("monitor", "loss")
     if monitor not in MONITORS:
         raise FrameworkError(f"Config key 'train.monitor' must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    keep = config["train"].get("keep", "best")
+    if keep not in KEEPS:
+        raise FrameworkError(f"Config key 'train.keep' must be one of {', '.join(KEEPS)}, got {keep!r}")
     if config["train"].get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
         raise FrameworkError("train.tensorboard=true needs the tensorboard package: "
                              "pip install 'anomaly-framework[tensorboard]'")

@@ -15,33 +15,18 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from config import resolve_config
-from figures import save_sample_figures, save_score_histogram
-from distributed import broadcast_object, init_from_env, is_main, rank, world_size
-from models.model_base import TimmFeatureExtractor, check_image_size
-from trainers.trainer_base import CHECKPOINT_NAME
-from registry import build_dataloader, build_model, build_modeler, build_trainer
-from sweep import run_sweep, split_list
-from utils import (
-    FrameworkError,
-    library_versions,
-    peak_memory_mb,
-    resolve_device,
-    save_roc_curve,
-    save_scores_csv,
-    seed_everything,
-    show_data_info,
-    show_model_info,
-    show_results,
-    show_train_info,
-)
+# torch, timm, matplotlib and the models are imported inside the functions that use them, so that
+# `python main.py --help` and argument errors answer at once.
+if TYPE_CHECKING:
+    import torch
 
 
 def make_run_dir(config: dict) -> Path:
     """A new folder per run; never reuses one, even for two runs started in the same second."""
+    from utils import FrameworkError
+
     data = config["data"]
     parent = Path(config["output_dir"]) / data["name"] / str(data["category"]) / config["model"]["name"]
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -51,17 +36,23 @@ def make_run_dir(config: dict) -> Path:
             run_dir.mkdir(parents=True, exist_ok=False)
             return run_dir
         except FileExistsError:
-            continue
-    raise FrameworkError(f"Could not create a new run folder under '{parent}'")
+            if not run_dir.is_dir():  # a file in the way, here or above
+                break
+        except OSError as error:  # a parent that is a file, no permission, a full or read-only disk
+            raise FrameworkError(f"Cannot create the run folder '{run_dir}' (output_dir '{config['output_dir']}'): "
+                                 f"{error.strerror or error}; choose another --output-dir") from error
+    raise FrameworkError(f"Could not create a new run folder under '{parent}' (output_dir "
+                         f"'{config['output_dir']}'): a file is in the way; choose another --output-dir")
 
 
 def backbone_facts(model: torch.nn.Module, config: dict) -> dict:
     """Backbone name, weight source and whether it was pretrained, for results.json."""
-    extractor = next((m for m in model.modules() if isinstance(m, TimmFeatureExtractor)), None)
+    from models.model_base import weights_record
+
     model_cfg = config["model"]
     return {
         "backbone": model_cfg.get("backbone", "none"),
-        "weights_source": extractor.weights_source if extractor is not None else "trained from scratch",
+        **weights_record(model),
         "pretrained": bool(model_cfg.get("pretrained", False)),
     }
 
@@ -77,6 +68,12 @@ def run_experiment(config: dict | None = None) -> dict:
         results.json's content plus ``config`` (the resolved config). Under ``torchrun`` every rank helps
         to fit, rank 0 alone evaluates and writes; the other ranks return their fit summary only.
     """
+    import torch
+
+    from config import resolve_config
+    from distributed import init_from_env
+    from utils import resolve_device, seed_everything
+
     start = time.perf_counter()
     config = resolve_config(config)
     seed_everything(config["seed"])
@@ -89,6 +86,13 @@ def run_experiment(config: dict | None = None) -> dict:
 
 
 def _run(config: dict, device: torch.device, start: float) -> dict:
+    import torch
+
+    from distributed import broadcast_object, is_main
+    from models.model_base import check_image_size
+    from registry import build_dataloader, build_model, build_modeler, build_trainer
+    from utils import RunInterrupted, show_data_info, show_model_info, show_train_info, write_status
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dataloader = build_dataloader(config)
@@ -96,17 +100,51 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     check_image_size(model, config["data"]["image_size"])
     modeler = build_modeler(config, model)
     run_dir = Path(broadcast_object(str(make_run_dir(config)) if is_main() else None))
+    trainer = None
+    try:
+        if is_main():
+            write_status(run_dir, "running")
+            (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+            show_data_info(dataloader.info())
+            show_model_info(model, backbone_facts(model, config))
+            show_train_info(config, device, run_dir)
+        trainer = build_trainer(config, modeler, dataloader, run_dir, device)
+        results = _fit_and_evaluate(config, trainer, model, device, start)
+    except KeyboardInterrupt:
+        message = interruption_message(trainer, run_dir)
+        if is_main():
+            write_status(run_dir, "interrupted", message=message)
+        raise RunInterrupted(message) from None
+    except Exception as error:
+        if is_main():
+            write_status(run_dir, "failed", error=one_line(error))
+        raise
     if is_main():
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-        show_data_info(dataloader.info())
-        show_model_info(model, backbone_facts(model, config))
-        show_train_info(config, device, run_dir)
+        write_status(run_dir, "done")
+    return results
 
-    trainer = build_trainer(config, modeler, dataloader, run_dir, device)
+
+def interruption_message(trainer, run_dir: Path) -> str:
+    """Where an interrupted run stopped and how to go on from there."""
+    where = trainer.progress() if trainer is not None else "before training started"
+    if trainer is not None and trainer.resumable():
+        return f"run interrupted {where}; continue it with the same options plus --resume {run_dir}"
+    return f"run interrupted {where}; nothing to resume for this model: run it again"
+
+
+def _fit_and_evaluate(config: dict, trainer, model, device, start: float) -> dict:
+    """Fit, evaluation and every output file of one run (rank 0 alone evaluates and writes)."""
+    from distributed import is_main, rank, world_size
+    from figures import save_sample_figures, save_score_histogram
+    from trainers.trainer_base import describe_resolution
+    from utils import library_versions, peak_memory_mb, save_roc_curve, save_scores_csv, show_results
+
+    run_dir = trainer.run_dir
     fit_summary = trainer.fit()
     if not is_main():
         return {"rank": rank(), "fit": fit_summary, "run_dir": str(run_dir), "config": config}
     metrics, predictions = trainer.evaluate()
+    dataloader = trainer.dataloader
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
     save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, trainer.pixel_threshold,
@@ -124,12 +162,14 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         **backbone_facts(model, config),
         "mask_size": config["data"]["mask_size"] or config["data"]["image_size"],
+        "pixel_resolution": describe_resolution(config["data"]),
         "fit": fit_summary,
         "versions": library_versions(),
         "world_size": world_size(),
         "run_dir": str(run_dir),
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    trainer.finish(checkpoint_saved=config["eval"]["save_checkpoint"])
     show_results(results)
     return {**results, "config": config}
 
@@ -139,12 +179,16 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
 
     Returns the modeler (on ``device``, in eval mode) and the checkpoint dict (config, threshold...).
     """
+    from registry import build_model, build_modeler
+    from trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
+    from utils import FrameworkError, resolve_device
+
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FrameworkError(f"Checkpoint '{path}' not found (give a run folder or its checkpoint.pt)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, "cpu", needs=("model", "config", "threshold"))
     config = copy.deepcopy(checkpoint["config"])
     if "pretrained" in config["model"]:
         config["model"]["pretrained"] = False  # every weight is in the checkpoint
@@ -156,6 +200,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
 
 def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     """Read bandwidth of a plain large-array copy on this machine: the floor a memory-bound loop can reach."""
+    import torch
+
     source = torch.ones(megabytes * 2**18)
     target = torch.empty_like(source)
     target.copy_(source)
@@ -165,35 +211,44 @@ def copy_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
     return source.numel() * 4 * repeats / (time.perf_counter() - start) / 1e9
 
 
-@torch.inference_mode()
 def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
     """Float32 matrix-product rate on this device: the floor of a brute-force search built on matrix products."""
+    import torch
+
     left, right = torch.randn(2 * size, size, device=device), torch.randn(size, 2 * size, device=device)
-    left @ right  # warm-up: thread pool and kernel selection
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        left @ right
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    with torch.inference_mode():
+        left @ right  # warm-up: thread pool and kernel selection
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            left @ right
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return 2 * (2 * size) * size * (2 * size) * repeats / (time.perf_counter() - start) / 1e9
 
 
-@torch.inference_mode()
 def search_arithmetic_tflop(run_dir: str, fit: dict, test_images: int, image_size: int) -> float | None:
     """2 · test patches · bank entries · dimension: the work of the brute-force exact nearest-neighbour
     search (the official one) over the test split, for models with a memory bank (None for the others)."""
+    import torch
+
     if "bank_patches" not in fit:
         return None
     modeler, _ = load_checkpoint(run_dir)  # the patch grid per image, from the fitted model itself
-    _, height, width, _ = modeler.model.embed(torch.zeros(1, 3, image_size, image_size)).shape
+    with torch.inference_mode():
+        _, height, width, _ = modeler.model.embed(torch.zeros(1, 3, image_size, image_size)).shape
     return 2 * test_images * height * width * fit["bank_patches"] * fit["bank_dim"] / 1e12
 
 
-@torch.inference_mode()
 def backbone_floor(config: dict) -> dict:
     """Image loading and backbone-only forward time over the train and test images of a run."""
+    import torch
+
+    from models.model_base import TimmFeatureExtractor
+    from registry import build_dataloader, build_model
+    from utils import resolve_device
+
     device = resolve_device(config["device"])
     dataloader = build_dataloader(config)
     extractor = next(m for m in build_model(config).modules() if isinstance(m, TimmFeatureExtractor)).to(device)
@@ -201,18 +256,22 @@ def backbone_floor(config: dict) -> dict:
     start = time.perf_counter()
     batches = [batch["image"] for loader in loaders for batch in loader]
     loading = time.perf_counter() - start
-    extractor(batches[0].to(device))  # warm-up: allocator and kernel selection
-    start = time.perf_counter()
-    for images in batches:
-        extractor(images.to(device))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    with torch.inference_mode():
+        extractor(batches[0].to(device))  # warm-up: allocator and kernel selection
+        start = time.perf_counter()
+        for images in batches:
+            extractor(images.to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     return {"image_loading": loading, "backbone_forward": time.perf_counter() - start,
             "images": sum(len(images) for images in batches), "test_images": len(dataloader.test_dataset)}
 
 
 def run_benchmark(config: dict | None = None) -> dict:
     """Runs one experiment and sets its stage timings beside the floors measured on the same machine."""
+    from config import resolve_config
+    from utils import FrameworkError, resolve_device
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FrameworkError("--benchmark times a single process against single-process floors: run it without torchrun")
     resolved = resolve_config(config)
@@ -293,12 +352,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_predict_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py predict", description="Score new images with a saved run.")
-    parser.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run folder (or its checkpoint.pt)")
+    source.add_argument("--model-file", help="an exported .onnx file, run with onnxruntime alone (see export.py)")
     parser.add_argument("--input", required=True, help="an image or a folder of images")
     parser.add_argument("--output-dir", help="where to write (default <run>/predictions/<timestamp>)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-overlays", action="store_true", help="write the CSV only")
     return parser
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py export", description="Export a saved run for deployment.")
+    parser.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.pt)")
+    parser.add_argument("--format", required=True, help="onnx, torchscript or openvino")
+    parser.add_argument("--output", help="the artifact's path (default <run>/export/model.<format suffix>)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    return parser
+
+
+def predict_command(args: argparse.Namespace) -> dict:
+    """``predict`` with a run (torch) or with an exported ONNX file (onnxruntime only)."""
+    if args.model_file:
+        from deploy_onnx import predict_onnx
+
+        return predict_onnx(args.model_file, args.input, args.output_dir, overlays=not args.no_overlays)
+    from predict import predict
+
+    return predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
 
 
 FOLDER_FLAGS = {"train_dir": "folder of normal training images", "test_normal_dir": "folder of normal test images",
@@ -315,6 +396,8 @@ FLAG_KEYS = {
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Dotted overrides from the flags; ``--set`` entries come last and win."""
+    from utils import FrameworkError
+
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if any(getattr(args, flag) is not None for flag in FOLDER_FLAGS):
         overrides.setdefault("data.name", "folder")  # the folder flags only mean something there
@@ -333,19 +416,33 @@ def one_line(error: BaseException) -> str:
     return message.split("FrameworkError: ", 1)[-1]
 
 
-def run_command(argv: list[str]) -> str:
-    """Runs what the command line asks (one run, a sweep, a benchmark or a prediction); returns the
-    folder to print last."""
+def parse_command(argv: list[str]) -> tuple[str, argparse.Namespace]:
+    """("export" | "predict" | "run", args); argparse answers --help and usage errors here, before any
+    heavy import."""
+    if argv[:1] == ["export"]:
+        return "export", build_export_parser().parse_args(argv[1:])
     if argv[:1] == ["predict"]:
-        from predict import predict
+        return "predict", build_predict_parser().parse_args(argv[1:])
+    return "run", build_parser().parse_args(argv)
 
-        args = build_predict_parser().parse_args(argv[1:])
-        result = predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
+
+def run_command(kind: str, args: argparse.Namespace) -> tuple[str, str | None]:
+    """Runs what the command line asks (one run, a sweep, a benchmark, an export or a prediction); returns
+    the folder to print last and, when some runs of a sweep failed, the line that says so."""
+    from utils import FrameworkError
+
+    if kind == "export":
+        from export import export
+
+        return str(export(args.checkpoint, args.format, args.output, force=args.force)), None
+    if kind == "predict":
+        result = predict_command(args)
         for path, reason in result["skipped"]:
             print(f"skipped: {reason}", file=sys.stderr)
         print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
-        return result["output_dir"]
-    args = build_parser().parse_args(argv)
+        return result["output_dir"], None
+    from sweep import run_sweep, split_list
+
     overrides = overrides_from_args(args)
     models = split_list(args.model) or [overrides.get("model.name", "padim")]
     categories = split_list(args.category) or [overrides.get("data.category")]
@@ -355,18 +452,33 @@ def run_command(argv: list[str]) -> str:
             raise FrameworkError("--benchmark times one run: give one model, one category and one seed")
         for key in ("model.name", "data.category", "seed"):
             overrides.pop(key, None)
-        return run_sweep(overrides, models, categories, seeds, skip_done=args.skip_done)["sweep_dir"]
+        sweep = run_sweep(overrides, models, categories, seeds, skip_done=args.skip_done)
+        failed = sum(row["status"] == "failed" for row in sweep["rows"])
+        problem = (f"{failed} of {len(sweep['rows'])} sweep runs failed (their errors are in "
+                   f"{Path(sweep['sweep_dir']) / 'runs.csv'})") if failed else None
+        return sweep["sweep_dir"], problem
     runner = run_benchmark if args.benchmark else run_experiment
-    return runner(overrides)["run_dir"]
+    return runner(overrides)["run_dir"], None
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success, 1 when runs of a sweep failed, 2 for a user error, 130 on Ctrl-C."""
+    kind, args = parse_command(sys.argv[1:] if argv is None else argv)
+    from deploy_onnx import DeploymentError
+    from utils import FrameworkError
+
     try:
-        folder = run_command(sys.argv[1:] if argv is None else argv)
-    except FrameworkError as error:
+        folder, problem = run_command(kind, args)
+    except (FrameworkError, DeploymentError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
+        return 130
     print(folder)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     return 0
 
 

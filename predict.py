@@ -42,8 +42,11 @@ def new_output_dir(parent: Path) -> Path:
             folder.mkdir(parents=True, exist_ok=False)
             return folder
         except FileExistsError:
-            continue
-    raise FrameworkError(f"Could not create a new output folder under '{parent}'")
+            if not folder.is_dir():  # a file in the way, here or above
+                break
+        except OSError as error:  # a parent that is a file, no permission, a read-only disk
+            raise FrameworkError(f"Cannot create the output folder '{folder}': {error.strerror or error}") from error
+    raise FrameworkError(f"Could not create a new output folder under '{parent}': a file is in the way")
 
 
 def map_to_original(anomaly_map: torch.Tensor, dataset: AnomalyDataset, size: tuple[int, int]) -> np.ndarray:
@@ -108,6 +111,14 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
             skipped.append((str(path), str(error)))
     if not readable:
         raise FrameworkError(f"None of the {len(paths)} images under '{input_path}' could be read")
+    # Before scoring: a folder that cannot be made is found at once.
+    checkpoint_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    folder = Path(output_dir) if output_dir else new_output_dir(checkpoint_dir / "predictions")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FrameworkError(f"Cannot create the output folder '{folder}' (--output-dir): "
+                             f"{error.strerror or error}") from error
     loader = DataLoader(Subset(dataset, readable), batch_size=config["data"]["batch_size"], shuffle=False)
     scores, maps = [], []
     with torch.inference_mode():
@@ -117,9 +128,6 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
             maps.append(output["anomaly_maps"].float().cpu())
     scores_all, maps_all = torch.cat(scores), torch.cat(maps)
 
-    checkpoint_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
-    folder = Path(output_dir) if output_dir else new_output_dir(checkpoint_dir / "predictions")
-    folder.mkdir(parents=True, exist_ok=True)
     rows = [{"image_path": str(paths[index]), "score": float(score),
              "label": (int(score >= threshold) if threshold is not None else None)}
             for index, score in zip(readable, scores_all.tolist())]

@@ -21,7 +21,7 @@ import numpy as np
 from config import resolve_config
 from predict import new_output_dir
 from registry import DATALOADER_REGISTRY, import_all
-from utils import FrameworkError
+from utils import FrameworkError, read_status
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_aupr", "pixel_aupr", "image_f1_max", "f1", "separation")
 TIMINGS = ("fit", "evaluate", "total")
@@ -42,13 +42,14 @@ def expand_categories(config: dict, categories: list[str]) -> list[str]:
 
 
 def find_done(config: dict) -> dict | None:
-    """results.json of an earlier run with exactly this resolved config, if any."""
+    """results.json of an earlier run with exactly this resolved config whose status is done, if any."""
     data = config["data"]
     parent = Path(config["output_dir"]) / data["name"] / str(data["category"]) / config["model"]["name"]
     wanted = json.loads(json.dumps(config))
     for config_file in sorted(parent.glob("*/config.json"), reverse=True):
         results_file = config_file.parent / "results.json"
-        if results_file.is_file() and json.loads(config_file.read_text()) == wanted:
+        if (results_file.is_file() and read_status(config_file.parent)["status"] == "done"
+                and json.loads(config_file.read_text()) == wanted):
             return json.loads(results_file.read_text())
     return None
 
@@ -88,6 +89,9 @@ def run_sweep(overrides: dict, models: list[str], categories: list[str], seeds: 
     (folder / "summary.md").write_text(markdown_table(summary, models, categories))
     plot_summary(folder / "summary.png", summary, models, categories)
     print((folder / "summary.md").read_text())
+    failed = sum(row["status"] == "failed" for row in rows)
+    if failed:
+        print(f"sweep: {failed} of {len(rows)} runs failed; their errors are in {folder / 'runs.csv'}")
     return {"rows": rows, "summary": summary, "sweep_dir": str(folder)}
 
 
@@ -121,7 +125,8 @@ def _cell(entry: dict | None, metric: str) -> str:
     if entry is None or entry[f"{metric}_mean"] is None:
         return "failed" if entry and entry["failed"] else "–"
     text = f"{entry[f'{metric}_mean']:.4f}"
-    return text + (f" ± {entry[f'{metric}_std']:.4f}" if entry["seeds"] > 1 else "")
+    text += f" ± {entry[f'{metric}_std']:.4f}" if entry["seeds"] - entry["failed"] > 1 else ""
+    return text + (f" ({entry['failed']} of {entry['seeds']} failed)" if entry["failed"] else "")
 
 
 def markdown_table(summary: list[dict], models: list[str], categories: list[str]) -> str:
@@ -142,14 +147,19 @@ def markdown_table(summary: list[dict], models: list[str], categories: list[str]
     return "\n".join(lines) + "\n"
 
 
-def plot_summary(path: Path, summary: list[dict], models: list[str], categories: list[str]) -> None:
-    """Grouped bars: one panel per metric, categories on x, one bar per model with its std over seeds."""
+def plot_summary(path: Path, summary: list[dict], models: list[str], categories: list[str]) -> list[str]:
+    """Grouped bars: one panel per metric, categories on x, one bar per model with its std over seeds.
+
+    Failed runs are written on the chart where their bar would be ("failed", or "1/3 failed" when some
+    seeds ran); returns those labels as ``model/category: label`` for the first panel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lookup = {(entry["model"], entry["category"]): entry for entry in summary}
+    marks: list[str] = []
     figure, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(4.5 * len(TABLE_METRICS), 3.6), squeeze=False)
     width = 0.8 / len(models)
     positions = np.arange(len(categories))
@@ -159,11 +169,23 @@ def plot_summary(path: Path, summary: list[dict], models: list[str], categories:
             means = [e[f"{metric}_mean"] if e and e[f"{metric}_mean"] is not None else np.nan for e in entries]
             stds = [e[f"{metric}_std"] if e and e[f"{metric}_std"] is not None else 0.0 for e in entries]
             axis.bar(positions + offset * width, means, width, yerr=stds, label=model, capsize=2)
+            for position, category, entry, mean in zip(positions, categories, entries, means):
+                if entry and entry["failed"]:
+                    label = "failed" if np.isnan(mean) else f"{entry['failed']}/{entry['seeds']} failed"
+                    axis.text(position + offset * width, 0.02 if np.isnan(mean) else mean + 0.02, label,
+                              rotation=90, ha="center", va="bottom", color="red", fontsize=7)
+                    if metric == TABLE_METRICS[0]:
+                        marks.append(f"{model}/{category}: {label}")
         axis.set_xticks(positions + width * (len(models) - 1) / 2, categories, rotation=45, ha="right")
         axis.set_title(metric)
         if metric != "separation":  # the others lie in [0, 1]; separation is in spreads (Cohen's d)
             axis.set_ylim(0, 1.05)
     axes[0][0].legend(fontsize=8)
+    failed = sum(entry["failed"] for entry in summary)
+    if failed:
+        total = sum(entry["seeds"] for entry in summary)
+        figure.suptitle(f"{failed} of {total} runs failed (see runs.csv)", color="red", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+    return marks

@@ -18,6 +18,44 @@ class FrameworkError(Exception):
     """A user-facing error: bad input, bad config or missing files. The CLI prints it as one line."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where the run stopped and how to go on."""
+
+
+STATUS_NAME = "status.json"
+
+
+def write_status(run_dir, status: str, **details: str) -> None:
+    """Records a run's state in ``status.json``: running, done, failed (with ``error``) or interrupted
+    (with ``message``), so that sweeps, ``--skip-done`` and people can tell a finished run from a dead one."""
+    import datetime as dt
+    import json
+    import os
+    from pathlib import Path
+
+    record = {"status": status, "updated": dt.datetime.now().isoformat(timespec="seconds"), "pid": os.getpid(),
+              **details}
+    path = Path(run_dir) / STATUS_NAME
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record, indent=2))
+    temporary.replace(path)  # never a half-written status
+
+
+def read_status(run_dir) -> dict:
+    """``status.json`` of a run folder; folders written before it existed count as done when they hold
+    results.json, else as unknown."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / STATUS_NAME
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return {"status": "unknown", "error": f"unreadable {path}"}
+    return {"status": "done" if (Path(run_dir) / "results.json").is_file() else "unknown"}
+
+
 def seed_everything(seed: int) -> None:
     """Seeds python, numpy and torch (CPU and CUDA) so that a run can be repeated."""
     random.seed(seed)
@@ -125,7 +163,8 @@ def show_results(results: dict[str, Any]) -> None:
     timings = {key: f"{value:.2f} s" if key != "images_per_second" else f"{value:.1f}" for key, value in results["timings"].items()}
     _print_block("Timings", timings)
     _print_block("Run", {"peak memory": f"{results['peak_memory_mb']:.0f} MB", "backbone": results["backbone"],
-                         "weights": results["weights_source"], "run folder": results["run_dir"]})
+                         "weights": results["weights_source"], "weights sha256": results.get("weights_sha256") or "-",
+                         "pixel metrics at": results.get("pixel_resolution", "-"), "run folder": results["run_dir"]})
 
 
 def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:

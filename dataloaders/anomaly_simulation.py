@@ -41,7 +41,20 @@ from torch.utils.data import Dataset
 from dataloaders.dataloader_base import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, open_image
 from utils import FrameworkError
 
-DTD_LAYOUT = "<texture_root>/images/<class>/*.jpg (the Describable Textures Dataset) or any folder of images"
+DTD_LAYOUT = ("<texture_root>/images/<class>/*.jpg (the Describable Textures Dataset: its folder dtd/, the folder "
+              "holding dtd/, or dtd/images) or any folder of images")
+
+
+def texture_files(root: Path) -> list[Path]:
+    """The texture images under ``root``. DTD as distributed (the tarball unpacks to ``dtd/images/<class>/*.jpg``
+    beside ``labels/`` and ``imdb/``) is recognised from any of its three levels and read as the official
+    DRAEM code reads it, ``images/*/*.jpg``; any other folder gives every image found recursively."""
+    for images in (root, root / "images", root / "dtd" / "images"):
+        if images.name == "images" and images.is_dir():
+            found = sorted(p for p in images.glob("*/*.jpg") if p.is_file())
+            if found:
+                return found
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 _LEVELS = np.arange(256, dtype=np.float32)
 
 
@@ -198,8 +211,8 @@ class TextureSource:
     """Where anomaly textures come from: a texture set (DTD layout) or, when None, Perlin textures.
 
     Args:
-        texture_root: DTD's folder (``images/<class>/*.jpg``; any images found recursively are taken),
-            or None for the Perlin fallback, which warns that numbers will be lower.
+        texture_root: DTD as distributed (see ``texture_files``), any folder of images (taken
+            recursively), or None for the Perlin fallback, which warns that numbers will be lower.
         image_size: side of the square textures, the model's input size.
         warn: whether the fallback warns.
     """
@@ -216,7 +229,7 @@ class TextureSource:
         root = Path(texture_root).expanduser()
         if not root.is_dir():
             raise FrameworkError(f"Texture folder '{root}' not found: expected {DTD_LAYOUT} (set train.texture_root)")
-        self.paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        self.paths = texture_files(root)
         if not self.paths:
             raise FrameworkError(f"No images under texture folder '{root}': expected {DTD_LAYOUT}")
 

@@ -125,6 +125,12 @@ def auto_workers() -> int:
     return 0 if cores <= 2 else min(8, cores - 1)
 
 
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 [C, H, W] of a PIL image (C = 1 for greyscale)."""
+    array = np.asarray(image)
+    return torch.from_numpy(array.reshape(*array.shape[:2], -1).copy()).permute(2, 0, 1)
+
+
 class AnomalyDataset(Dataset):
     """Loads samples with the configured protocol: resize to image_size / crop_ratio, centre crop.
 
@@ -137,7 +143,8 @@ class AnomalyDataset(Dataset):
     def __init__(self, samples: list[Sample], data_cfg: dict) -> None:
         self.samples = samples
         self.image_size = data_cfg["image_size"]
-        self.resize = round(self.image_size / data_cfg["crop_ratio"])
+        self.crop_ratio = data_cfg["crop_ratio"]
+        self.resize = round(self.image_size / self.crop_ratio)
         self.interpolation = _INTERPOLATIONS.get(data_cfg["interpolation"])
         if self.interpolation is None:
             raise FrameworkError(f"data.interpolation must be one of {sorted(_INTERPOLATIONS)}, got {data_cfg['interpolation']!r}")
@@ -150,13 +157,15 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _geometry(self, image: Image.Image, interpolation: int) -> np.ndarray:
-        """Resize to a square of side ``resize``, centre-crop ``image_size``; uint8 [C, H, W]."""
-        image = image.resize((self.resize, self.resize), interpolation)
-        offset = (self.resize - self.image_size) // 2
-        image = image.crop((offset, offset, offset + self.image_size, offset + self.image_size))
-        array = np.asarray(image)
-        return np.ascontiguousarray(array.reshape(*array.shape[:2], -1).transpose(2, 0, 1))
+    def _geometry(self, image: Image.Image, interpolation: int, size: int | None = None) -> torch.Tensor:
+        """Resize to a square of side ``size / crop_ratio``, centre-crop ``size`` (default: the model input);
+        uint8 [C, H, W]."""
+        size = size or self.image_size
+        resize = round(size / self.crop_ratio)
+        image = image.resize((resize, resize), interpolation)
+        offset = (resize - size) // 2
+        image = image.crop((offset, offset, offset + size, offset + size))
+        return _to_tensor(image)
 
     def _cached(self, path: Path, kind: str, make) -> torch.Tensor:
         """``make()``'s uint8 array, through the cache when it is on (a private copy of the mapped file)."""
@@ -171,7 +180,7 @@ class AnomalyDataset(Dataset):
     def load_image(self, index: int) -> torch.Tensor:
         """Preprocessed uint8 image [3, H, W] of one sample."""
         path = self.samples[index].path
-        return self._cached(path, "rgb", lambda: self._geometry(open_image(path, "RGB"), self.interpolation))
+        return self._cached(path, "rgb", lambda: self._geometry(open_image(path, "RGB"), self.interpolation).numpy())
 
     def load_mask(self, index: int) -> torch.Tensor:
         """Binary uint8 mask [1, H, W] of one sample (zeros when it has none)."""
@@ -187,7 +196,27 @@ class AnomalyDataset(Dataset):
         size = header_size(sample.path)  # upright, from the header alone
         if mask.size != size:
             raise mask_size_error(sample, mask.size, size)
-        return (self._geometry(mask, Image.NEAREST) > 0).astype(np.uint8)
+        return (self._geometry(mask, Image.NEAREST) > 0).numpy().astype(np.uint8)
+
+    def native_crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """The centre crop (left, top, right, bottom) in an original image's own pixels: what the model sees."""
+        offset = (self.resize - self.image_size) // 2
+        left, right = round(offset * width / self.resize), round((offset + self.image_size) * width / self.resize)
+        top, bottom = round(offset * height / self.resize), round((offset + self.image_size) * height / self.resize)
+        return left, top, right, bottom
+
+    def ground_truth(self, index: int, size: int | str) -> torch.Tensor:
+        """Binary uint8 mask [1, h, w] of one sample read from its original file, at an evaluation resolution:
+        ``size`` px square (resized by nearest neighbour and centre-cropped as the images), or ``"native"``
+        (the crop region at the original image's own resolution, no resizing)."""
+        sample = self.samples[index]
+        if sample.mask_path is not None:
+            mask = open_mask(sample.mask_path)
+        else:
+            mask = Image.new("L", header_size(sample.path), 0)
+        if size == "native":
+            return (_to_tensor(mask.crop(self.native_crop_box(*mask.size))) > 0).to(torch.uint8)
+        return (self._geometry(mask, Image.NEAREST, size) > 0).to(torch.uint8)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Preprocessed uint8 image [3, H, W] and binary uint8 mask [1, H, W] of one sample."""

@@ -114,28 +114,31 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     included. Every distinct score is a threshold: one global sort, then cumulative sums of each
     pixel's contribution (1/|region| / #regions to the overlap, 1/#negatives to the FPR).
     """
-    masks = np.asarray(masks).reshape(-1, *np.asarray(masks).shape[-2:]).astype(bool)
-    maps = np.asarray(maps, dtype=np.float32).reshape(masks.shape)
-    if not np.isfinite(maps).all():
-        raise FrameworkError("AU-PRO: anomaly maps contain NaN or infinite values")
-    regions = np.zeros(masks.shape, dtype=np.int64)
-    offset = 0
-    for index, mask in enumerate(masks):  # connected components are per image
+    mask_list, map_list = per_image(masks, maps)
+    regions, offset = [], 0
+    for mask in mask_list:  # connected components are per image
         labelled, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
-        regions[index] = np.where(labelled > 0, labelled + offset, 0)
+        regions.append(np.where(labelled > 0, labelled + offset, 0).ravel())
         offset += count
     if offset == 0:
         raise FrameworkError("AU-PRO needs at least one anomalous region in the ground truth")
-    flat_regions = regions.ravel()
-    region_sizes = np.bincount(flat_regions, minlength=offset + 1)
-    negatives = int(region_sizes[0])
-    weight = np.where(flat_regions > 0, 1.0 / (region_sizes[flat_regions] * offset), 0.0)
-    weight_fp = (flat_regions == 0).astype(np.float64) / negatives
-    order = np.argsort(maps.ravel(), kind="mergesort")[::-1]
-    sorted_scores = maps.ravel()[order]
+    scores = np.concatenate([m.ravel() for m in map_list])
+    if not np.isfinite(scores).all():
+        raise FrameworkError("AU-PRO: anomaly maps contain NaN or infinite values")
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    sorted_scores = scores[order]
+    del scores
     last_of_run = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
-    pro = np.r_[0.0, np.cumsum(weight[order])[last_of_run]]
-    fpr = np.r_[0.0, np.cumsum(weight_fp[order])[last_of_run]]
+    del sorted_scores
+    sorted_regions = np.concatenate(regions)[order]
+    del order, regions
+    region_sizes = np.bincount(sorted_regions, minlength=offset + 1)
+    negatives = int(region_sizes[0])
+    weight = np.where(sorted_regions > 0, 1.0 / (region_sizes[sorted_regions] * offset), 0.0)
+    pro = np.r_[0.0, np.cumsum(weight)[last_of_run]]
+    weight = (sorted_regions == 0).astype(np.float64) / negatives
+    fpr = np.r_[0.0, np.cumsum(weight)[last_of_run]]
+    del weight, sorted_regions
     cut = np.searchsorted(fpr, fpr_limit, side="right")
     fpr_kept, pro_kept = fpr[:cut], pro[:cut]
     if cut < fpr.size and fpr_kept[-1] < fpr_limit:  # interpolate the curve at exactly fpr_limit
@@ -187,14 +190,33 @@ def compute_image_metrics(
     return metrics
 
 
-def compute_pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict:
-    """Pixel AUROC and AUPR over all pixels of all test images (good ones included), and AU-PRO."""
-    masks = np.asarray(masks)
-    maps = np.asarray(maps, dtype=np.float32)
-    if masks.shape != maps.shape:
-        raise FrameworkError(f"Masks {masks.shape} and anomaly maps {maps.shape} differ in shape")
+def per_image(masks, maps) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Boolean masks and float32 maps as lists of 2-D images, from arrays [N, (1,) H, W] or from lists of
+    per-image arrays whose sizes may differ (evaluation at each image's native resolution)."""
+    if isinstance(masks, np.ndarray) and isinstance(maps, np.ndarray):
+        if masks.shape != maps.shape:
+            raise FrameworkError(f"Masks {masks.shape} and anomaly maps {maps.shape} differ in shape")
+        masks, maps = masks.reshape(-1, *masks.shape[-2:]), maps.reshape(-1, *maps.shape[-2:])
+    mask_list = [np.asarray(mask).squeeze().astype(bool) for mask in masks]
+    map_list = [np.asarray(heat, dtype=np.float32).squeeze() for heat in maps]
+    if len(mask_list) != len(map_list):
+        raise FrameworkError(f"{len(mask_list)} masks for {len(map_list)} anomaly maps")
+    for index, (mask, heat) in enumerate(zip(mask_list, map_list)):
+        if mask.shape != heat.shape:
+            raise FrameworkError(f"Mask {mask.shape} and anomaly map {heat.shape} of image {index} differ in shape")
+    return mask_list, map_list
+
+
+def compute_pixel_metrics(masks, maps) -> dict:
+    """Pixel AUROC and AUPR over all pixels of all test images (good ones included), and AU-PRO.
+
+    ``masks`` and ``maps`` are arrays [N, 1, H, W], or lists of per-image arrays of any sizes.
+    """
+    mask_list, map_list = per_image(masks, maps)
+    flat_masks = np.concatenate([mask.ravel() for mask in mask_list])
+    flat_maps = np.concatenate([heat.ravel() for heat in map_list])
     return {
-        "pixel_auroc": auroc(masks, maps, "pixel AUROC"),
-        "pixel_aupr": average_precision(masks, maps, "pixel AUPR"),
-        "aupro": aupro(masks, maps),
+        "pixel_auroc": auroc(flat_masks, flat_maps, "pixel AUROC"),
+        "pixel_aupr": average_precision(flat_masks, flat_maps, "pixel AUPR"),
+        "aupro": aupro(mask_list, map_list),
     }

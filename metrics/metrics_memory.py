@@ -26,8 +26,8 @@ class MemoryMetrics:
         report: dict = {"fitted_mb": round(sum(t.numel() * t.element_size() for t in fitted) / 2**20, 3)}
         if "memory_bank" in persistent:
             report["bank_patches"], report["bank_dim"] = persistent["memory_bank"].shape
-        if "inv_covariance" in persistent:
-            report["gaussians"], report["feature_dim"] = persistent["inv_covariance"].shape[:2]
+        if hasattr(model, "inv_covariance"):
+            report["gaussians"], report["feature_dim"] = model.inv_covariance.shape[:2]
         if getattr(model, "coreset_stats", None):
             report["coreset"] = dict(model.coreset_stats)
         return report

@@ -152,6 +152,10 @@ class BaseModeler:
         """Each model turns its outputs into a map [B, 1, H, W]."""
         raise NotImplementedError
 
+    def selection_maps(self, batch: dict) -> torch.Tensor:
+        """The maps whose mean over held-out normal images ``train.monitor=normal_map_mean`` minimises."""
+        return self.evaluate_step(batch)["anomaly_maps"]
+
     def compute_anomaly_scores(self, maps: torch.Tensor, outputs: dict) -> torch.Tensor:
         """Image score = maximum of the map, unless a model defines otherwise."""
         return maps.amax(dim=(1, 2, 3))

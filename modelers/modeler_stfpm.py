@@ -16,3 +16,8 @@ class STFPMModeler(BaseModeler):
 
     def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
         return self.model.anomaly_map(outputs, batch["image"].shape[-2:])
+
+    def selection_maps(self, batch: dict) -> torch.Tensor:
+        """The official selection averages the product map at the feature grid, before any resize."""
+        self.model.eval()
+        return self.model.grid_map(self.forward(batch))

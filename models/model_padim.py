@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.model_base import FittedBuffersMixin, TimmFeatureExtractor
+from models.model_base import FittedBuffersMixin, TimmFeatureExtractor, arch_name
 from registry import MODEL_REGISTRY
 from utils import FrameworkError
 
@@ -23,6 +23,8 @@ PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}
 DEFAULT_N_FEATURES = 550
 # Regularises the covariance so it is always invertible, as in the paper (eq. 1).
 COVARIANCE_EPS = 0.01
+# The state-dict key of the stored upper triangles of the inverse covariances.
+PACKED_KEY = "inv_covariance_upper"
 
 
 @MODEL_REGISTRY.register("padim")
@@ -59,7 +61,7 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self.extractor = TimmFeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights)
         total = sum(self.extractor.channels)
         if n_features is None:
-            n_features = PAPER_N_FEATURES.get(backbone, min(DEFAULT_N_FEATURES, total))
+            n_features = PAPER_N_FEATURES.get(arch_name(backbone), min(DEFAULT_N_FEATURES, total))
         if not 0 < n_features <= total:
             raise FrameworkError(f"model.n_features must be in 1..{total} for {backbone} {layers}, got {n_features}")
         self.sigma = sigma
@@ -134,9 +136,33 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         covariance = self._scatter / (self._count - 1)
         self._scatter = None
         covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
-        self.inv_covariance = torch.linalg.inv(covariance)
+        inverse = torch.linalg.inv(covariance)
+        # Exactly symmetric (inv leaves rounding-level asymmetry) and row-major as a loaded checkpoint is,
+        # so that storing one triangle is lossless and a reloaded model scores bit for bit the same.
+        self.inv_covariance = ((inverse + inverse.mT) / 2).contiguous()
         self.mean = self.mean.clone()
         self.fit_images, self._scatter, self._count = self._count, None, 0
+
+    # -- storage: one triangle of each symmetric inverse covariance (half the checkpoint, bit for bit) ---
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: D401 (torch hook)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        inverse = destination.pop(prefix + "inv_covariance")
+        if inverse.numel():
+            rows, cols = torch.triu_indices(*inverse.shape[-2:], device=inverse.device)
+            destination[prefix + PACKED_KEY] = inverse[:, rows, cols]  # [P, d(d+1)/2]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 (torch hook)
+        packed = state_dict.pop(prefix + PACKED_KEY, None)
+        if packed is not None:
+            dim = self.feature_index.numel()
+            rows, cols = torch.triu_indices(dim, dim, device=packed.device)
+            inverse = packed.new_empty(packed.shape[0], dim, dim)
+            inverse[:, rows, cols] = packed
+            inverse[:, cols, rows] = packed
+            state_dict[prefix + "inv_covariance"] = inverse
+        elif prefix + "inv_covariance" not in state_dict:
+            state_dict[prefix + "inv_covariance"] = self.inv_covariance  # not fitted: stays empty
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _squared_distance(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Squared Mahalanobis distance of every position's embedding to its Gaussian [B, 1, h, w], from

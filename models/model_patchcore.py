@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from distributed import gather_rows
 from models.model_base import FittedBuffersMixin, TimmFeatureExtractor
-from models.nearest_neighbors import chunked_nearest, chunked_topk_nearest
+from models.nearest_neighbors import bank_chunked_topk_nearest, chunked_nearest, chunked_topk_nearest
 from registry import MODEL_REGISTRY
 from utils import FrameworkError
 
@@ -43,6 +43,9 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         bank_dtype: ``float32`` or ``float16`` storage of the bank (search runs in float32 chunks).
         memory_budget_mb: refuse to fit when the bank plus working memory would exceed this.
         chunk_mb: bound on each chunk's working memory in the coreset and the search.
+        official_batchnorm_pass: reproduce the official code's side effect before the first feature is
+            extracted (``feature_dimensions()`` runs one all-ones image through the backbone in training
+            mode, moving its batch-norm running statistics); off = the pretrained statistics, as intended.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         bank_dtype: str = "float32",
         memory_budget_mb: float = 8192.0,
         chunk_mb: float = 64.0,
+        official_batchnorm_pass: bool = False,
     ) -> None:
         super().__init__()
         if score_mode not in ("reweighted", "max"):
@@ -79,6 +83,7 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self.score_mode, self.num_neighbors, self.sigma = score_mode, num_neighbors, sigma
         self.bank_dtype = _DTYPES[bank_dtype]
         self.memory_budget_mb, self.chunk_mb = memory_budget_mb, chunk_mb
+        self.official_batchnorm_pass = official_batchnorm_pass
         self.register_buffer("memory_bank", torch.empty(0, embed_dim))
         # Source image of each bank row, for leave-one-image-out scores right after the fit (not saved).
         self.register_buffer("bank_source", torch.empty(0, dtype=torch.long), persistent=False)
@@ -88,10 +93,13 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
             for index, weight in enumerate(self._projection_weights()):
                 self.register_buffer(f"aggregation_{index}", weight, persistent=False)
         self._features: torch.Tensor | None = None  # preallocated [N_patches, D] during fitting
+        self._batchnorm_pass_done = False
         self._filled = 0
         self._expected_images = 0
         self._patches_per_image = 0
         self.coreset_stats: dict[str, int] = {}
+        self.export_mode = False  # see prepare_export
+        self._pool_matrices: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- features ---------------------------------------------------------------------------------
     def _projection_weights(self) -> list[torch.Tensor]:
@@ -145,13 +153,28 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
             batch, channels, height, width = feature.shape
             patches = F.unfold(feature, kernel_size=self.patch_size, padding=self.patch_size // 2)
             patches = patches.transpose(1, 2).reshape(-1, 1, channels * self.patch_size**2)
-            layer = F.adaptive_avg_pool1d(patches, self.pre_embed_dim).reshape(batch, height, width, -1)
+            layer = self._pool(patches, self.pre_embed_dim).reshape(batch, height, width, -1)
             if (height, width) != tuple(grid):
                 layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
                 layer = layer.permute(0, 2, 3, 1)
             pooled.append(layer)
         stacked = torch.stack(pooled, dim=3).reshape(-1, 1, len(pooled) * self.pre_embed_dim)
-        return F.adaptive_avg_pool1d(stacked, self.embed_dim).reshape(*pooled[0].shape[:3], self.embed_dim)
+        return self._pool(stacked, self.embed_dim).reshape(*pooled[0].shape[:3], self.embed_dim)
+
+    def _pool(self, rows: torch.Tensor, size: int) -> torch.Tensor:
+        """Adaptive average pooling of [N, 1, L] rows to ``size``; exported graphs multiply by its matrix."""
+        if self.export_mode:
+            return rows @ self._pool_matrices[(int(rows.shape[-1]), size)].to(rows)
+        return F.adaptive_avg_pool1d(rows, size)
+
+    def prepare_export(self) -> None:
+        """Switches to graph-friendly equivalents so that a traced graph keeps a dynamic batch: the search
+        chunked over the constant bank only, and pooling as a product with its (precomputed) matrix. Same
+        values up to float rounding; the search's memory then grows with the batch instead of staying bounded."""
+        self.export_mode = True
+        widths = [(c * self.patch_size**2, self.pre_embed_dim) for c in self.extractor.channels]
+        widths.append((len(self.extractor.channels) * self.pre_embed_dim, self.embed_dim))
+        self._pool_matrices = {pair: _pool_matrix(*pair) for pair in widths}
 
     # -- fitting ----------------------------------------------------------------------------------
     @property
@@ -174,6 +197,7 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         """Records how many training images will come; the store is allocated at the first batch."""
         self._expected_images = num_images
         self._features, self._filled = None, 0
+        self._batchnorm_pass_done = False
 
     def _allocate(self, patches_per_image: int, device: torch.device) -> None:
         """Checks the memory budget, then preallocates the feature store for every training patch."""
@@ -190,8 +214,20 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self._features = torch.empty(num_patches, self.embed_dim, dtype=self.bank_dtype, device=device)
 
     @torch.no_grad()
+    def prepare_extractor(self, image_size: int) -> None:
+        """``official_batchnorm_pass``, once per fit, before its first feature is extracted: the trainer calls
+        it before computing (or looking up) cached features, whose cross-run key hashes the moved statistics."""
+        if self.official_batchnorm_pass and not self._batchnorm_pass_done:
+            self.extractor.official_patchcore_batchnorm_pass(image_size)
+            self._batchnorm_pass_done = True
+
     def update(self, inputs: torch.Tensor | list[torch.Tensor]) -> None:
         """Appends a batch's patch features (from images or their backbone features) to the preallocated store."""
+        if self._features is None and self.official_batchnorm_pass and not self._batchnorm_pass_done:
+            if not torch.is_tensor(inputs):
+                raise FrameworkError("model.official_batchnorm_pass: features were extracted before the batch-norm "
+                                     "pass (call prepare_extractor(image_size) before extracting them)")
+            self.prepare_extractor(inputs.shape[-1])
         embedding = self.embed(inputs)
         if self._features is None:
             self._allocate(embedding.shape[1] * embedding.shape[2], embedding.device)
@@ -238,7 +274,11 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
         groups = None if image_ids is None else image_ids.repeat_interleave(height * width)
-        distances, nearest = chunked_nearest(queries, self.memory_bank, self.chunk_mb, groups, self.bank_source)
+        if self.export_mode:  # evaluation only: no groups
+            distances, nearest = bank_chunked_topk_nearest(queries, self.memory_bank, 1, self.chunk_mb, 8 * height * width)
+            distances, nearest = distances[:, 0], nearest[:, 0]
+        else:
+            distances, nearest = chunked_nearest(queries, self.memory_bank, self.chunk_mb, groups, self.bank_source)
         distances = distances.reshape(batch, height * width)
         worst = distances.argmax(dim=1)
         scores = distances.gather(1, worst[:, None]).squeeze(1)
@@ -265,8 +305,11 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         """
         neighbours = min(self.num_neighbors, self.memory_bank.shape[0])
         anchors = self.memory_bank.index_select(0, matches).float()
-        _, support = chunked_topk_nearest(anchors, self.memory_bank, neighbours, self.chunk_mb,
-                                          image_ids, self.bank_source)  # [B, b], m* first
+        if self.export_mode:
+            _, support = bank_chunked_topk_nearest(anchors, self.memory_bank, neighbours, self.chunk_mb, len(anchors))
+        else:
+            _, support = chunked_topk_nearest(anchors, self.memory_bank, neighbours, self.chunk_mb,
+                                              image_ids, self.bank_source)  # [B, b], m* first
         support_features = self.memory_bank[support.reshape(-1)].float().reshape(*support.shape, -1)
         distances = (support_features - worst_queries.float().unsqueeze(1)).norm(dim=-1)
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.model_base import TimmFeatureExtractor, upsample_maps
+from models.model_base import TimmFeatureExtractor, reset_batchnorm, upsample_maps
 from registry import MODEL_REGISTRY
 
 
@@ -19,8 +19,13 @@ from registry import MODEL_REGISTRY
 class STFPMModel(nn.Module):
     """Frozen pretrained teacher and a same-architecture student trained from random initialisation.
 
+    The student starts as the official code's ``torchvision.models.resnet18(pretrained=False)``: Kaiming
+    convolutions (timm's ResNet init is the same) and every batch-norm weight 1, where timm's
+    ``zero_init_last`` would zero the last one of each residual block. It has only the stages up to the
+    last matched level (the official student keeps ``layer4``, which the loss never reaches).
+
     Args:
-        backbone: timm architecture of both networks (paper: ``resnet18``).
+        backbone: timm architecture of both networks (paper: ``resnet18``; a pretrained tag applies to the teacher).
         layers: pyramid levels matched (paper: layer1–3 = indices 1, 2, 3).
         pretrained: ImageNet weights for the teacher (the student is always random).
         weights: explicit weights file for the teacher.
@@ -36,6 +41,7 @@ class STFPMModel(nn.Module):
         super().__init__()
         self.teacher = TimmFeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights)
         self.student = TimmFeatureExtractor(backbone, layers, pretrained=False, requires_grad=True)
+        reset_batchnorm(self.student)
 
     def forward(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """Teacher and student feature maps, one [B, C_i, h_i, w_i] per level."""
@@ -59,13 +65,20 @@ class STFPMModel(nn.Module):
         """
         return sum(distance.mean() for distance in self.layer_distances(outputs))
 
-    def anomaly_map(self, outputs: dict, size: Sequence[int]) -> torch.Tensor:
-        """Product over levels of the distance maps on the first level's grid, bilinearly upsampled to
-        ``size`` [B, 1, H, W], as the official code (its fixed 64×64 is layer1's grid at 256 pixels)."""
-        distances = self.layer_distances(outputs)
+    def grid_map(self, outputs: dict) -> torch.Tensor:
+        """Product over levels of the distance maps on the finest level's grid [B, 1, h_1, w_1].
+
+        As the official code: each level bilinearly resized to 64×64 (the layer1 grid of its 256-px input)
+        and multiplied there. The official model selection averages this map over held-out normal images.
+        """
+        distances = [d.unsqueeze(1) for d in self.layer_distances(outputs)]
         grid = distances[0].shape[-2:]
-        product = None
-        for distance in distances:
-            level = upsample_maps(distance.unsqueeze(1), grid)
-            product = level if product is None else product * level
-        return upsample_maps(product, size)
+        product = distances[0]
+        for level in distances[1:]:
+            product = product * upsample_maps(level, grid)
+        return product
+
+    def anomaly_map(self, outputs: dict, size: Sequence[int]) -> torch.Tensor:
+        """The grid map bilinearly resized to ``size`` [B, 1, H, W] (the official code's cv2 resize, which
+        equals torch's half-pixel bilinear when enlarging)."""
+        return upsample_maps(self.grid_map(outputs), size)

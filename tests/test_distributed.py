@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from main import run_experiment
+from models.model_padim import PACKED_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +49,8 @@ def test_padim_statistics_from_two_processes_equal_one(tmp_path, demo_root):
     one = torch.load(Path(single["run_dir"]) / "checkpoint.pt", weights_only=True)["model"]
     two = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
     assert torch.allclose(one["mean"], two["mean"], atol=1e-5)
-    scale = one["inv_covariance"].abs().max()
-    assert torch.allclose(one["inv_covariance"] / scale, two["inv_covariance"] / scale, atol=1e-4)
+    scale = one[PACKED_KEY].abs().max()  # the stored triangles of the inverse covariances
+    assert torch.allclose(one[PACKED_KEY] / scale, two[PACKED_KEY] / scale, atol=1e-4)
     expected, got = _scores(single["run_dir"]), _scores(run_dir)
     assert expected.keys() == got.keys()
     assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
@@ -66,3 +67,14 @@ def test_stfpm_first_epoch_loss_from_two_processes_equals_one(tmp_path, demo_roo
     first = single["fit"]["history"][0]
     assert history[0]["train"]["loss"] == pytest.approx(first["train"]["loss"], rel=0.02)
     assert history[0]["valid"]["loss"] == pytest.approx(first["valid"]["loss"], rel=0.05)
+
+
+def test_stfpm_with_an_efficientnet_student_trains_under_torchrun(tmp_path, demo_root):
+    # timm's EfficientNet feature model keeps the blocks after the last matched stage; in the student
+    # they get no gradient, which DistributedDataParallel refuses at the second step.
+    flags = _flags(tmp_path, demo_root, "stfpm", "--set", "train.epochs=1", "--set", "data.batch_size=8")
+    flags[flags.index("resnet18")] = "efficientnet_lite0"
+    run_dir = _torchrun(flags)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["backbone"] == "efficientnet_lite0"
+    assert results["fit"]["kept"] == "epoch 1 (best monitored)"

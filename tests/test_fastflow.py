@@ -56,7 +56,9 @@ def test_fastflow_end_to_end(tmp_path, demo_root, scores_auroc):
     })
     history = results["fit"]["history"]
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
-    assert "bits_per_dim" in history[-1]["valid"]
+    # The official default: every train/good image trained on, nothing held out, the last epoch kept.
+    assert "bits_per_dim" in history[-1]["train"] and history[-1]["valid"] == {}
+    assert results["fit"]["kept"] == "epoch 2 (last)"
     assert results["metrics"]["image_auroc"] == pytest.approx(scores_auroc(results["run_dir"]), abs=1e-9)
 
 
@@ -79,7 +81,7 @@ def test_cached_backbone_features_train_like_recomputed_ones(tmp_path, demo_root
     def run(cache_mb, name):
         return run_experiment({
             "model": {"name": "fastflow", "backbone": "resnet18", "pretrained": False, "flow_steps": 2},
-            "data": {"name": "demo", "root": str(demo_root), "image_size": 64, "batch_size": 8},
+            "data": {"name": "demo", "root": str(demo_root), "image_size": 64, "batch_size": 8, "val_fraction": 0.2},
             "train": {"epochs": 2, "feature_cache_mb": cache_mb},
             "output_dir": str(tmp_path / name), "eval": {"num_figures": 0},
         })
@@ -97,8 +99,8 @@ def test_synthetic_monitor_keeps_the_epoch_with_the_best_simulated_defect_auroc(
     def run(name, **train):
         return run_experiment({
             "model": {"name": "fastflow", "backbone": "resnet18", "pretrained": False, "flow_steps": 2},
-            "data": {"name": "demo", "root": str(demo_root), "image_size": 64, "batch_size": 8},
-            "train": {"epochs": 3, "patience": 3, **train},
+            "data": {"name": "demo", "root": str(demo_root), "image_size": 64, "batch_size": 8, "val_fraction": 0.2},
+            "train": {"epochs": 3, "patience": 3, "keep": "best", **train},
             "output_dir": str(tmp_path / name), "eval": {"num_figures": 0},
         })
     by_loss = run("loss")

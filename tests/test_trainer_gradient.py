@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from main import run_experiment
+from main import load_checkpoint, run_experiment
 from modelers.modeler_stfpm import STFPMModeler
+from registry import build_dataloader
 from trainers.trainer_gradient import GradientTrainer
 from utils import FrameworkError
 
@@ -29,10 +31,29 @@ def _scores(run_dir):
 def test_stfpm_end_to_end_trains_and_keeps_the_best_checkpoint(tmp_path, demo_root, scores_auroc):
     results = run_experiment(_config(tmp_path, demo_root))
     history = results["fit"]["history"]
-    assert len(history) == 3 and results["fit"]["monitored"] == "valid loss"
+    assert len(history) == 3 and results["fit"]["monitored"] == "mean anomaly map of the held-out train images"
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
-    assert results["fit"]["best_monitored"] == min(epoch["valid"]["loss"] for epoch in history)
-    assert (Path(results["run_dir"]) / "last.pt").is_file() and (Path(results["run_dir"]) / "best.pt").is_file()
+    means = [epoch["valid"]["normal_map_mean"] for epoch in history]
+    assert results["fit"]["best_monitored"] == min(means)
+    assert results["fit"]["kept"] == f"epoch {means.index(min(means)) + 1} (best monitored)"
+    # The official criterion, recomputed on the evaluated weights: the mean over the held-out images of
+    # the product of the per-level distance maps, each resized to the finest level's grid.
+    modeler, _ = load_checkpoint(results["run_dir"])
+    dataloader = build_dataloader(results["config"])
+    grids = []
+    with torch.no_grad():
+        for batch in dataloader.make_loader(dataloader.valid_dataset, shuffle=False):
+            outputs = modeler.model(batch["image"])
+            product = None
+            for t, s in zip(outputs["teacher"], outputs["student"]):
+                level = ((F.normalize(t, dim=1) - F.normalize(s, dim=1)) ** 2).sum(1, keepdim=True)
+                grid = outputs["teacher"][0].shape[-2:]
+                level = F.interpolate(level, size=grid, mode="bilinear", align_corners=False)
+                product = level if product is None else product * level
+            grids.append(product)
+    assert results["fit"]["best_monitored"] == pytest.approx(float(torch.cat(grids).mean()), rel=1e-5)
+    # The weights are stored once: checkpoint.pt holds the best epoch; training files go once the run is done.
+    assert sorted(p.name for p in Path(results["run_dir"]).glob("*.pt")) == ["checkpoint.pt"]
     assert results["metrics"]["image_auroc"] == pytest.approx(scores_auroc(results["run_dir"]), abs=1e-9)
 
 
@@ -68,7 +89,8 @@ def test_resume_equals_uninterrupted_training(tmp_path, demo_root, monkeypatch):
 
 
 def test_resume_keeps_a_best_epoch_from_before_the_interruption(tmp_path, demo_root):
-    first = run_experiment(_config(tmp_path, demo_root, epochs=1))
+    first = run_experiment(_config(tmp_path, demo_root, epochs=1, keep_training_state=True))
+    assert not (Path(first["run_dir"]) / "best.pt").exists()  # a done run keeps its best weights in checkpoint.pt
     # No resumed epoch can count as better (min_delta is huge): the best checkpoint is the first run's.
     resumed = run_experiment(_config(tmp_path, demo_root, epochs=2, min_delta=1e9, resume=first["run_dir"]))
     assert resumed["fit"]["epochs"] == 2 and resumed["fit"]["best_monitored"] == pytest.approx(first["fit"]["best_monitored"])
@@ -76,7 +98,7 @@ def test_resume_keeps_a_best_epoch_from_before_the_interruption(tmp_path, demo_r
 
 
 def test_resume_from_a_training_state_of_an_older_version_names_the_file(tmp_path, demo_root):
-    first = run_experiment(_config(tmp_path, demo_root, epochs=1))
+    first = run_experiment(_config(tmp_path, demo_root, epochs=1, keep_training_state=True))
     last = Path(first["run_dir"]) / "last.pt"
     state = torch.load(last, weights_only=True)
     state["best_loss"] = state.pop("best_monitored")  # the key before train.monitor existed

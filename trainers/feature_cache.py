@@ -30,10 +30,12 @@ from distributed import is_main
 
 class CachedFeatures(Dataset):
     """One split's per-stage backbone features [N, C_i, h_i, w_i] and, when kept, the rest of each item
-    (label, mask, path...): items are ``{"features": [...], **targets}``."""
+    (label, mask, path...): items are ``{"features": [...], **targets}``. ``images``: the image dataset
+    they were computed from, which evaluation asks for the original masks (``ground_truth``)."""
 
-    def __init__(self, stages: list[torch.Tensor], targets: dict[str, torch.Tensor | list]) -> None:
-        self.stages, self.targets = stages, targets
+    def __init__(self, stages: list[torch.Tensor], targets: dict[str, torch.Tensor | list],
+                 images: Dataset | None = None) -> None:
+        self.stages, self.targets, self.images = stages, targets, images
         self.on_device = stages[0].device.type != "cpu"  # a loader must not pin these
 
     def __len__(self) -> int:
@@ -148,7 +150,7 @@ class FeatureCacheMixin:
                 del memo[id(dataset)]
                 return self.split_features(dataset, split, with_targets)
             cached.targets = self._targets(dataset)
-        return cached if with_targets else CachedFeatures(cached.stages, {})
+        return CachedFeatures(cached.stages, cached.targets, dataset) if with_targets else CachedFeatures(cached.stages, {})
 
     @staticmethod
     def _targets(dataset: Dataset) -> dict[str, torch.Tensor | list]:

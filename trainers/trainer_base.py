@@ -5,25 +5,56 @@ for the gradient-style ones), so evaluation is written once here.
 """
 from __future__ import annotations
 
+import os
+import pickle
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from metrics.metrics_base import (compute_image_metrics, compute_pixel_metrics, f1_adaptive_threshold, f1_max,
                                   normal_threshold)
+from models.model_base import upsample_maps, weights_record
 from utils import FrameworkError, StageTimer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+def read_checkpoint(path: Path, device: torch.device | str, needs: tuple[str, ...] = ("model",)) -> dict:
+    """``torch.load(weights_only=True)`` of a checkpoint, or one line naming the file when it is truncated,
+    empty, not a checkpoint, or lacks one of ``needs``."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as error:
+        size = path.stat().st_size if path.is_file() else 0
+        raise FrameworkError(f"'{path}' ({size:,} bytes) is not a readable checkpoint (truncated, empty or another "
+                             f"file; an interrupted copy?): {str(error).splitlines()[0] if str(error) else ''}"
+                             .rstrip(": ")) from error
+    missing = [key for key in needs if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise FrameworkError(f"'{path}' is not a checkpoint of this framework: it lacks {', '.join(missing)}")
+    return state
+
+
+def save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` through a temporary file, so that Ctrl-C or a full disk never leaves a truncated file."""
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 @dataclass
 class Predictions:
-    """Everything evaluation needs, on the CPU: scores [N], maps and masks [N, 1, S, S], labels [N]."""
+    """Everything evaluation needs, on the CPU: scores [N], maps and masks [N, 1, S, S] at the model input,
+    labels [N]; with ``ground_truth``, the maps and original masks at the evaluation resolution (one
+    [h, w] pair per image, sizes may differ)."""
 
     scores: torch.Tensor
     maps: torch.Tensor
@@ -31,6 +62,31 @@ class Predictions:
     masks: torch.Tensor
     image_paths: list[str]
     defect_types: list[str]
+    eval_maps: list[np.ndarray] | None = None
+    eval_masks: list[np.ndarray] | None = None
+
+    def pixel_pairs(self) -> tuple:
+        """(masks, maps) for the pixel metrics: at the evaluation resolution when one was set."""
+        if self.eval_maps is not None:
+            return self.eval_masks, self.eval_maps
+        return self.masks.numpy(), self.maps.numpy()
+
+
+def evaluation_resolution(data_cfg: dict) -> int | str | None:
+    """``data.mask_size`` when it asks for another resolution than the model input, else None."""
+    size = data_cfg["mask_size"]
+    return None if size is None or size == data_cfg["image_size"] else size
+
+
+def describe_resolution(data_cfg: dict) -> str:
+    """What results.json records as the pixel metrics' resolution."""
+    size = evaluation_resolution(data_cfg)
+    if size is None:
+        return f"input {data_cfg['image_size']}x{data_cfg['image_size']} (masks resized by nearest neighbour as the images)"
+    if size == "native":
+        crop = "" if data_cfg["crop_ratio"] == 1.0 else ", its centre-crop region"
+        return f"native (each original image's own size{crop}; map bilinearly upsampled, original masks)"
+    return f"{size}x{size} (map bilinearly resized, original masks resized by nearest neighbour and cropped)"
 
 
 class BaseTrainer:
@@ -80,28 +136,45 @@ class BaseTrainer:
         dataset, workers = self.split_dataset(dataset, split, with_targets=True)
         return self.dataloader.make_loader(dataset, shuffle=False, num_workers=workers)
 
+    def progress(self) -> str:
+        """Where the run is, for the message of an interrupted run."""
+        return "while evaluating" if self.timings.get("fit") is not None else "while fitting"
+
+    def resumable(self) -> bool:
+        """Whether the run folder holds a training state that ``train.resume`` can continue."""
+        return False
+
+    def finish(self, checkpoint_saved: bool) -> None:
+        """Called once the run is done; families that keep training files drop what is no longer needed."""
+
     # -- shared evaluation --------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict(self, loader, desc: str = "predict", held_out: bool = False) -> Predictions:
-        """Maps and scores for every image of ``loader``, maps at the stated mask resolution.
+    def predict(self, loader, desc: str = "predict", held_out: bool = False, ground_truth: bool = False) -> Predictions:
+        """Maps and scores for every image of ``loader`` at the model input; with ``ground_truth`` (a split
+        of an AnomalyDataset), also each map resized to the evaluation resolution (``data.mask_size``) beside
+        the mask read again from its original file, never from the mask already resized to the input.
 
         ``held_out``: ``loader`` walks the fit's own images in fit order, each scored leave-one-out.
         """
-        mask_size = self.config["data"]["mask_size"]
-        parts: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [], "types": []}
+        resolution = evaluation_resolution(self.config["data"]) if ground_truth else None
+        images = getattr(loader.dataset, "images", None) or loader.dataset  # cached features name their images
+        index = {str(sample.path): i for i, sample in enumerate(images.samples)} if resolution else {}
+        parts: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [], "types": [],
+                                  "eval_maps": [], "eval_masks": []}
         seen = 0
         for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
             positions = torch.arange(seen, seen + len(batch["label"])) if held_out else None
             seen += len(batch["label"])
             output = self.modeler.evaluate_step(batch, positions)
-            maps, masks = output["anomaly_maps"], batch["mask"]
-            if mask_size is not None and maps.shape[-1] != mask_size:
-                maps = F.interpolate(maps, size=(mask_size, mask_size), mode="bilinear", align_corners=False)
-                masks = F.interpolate(masks, size=(mask_size, mask_size), mode="nearest")
+            maps = output["anomaly_maps"].float().cpu()
+            for heat, path in zip(maps if resolution else [], batch["image_path"]):
+                mask = images.ground_truth(index[path], resolution)[0]
+                parts["eval_masks"].append(mask.numpy().astype(bool))
+                parts["eval_maps"].append(upsample_maps(heat[None], mask.shape)[0, 0].numpy())
             parts["scores"].append(output["anomaly_scores"].float().cpu())
-            parts["maps"].append(maps.cpu())
+            parts["maps"].append(maps)
             parts["labels"].append(batch["label"])
-            parts["masks"].append(masks)
+            parts["masks"].append(batch["mask"])
             parts["paths"].extend(batch["image_path"])
             parts["types"].extend(batch["defect_type"])
         if not parts["scores"]:
@@ -113,6 +186,8 @@ class BaseTrainer:
             masks=torch.cat(parts["masks"]),
             image_paths=parts["paths"],
             defect_types=parts["types"],
+            eval_maps=parts["eval_maps"] if resolution else None,
+            eval_masks=parts["eval_masks"] if resolution else None,
         )
 
     def normal_predictions(self) -> tuple[Predictions, str]:
@@ -171,7 +246,8 @@ class BaseTrainer:
             self.calibrate_threshold()
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        predictions = self.predict(self.eval_loader(self.dataloader.test_dataset, "test"), desc="evaluate")
+        predictions = self.predict(self.eval_loader(self.dataloader.test_dataset, "test"), desc="evaluate",
+                                   ground_truth=True)
         metrics_start = time.perf_counter()
         metrics = compute_image_metrics(
             predictions.labels.numpy(), predictions.scores.numpy(), self.threshold, self.threshold_source
@@ -179,7 +255,7 @@ class BaseTrainer:
         metrics["threshold_strategy"] = self.config["eval"]["threshold_strategy"]
         metrics["pixel_threshold"], metrics["pixel_threshold_source"] = self.pixel_threshold, self.pixel_threshold_source
         if self.dataloader.has_masks:
-            metrics.update(compute_pixel_metrics(predictions.masks.numpy(), predictions.maps.numpy()))
+            metrics.update(compute_pixel_metrics(*predictions.pixel_pairs()))
         else:
             warnings.warn("This category has no ground_truth folder: pixel metrics are unavailable")
             metrics.update({"pixel_auroc": None, "pixel_aupr": None, "aupro": None})
@@ -197,6 +273,7 @@ class BaseTrainer:
             "format_version": 1,
             "model": self.modeler.state_dict(),
             "config": self.config,
+            "weights": weights_record(self.modeler.model),
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "pixel_threshold": self.pixel_threshold,
@@ -204,5 +281,5 @@ class BaseTrainer:
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
         path = Path(path or self.run_dir / CHECKPOINT_NAME)
-        torch.save(self.checkpoint(), path)
+        save_atomically(self.checkpoint(), path)
         return path

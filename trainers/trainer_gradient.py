@@ -1,9 +1,11 @@
 """The trainer of models fitted by back-propagation on normal images (STFPM, AE, VAE).
 
 Validation uses held-out *training* images (``data.val_fraction``), never the test set (P6, P10).
-Early stopping watches ``train.monitor``: the validation loss, or the pixel AUROC on those images with
-simulated defects (a label-free proxy for localisation, for models whose localisation peaks while their
-loss keeps falling, as FastFlow's, P5). The best weights are kept and evaluated. ``last.pt`` holds
+Early stopping watches ``train.monitor``: the validation loss, the mean anomaly map of those normal
+images (STFPM's official rule), or the pixel AUROC on those images with simulated defects (a label-free
+proxy for localisation, for models whose localisation peaks while their loss keeps falling, as
+FastFlow's, P5). ``train.keep`` says which weights are evaluated: the best monitored epoch, or the last
+one (FastFlow's and DRAEM's official codes, which hold nothing out). ``last.pt`` holds
 everything needed to resume (model, optimiser, scheduler, epoch, RNG states, config), so an
 interrupted run resumed with ``train.resume`` ends where an uninterrupted one would.
 """
@@ -26,7 +28,7 @@ from distributed import broadcast_object, is_main, mean_over_ranks, world_size
 from metrics.metrics_base import auroc
 from modelers.modeler_base import NonFiniteLossError
 from registry import TRAINER_REGISTRY
-from trainers.trainer_base import BaseTrainer
+from trainers.trainer_base import CHECKPOINT_NAME, BaseTrainer, read_checkpoint, save_atomically
 from trainers.training_log import TrainingLog
 from utils import FrameworkError, StageTimer
 
@@ -115,9 +117,24 @@ class GradientTrainer(BaseTrainer):
         return auroc(predictions.masks.flatten().numpy() > 0.5, predictions.maps.flatten().numpy(),
                      "synthetic pixel AUROC")
 
-    def monitored_value(self, train_metrics: dict, valid_metrics: dict, defect_loader) -> float:
-        """What early stopping minimises: the validation loss, or minus the synthetic pixel AUROC (which
-        is also recorded in ``valid_metrics``)."""
+    @torch.no_grad()
+    def normal_map_mean(self, loader: DataLoader) -> float:
+        """Mean of the model's selection maps over every pixel of the held-out normal images."""
+        total, count = 0.0, 0
+        for batch in loader:
+            maps = self.modeler.selection_maps(batch).float()
+            total, count = total + float(maps.sum()), count + maps.numel()
+        return total / max(count, 1)
+
+    def monitored_value(self, train_metrics: dict, valid_metrics: dict, valid_loader, defect_loader) -> float:
+        """What early stopping minimises: the validation loss, the mean normal map, or minus the synthetic
+        pixel AUROC (the last two are also recorded in ``valid_metrics``)."""
+        if self.config["train"]["monitor"] == "normal_map_mean":
+            if valid_loader is None:
+                raise FrameworkError("train.monitor=normal_map_mean needs held-out training images: "
+                                     "set data.val_fraction > 0")
+            valid_metrics["normal_map_mean"] = self.normal_map_mean(valid_loader)
+            return valid_metrics["normal_map_mean"]
         if defect_loader is None:
             return valid_metrics.get("loss", train_metrics["loss"])
         valid_metrics["synthetic_pixel_auroc"] = self.synthetic_pixel_auroc(defect_loader)
@@ -136,6 +153,7 @@ class GradientTrainer(BaseTrainer):
                     f"Training stopped at epoch {self.epoch + 1}, step {step + 1}: {error}; "
                     f"the last good checkpoint is kept at '{kept}' (lower train.lr?)"
                 ) from error
+            self.steps_done = step + 1 if train else self.steps_done
             for key, value in report.items():
                 totals[key] = totals.get(key, 0.0) + value
             count += 1
@@ -143,6 +161,26 @@ class GradientTrainer(BaseTrainer):
         return {key: value / max(count, 1) for key, value in totals.items()}
 
     # -- checkpoints of the training state ----------------------------------------------------------
+    def progress(self) -> str:
+        epochs = self.config["train"]["epochs"]
+        if self.timings.get("fit") is not None:
+            return f"while evaluating, after training ({len(self.history)} epochs in last.pt)"
+        if not hasattr(self, "steps_done"):
+            return "before the first epoch"
+        return (f"in epoch {self.epoch + 1}/{epochs} after {self.steps_done} training steps; last.pt holds "
+                f"{len(self.history)} completed epoch{'s' * (len(self.history) != 1)}")
+
+    def resumable(self) -> bool:
+        return (self.run_dir / LAST_NAME).is_file()
+
+    def finish(self, checkpoint_saved: bool) -> None:
+        """Keeps the weights once: checkpoint.pt holds the best epoch, so best.pt goes; last.pt (weights,
+        optimiser state) goes too unless ``train.keep_training_state``. Only what this run wrote is removed."""
+        if checkpoint_saved:
+            (self.run_dir / BEST_NAME).unlink(missing_ok=True)
+        if not self.config["train"]["keep_training_state"]:
+            (self.run_dir / LAST_NAME).unlink(missing_ok=True)
+
     def _training_state(self) -> dict:
         return {
             **self.checkpoint(),
@@ -150,6 +188,7 @@ class GradientTrainer(BaseTrainer):
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.epoch + 1,
             "best_monitored": self.best_monitored,
+            "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
             "rng": rng_state(),
@@ -159,7 +198,7 @@ class GradientTrainer(BaseTrainer):
         path = Path(run_dir) / LAST_NAME
         if not path.is_file():
             raise FrameworkError(f"Cannot resume: '{path}' not found (train.resume must be a run folder with last.pt)")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = read_checkpoint(path, self.device, needs=("model", "optimizer"))
         self.modeler.load_state_dict(state["model"], source=str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -170,14 +209,18 @@ class GradientTrainer(BaseTrainer):
         except KeyError as error:
             raise FrameworkError(f"Cannot resume from '{path}': it lacks {error} (written by an older version "
                                  f"of this framework; start a new run)") from error
+        self.best_epoch = state.get("best_epoch")
         set_rng_state(rng)
-        # The best epoch may precede the interruption; this run's folder must hold it for evaluation.
-        best = Path(run_dir) / BEST_NAME
-        if is_main() and best.is_file():
-            shutil.copy2(best, self.run_dir / BEST_NAME)
+        # The best epoch may precede the interruption; this run's folder must hold it for evaluation. A run
+        # that finished keeps it in checkpoint.pt (best.pt is dropped then).
+        for best in (Path(run_dir) / BEST_NAME, Path(run_dir) / CHECKPOINT_NAME):
+            if is_main() and best.is_file():
+                shutil.copy2(best, self.run_dir / BEST_NAME)
+                break
 
-    @staticmethod
-    def monitored_name(valid_loader, defect_loader) -> str:
+    def monitored_name(self, valid_loader, defect_loader) -> str:
+        if self.config["train"]["monitor"] == "normal_map_mean":
+            return "mean anomaly map of the held-out train images"
         if defect_loader is not None:
             return "minus the synthetic pixel AUROC on held-out train images"
         return "valid loss" if valid_loader else "train loss (data.val_fraction is 0)"
@@ -189,6 +232,8 @@ class GradientTrainer(BaseTrainer):
         if self.modeler.use_amp:
             self.modeler.scaler = torch.amp.GradScaler("cuda")
         self.start_epoch, self.best_monitored, self.bad_epochs, self.history = 0, math.inf, 0, []
+        self.best_epoch: int | None = None
+        keep_best = train_cfg["keep"] == "best"
         if train_cfg["resume"]:
             self._resume(Path(train_cfg["resume"]))
         if world_size() > 1:
@@ -201,6 +246,7 @@ class GradientTrainer(BaseTrainer):
         log = TrainingLog(self.run_dir, train_cfg["tensorboard"]) if is_main() else None
         self.epoch = self.start_epoch
         for self.epoch in range(self.start_epoch, train_cfg["epochs"]):
+            self.steps_done = 0
             epoch_start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
             for epoch_aware in (train_loader.dataset, train_loader.sampler):
                 if hasattr(epoch_aware, "set_epoch"):
@@ -211,35 +257,39 @@ class GradientTrainer(BaseTrainer):
             if self.scheduler is not None:
                 self.scheduler.step()
             # Every rank validates the same images with the same weights; rank 0's value decides for all.
-            monitored = broadcast_object(self.monitored_value(train_metrics, valid_metrics, defect_loader))
+            monitored = broadcast_object(self.monitored_value(train_metrics, valid_metrics, valid_loader, defect_loader))
             self.history.append({"epoch": self.epoch + 1, "train": train_metrics, "valid": valid_metrics, "lr": lr,
                                  "seconds": time.perf_counter() - epoch_start})
             if monitored < self.best_monitored - train_cfg["min_delta"]:
-                self.best_monitored, self.bad_epochs = monitored, 0
-                if is_main():
-                    torch.save(self.checkpoint(), self.run_dir / BEST_NAME)
+                self.best_monitored, self.bad_epochs, self.best_epoch = monitored, 0, self.epoch + 1
+                if is_main() and keep_best:
+                    save_atomically(self.checkpoint(), self.run_dir / BEST_NAME)
             else:
                 self.bad_epochs += 1
             if is_main():
-                torch.save(self._training_state(), self.run_dir / LAST_NAME)
+                save_atomically(self._training_state(), self.run_dir / LAST_NAME)
                 log.record(self.history)
                 tqdm.write(f"epoch {self.epoch + 1}: train loss {train_metrics['loss']:.5g}"
                            + (f", valid loss {valid_metrics['loss']:.5g}" if valid_metrics else "")
-                           + (f", synthetic pixel AUROC {-monitored:.4f}" if defect_loader else ""))
+                           + (f", synthetic pixel AUROC {-monitored:.4f}" if defect_loader else "")
+                           + (f", normal map mean {monitored:.5g}" if "normal_map_mean" in valid_metrics else ""))
             if self.bad_epochs >= train_cfg["patience"]:
                 stopped_early = True
                 break
         self.modeler.network = self.modeler.model
-        if is_main():  # the only rank that evaluates
+        if is_main():  # the only rank that evaluates; keep=last evaluates the weights as they are
             log.close(self.history)
-            best = torch.load(self.run_dir / BEST_NAME, map_location=self.device, weights_only=True)
-            self.modeler.load_state_dict(best["model"])
+            if keep_best:
+                best = read_checkpoint(self.run_dir / BEST_NAME, self.device)
+                self.modeler.load_state_dict(best["model"])
         self.timings.update(self.modeler.timer.as_dict("fit_"))
         self.timings["fit"] = time.perf_counter() - start
         return {
             "epochs": len(self.history),
             "stopped_early": stopped_early,
             "best_monitored": self.best_monitored,
+            "best_epoch": self.best_epoch,
             "monitored": self.monitored_name(valid_loader, defect_loader),
+            "kept": f"epoch {self.best_epoch} (best monitored)" if keep_best else f"epoch {len(self.history)} (last)",
             "history": self.history,
         }

@@ -38,9 +38,12 @@ class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
         dataset = self.dataloader.train_dataset
         if world_size() > 1:
             dataset = Subset(dataset, list(shard(len(dataset))))
+        self.modeler.begin_fit(len(dataset))
+        prepare = getattr(self.modeler.model, "prepare_extractor", None)  # PatchCore's official batch-norm pass
+        if prepare is not None:
+            prepare(self.config["data"]["image_size"])  # before any feature is computed or looked up
         source, workers = self.split_dataset(dataset, "train")
         loader = self.dataloader.make_loader(source, shuffle=False, num_workers=workers)
-        self.modeler.begin_fit(len(dataset))
         summary = self.run_epoch(loader, desc="fit")
         if world_size() > 1:
             self.modeler.model.merge_across_ranks()

@@ -1,0 +1,264 @@
+"""What a newcomer meets around the algorithms: one-line errors, Ctrl-C, the run status, failing sweeps,
+what a run leaves on disk, DRAEM's activation memory and a --help that does not load torch."""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from config import resolve_config
+from main import main, run_experiment
+from models.model_draem import DraemModel
+from models.model_padim import PACKED_KEY, PadimModel
+from sweep import find_done, markdown_table, plot_summary, summarise
+from trainers.trainer_gradient import GradientTrainer
+from trainers.trainer_memory import MemoryTrainer
+from utils import read_status
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _argv(tmp_path, demo_root, model="padim", *extra):
+    return ["--model", model, "--dataset", "demo", "--data-root", str(demo_root), "--backbone", "resnet18",
+            "--image-size", "64", "--batch-size", "16", "--output-dir", str(tmp_path / "runs"),
+            "--set", "model.pretrained=false", "--set", "eval.num_figures=0", *extra]
+
+
+def _one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# -- one line instead of a traceback ---------------------------------------------------------------------
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_epochs_below_one_are_refused_in_one_line(tmp_path, demo_root, capsys, epochs):
+    assert main(_argv(tmp_path, demo_root, "stfpm", "--epochs", epochs)) == 2
+    assert f"'train.epochs' (--epochs) must be at least 1, got {epochs}" in _one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_memory_models_say_they_have_nothing_to_resume(tmp_path, demo_root, capsys):
+    assert main(_argv(tmp_path, demo_root, "patchcore", "--resume", str(tmp_path))) == 2
+    assert "memory models have nothing to resume" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_output_dir_that_is_a_file_is_one_line(tmp_path, demo_root, capsys, below):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    output = blocker / below if below else blocker
+    argv = _argv(tmp_path, demo_root) + ["--output-dir", str(output)]
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert f"output_dir '{output}'" in line and "--output-dir" in line
+    assert blocker.read_text() == "mine"
+
+
+def _truncated(path: Path, keep: float) -> Path:
+    torch.save({"model": {"weight": torch.arange(100_000.0)}, "config": {}, "threshold": 1.0}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+@pytest.mark.parametrize("command", [["predict", "--input", "."], ["export", "--format", "onnx"]])
+def test_truncated_or_empty_checkpoint_for_predict_and_export_is_one_line(tmp_path, capsys, keep, command):
+    checkpoint = _truncated(tmp_path / "checkpoint.pt", keep)
+    assert main([*command, "--checkpoint", str(tmp_path)]) == 2
+    line = _one_error_line(capsys)
+    assert str(checkpoint) in line and "not a readable checkpoint" in line
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_truncated_or_empty_last_pt_for_resume_is_one_line_and_a_failed_status(tmp_path, demo_root, capsys, keep):
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    last = _truncated(previous / "last.pt", keep)
+    assert main(_argv(tmp_path, demo_root, "stfpm", "--resume", str(previous))) == 2
+    line = _one_error_line(capsys)
+    assert str(last) in line and "not a readable checkpoint" in line
+    run_dir = next((tmp_path / "runs").rglob("config.json")).parent
+    status = read_status(run_dir)
+    assert status["status"] == "failed" and str(last) in status["error"]
+
+
+# -- Ctrl-C, status, resume, what stays on disk ---------------------------------------------------------
+def test_ctrl_c_says_where_and_how_to_resume_and_the_resumed_run_keeps_one_copy_of_the_weights(
+        tmp_path, demo_root, capsys, monkeypatch):
+    original = GradientTrainer.run_epoch
+    calls = {"train": 0}
+
+    def interrupt_second_epoch(self, loader, train, desc):
+        if train:
+            calls["train"] += 1
+            if calls["train"] == 2:
+                raise KeyboardInterrupt
+        return original(self, loader, train, desc)
+
+    monkeypatch.setattr(GradientTrainer, "run_epoch", interrupt_second_epoch)
+    argv = _argv(tmp_path, demo_root, "stfpm", "--epochs", "2", "--set", "data.val_fraction=0.25")
+    assert main(argv) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    interrupted = next((tmp_path / "runs").rglob("config.json")).parent
+    assert line == (f"interrupted: run interrupted in epoch 2/2 after 0 training steps; last.pt holds 1 completed epoch; "
+                    f"continue it with the same options plus --resume {interrupted}")
+    assert read_status(interrupted) == {**read_status(interrupted), "status": "interrupted", "message": line[13:]}
+    assert (interrupted / "last.pt").is_file() and not (interrupted / "results.json").exists()
+
+    monkeypatch.setattr(GradientTrainer, "run_epoch", original)
+    assert main(argv + ["--resume", str(interrupted)]) == 0
+    resumed = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert read_status(resumed)["status"] == "done"
+    results = json.loads((resumed / "results.json").read_text())
+    assert results["fit"]["epochs"] == 2
+    # Done: the best weights live in checkpoint.pt alone; the training state is dropped.
+    assert sorted(p.name for p in resumed.glob("*.pt")) == ["checkpoint.pt"]
+    assert (interrupted / "last.pt").is_file()  # the folder resumed from is never touched
+
+
+def test_ctrl_c_of_a_memory_model_says_there_is_nothing_to_resume(tmp_path, demo_root, capsys, monkeypatch):
+    def interrupt(self, loader, train=True, desc="collect"):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MemoryTrainer, "run_epoch", interrupt)
+    assert main(_argv(tmp_path, demo_root)) == 130
+    line = _one_error_line(capsys)
+    assert line == "interrupted: run interrupted while fitting; nothing to resume for this model: run it again"
+    assert read_status(next((tmp_path / "runs").rglob("config.json")).parent)["status"] == "interrupted"
+
+
+@pytest.fixture(scope="module")
+def padim_done(tmp_path_factory, demo_root):
+    """Overrides and results of one finished PaDiM run in a folder of its own."""
+    output = tmp_path_factory.mktemp("padim_done")
+    overrides = {"model.name": "padim", "data.name": "demo", "data.root": str(demo_root), "model.backbone": "resnet18",
+                 "model.pretrained": False, "data.image_size": 64, "eval.num_figures": 0,
+                 "output_dir": str(output / "runs")}
+    return overrides, run_experiment(overrides)
+
+
+def test_predict_output_dir_that_is_a_file_is_one_line_before_scoring(tmp_path, demo_root, padim_done, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    image = next((demo_root / "fabric" / "test").rglob("*.png"))
+    argv = ["predict", "--checkpoint", padim_done[1]["run_dir"], "--input", str(image), "--output-dir", str(blocker)]
+    assert main(argv) == 2
+    assert _one_error_line(capsys).startswith(f"error: Cannot create the output folder '{blocker}'")
+    assert blocker.read_text() == "mine"
+
+
+def test_skip_done_reuses_only_runs_whose_status_is_done(padim_done, monkeypatch):
+    overrides, results = padim_done
+    run_dir = Path(results["run_dir"])
+    assert read_status(run_dir)["status"] == "done"
+    config = resolve_config(overrides)
+    assert find_done(config)["run_dir"] == str(run_dir)
+    (run_dir / "status.json").write_text(json.dumps({"status": "failed", "error": "disk full"}))
+    assert find_done(config) is None
+
+    def boom(self):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(MemoryTrainer, "fit", boom)
+    with pytest.raises(RuntimeError):
+        run_experiment(overrides)
+    failed = [read_status(p.parent) for p in Path(overrides["output_dir"]).rglob("config.json") if p.parent != run_dir]
+    assert [(status["status"], status["error"]) for status in failed] == [("failed", "boom")]
+
+
+# -- sweeps with failures --------------------------------------------------------------------------------
+def test_a_sweep_whose_runs_fail_exits_non_zero_and_says_how_many(tmp_path, demo_root, capsys):
+    argv = _argv(tmp_path, demo_root) + ["--category", "nowhere,elsewhere"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    sweep_dir = Path(captured.out.strip().splitlines()[-1])
+    assert captured.err.strip().splitlines()[-1] == (
+        f"error: 2 of 2 sweep runs failed (their errors are in {sweep_dir / 'runs.csv'})")
+    assert (sweep_dir / "summary.png").stat().st_size > 0
+    assert "| nowhere | failed | failed | failed | failed |" in (sweep_dir / "summary.md").read_text()
+
+
+def test_failed_runs_are_marked_in_the_table_and_on_the_chart(tmp_path):
+    def row(model, category, seed, auroc):
+        status = "failed" if auroc is None else "ok"
+        return {"model": model, "category": category, "seed": seed, "status": status, "image_auroc": auroc,
+                "pixel_auroc": auroc, "aupro": auroc, "separation": auroc, "run_dir": "" if auroc is None else f"r{seed}",
+                "error": "boom" if auroc is None else ""}
+
+    rows = [row("padim", "a", 0, 0.9), row("padim", "a", 1, None), row("padim", "b", 0, None),
+            row("stfpm", "a", 0, 0.8), row("stfpm", "b", 0, 0.7)]
+    summary = summarise(rows)
+    table = markdown_table(summary, ["padim", "stfpm"], ["a", "b"])
+    assert "| a | 0.9000 (1 of 2 failed) |" in table and "| b | failed | failed | failed | failed | 0.7000 |" in table
+    marks = plot_summary(tmp_path / "summary.png", summary, ["padim", "stfpm"], ["a", "b"])
+    assert marks == ["padim/a: 1/2 failed", "padim/b: failed"]
+
+
+# -- storage ---------------------------------------------------------------------------------------------
+def test_padim_stores_one_triangle_of_each_inverse_covariance_and_loads_it_bit_for_bit():
+    torch.manual_seed(0)
+    model = PadimModel(backbone="resnet18", pretrained=False)
+    model.begin_fit(6)
+    model.update(torch.rand(6, 3, 64, 64))
+    model.finalize()
+    inverse = model.inv_covariance
+    assert torch.equal(inverse, inverse.mT)
+    state = model.state_dict()
+    positions, dim = inverse.shape[0], inverse.shape[1]
+    assert "inv_covariance" not in state and state[PACKED_KEY].shape == (positions, dim * (dim + 1) // 2)
+    fresh = PadimModel(backbone="resnet18", pretrained=False)
+    fresh.load_state_dict(copy.deepcopy(state))
+    assert torch.equal(fresh.inv_covariance, inverse) and torch.equal(fresh.mean, model.mean)
+    images = torch.rand(2, 3, 64, 64)
+    assert torch.equal(fresh(images)["patch_scores"], model(images)["patch_scores"])
+
+
+# -- DRAEM: recomputed activations -----------------------------------------------------------------------
+def _draem_step(model: DraemModel, images: torch.Tensor, masks: torch.Tensor) -> tuple[float, int]:
+    """One training loss and backward pass; returns the loss and the bytes of activations kept for it."""
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        outputs = model(images)
+        loss = model.loss(outputs, images, masks)["loss"]
+    loss.backward()
+    return loss.item(), sum(saved)
+
+
+def test_draem_recomputation_gives_the_same_gradients_and_statistics_with_less_memory():
+    torch.manual_seed(0)
+    plain = DraemModel(reconstructive_width=4, discriminative_width=4, image_size=64)
+    lean = copy.deepcopy(plain)
+    lean.set_recompute(True)
+    images, masks = torch.rand(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.7).float()
+    loss, kept = _draem_step(plain, images, masks)
+    lean_loss, lean_kept = _draem_step(lean, images, masks)
+    assert lean_loss == loss
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+    for (name, b), c in zip(plain.named_buffers(), lean.buffers()):
+        assert torch.equal(b, c), name  # running statistics updated once, not twice
+    assert lean_kept < kept / 2
+
+
+# -- --help --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"]])
+def test_help_does_not_import_torch(argv):
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['main.py', *{argv!r}]\n"
+            "try:\n    runpy.run_path('main.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'timm', 'matplotlib', 'numpy') if m in sys.modules))\n")
+    process = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stderr
+    assert "usage:" in process.stdout and process.stdout.strip().splitlines()[-1] == "[]"
