@@ -36,7 +36,8 @@ def test_padim_end_to_end_detects_demo_defects_with_random_backbone(padim_run):
     assert results["pretrained"] is False and "random" in results["weights_source"]
     fit = results["fit"]  # the memory family's fit metrics: one Gaussian per layer-1 position (stride 4)
     assert fit["gaussians"] == (FAST_DATA["image_size"] // 4) ** 2 and fit["feature_dim"] == 100  # R18: Rd100
-    assert fit["fitted_mb"] > fit["gaussians"] * 100 * 100 * 4 / 2**20
+    # Means [P, d] and one triangle of each symmetric inverse covariance, float32.
+    assert fit["fitted_mb"] == pytest.approx(fit["gaussians"] * (100 + 100 * 101 // 2) * 4 / 2**20, abs=1e-3)
 
 
 def test_run_folder_holds_the_public_outputs(padim_run):

@@ -50,7 +50,12 @@ def test_history_is_written_as_epochs_end_and_continued_on_resume(tmp_path, demo
         assert row["seconds"] == pytest.approx(entry["seconds"], rel=1e-12) and row["seconds"] > 0
     # MultiStepLR at floor(0.34 * 3) = epoch 1: the rate each epoch trained with.
     assert [row["lr"] for row in rows] == pytest.approx([0.05, 0.005, 0.005], rel=1e-12)
-    assert Image.open(run_dir / "training_curves.png").size == (1000, 360)  # panels: loss, lr
+    # One 500 x 360 px panel per logged quantity (train and valid share one), up to three a row.
+    quantities = {key.split("_", 1)[1] if key.startswith(("train_", "valid_")) else key
+                  for key in rows[0] if key not in ("epoch", "seconds")}
+    assert {"loss", "lr"} <= quantities
+    assert Image.open(run_dir / "training_curves.png").size == (500 * min(3, len(quantities)),
+                                                                 360 * -(-len(quantities) // 3))
     assert (run_dir / "tensorboard").is_dir() == HAS_TENSORBOARD
 
 
