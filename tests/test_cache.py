@@ -52,6 +52,25 @@ def test_cached_and_uncached_paths_give_identical_scores_and_maps(demo_root, tmp
         [s for s in plain.dataloader.test_dataset.samples if s.mask_path is not None])
 
 
+def test_batchnorm_pass_and_original_masks_through_the_feature_cache(demo_root, tmp_path):
+    """PatchCore's official batch-norm pass runs before features are cached (identical maps with and without
+    the caches) and keys them apart from the plain backbone's; evaluation through cached features still
+    reads ground truth from the original masks at data.mask_size."""
+    quirk = {"model.official_batchnorm_pass": True, "data.mask_size": 128}
+    cache = {"data.cache_dir": str(tmp_path / "cache")}
+    _, reference, _ = _fitted(demo_root, tmp_path, "patchcore", **quirk, **{"data.cache": False,
+                                                                             "train.feature_cache_mb": 0})
+    for _ in ("cold", "warm"):
+        _, cached, _ = _fitted(demo_root, tmp_path, "patchcore", **quirk, **cache)
+        assert torch.equal(cached.maps, reference.maps) and torch.equal(cached.scores, reference.scores)
+        assert len(cached.eval_masks) == len(reference.eval_masks) > 0
+        assert all(np.array_equal(a, b) and a.shape == (128, 128) for a, b in zip(cached.eval_masks, reference.eval_masks))
+        assert any(mask.any() for mask in cached.eval_masks)
+    _, plain, _ = _fitted(demo_root, tmp_path, "patchcore", **cache)  # no pass: other statistics, other key
+    assert not torch.equal(plain.maps, reference.maps)
+    assert len([folder for folder in (tmp_path / "cache" / "features").iterdir() if folder.is_dir()]) == 2
+
+
 def _write(path, seed, size=24):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
