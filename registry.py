@@ -96,7 +96,7 @@ def build_model(config: dict):
 def build_modeler(config: dict, model):
     """The modeler wrapping ``model``."""
     import_all()
-    return MODELER_REGISTRY.get(config["model"]["name"])(model, config)
+    return MODELER_REGISTRY.get(config["model"]["name"])(model, config=config)
 
 
 def build_metrics(config: dict):

@@ -48,12 +48,12 @@ def test_resume_equals_uninterrupted_training(tmp_path, demo_root, monkeypatch):
     original = GradientTrainer.run_epoch
     calls = {"train": 0}
 
-    def interrupt_after_two_epochs(self, loader, train, desc):
-        if train:
+    def interrupt_after_two_epochs(self, loader, epoch, num_epochs, mode):
+        if mode == "train":
             calls["train"] += 1
             if calls["train"] == 3:
                 raise KeyboardInterrupt
-        return original(self, loader, train, desc)
+        return original(self, loader, epoch, num_epochs, mode)
 
     monkeypatch.setattr(GradientTrainer, "run_epoch", interrupt_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):

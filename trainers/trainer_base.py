@@ -9,12 +9,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from metrics.metrics_base import compute_image_metrics, compute_pixel_metrics, f1_adaptive_threshold, normal_threshold
+from metrics.metrics_base import f1_adaptive_threshold, normal_threshold
 from utils import FrameworkError, StageTimer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -31,6 +33,11 @@ class Predictions:
     image_paths: list[str]
     defect_types: list[str]
 
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Unpacks as ``scores, labels``, the design's ``predict`` return (as ``os.stat_result`` unpacks
+        to its first ten fields and keeps the rest as attributes)."""
+        return iter((self.scores, self.labels))
+
 
 class BaseTrainer:
     """Drives a modeler over the dataloader's splits.
@@ -46,7 +53,11 @@ class BaseTrainer:
 
     def __init__(self, modeler, dataloader, config: dict, run_dir: Path, device: torch.device, metrics=None) -> None:
         self.modeler = modeler.to(device)
-        self.modeler.metrics = metrics
+        # What the modeler was built with wins (the design's ``BaseModeler(model, metrics=...)``).
+        if self.modeler.metrics is None:
+            self.modeler.metrics = metrics
+        if self.modeler.config is None:
+            self.modeler.config = config
         self.dataloader = dataloader
         self.config = config
         self.run_dir = Path(run_dir)
@@ -56,21 +67,39 @@ class BaseTrainer:
         self.threshold_source = "none"
 
     # -- to be provided by each family --------------------------------------------------------------
-    def fit(self) -> dict:
-        """Trains or fits the model; returns a summary (epochs run, losses...)."""
+    def fit(self, train_loader: DataLoader | None = None, num_epochs: int | None = None,
+            valid_loader: DataLoader | None = None) -> dict:
+        """Trains or fits the model; returns the fit record, whose ``history`` lists every epoch's
+        ``{"epoch", "train", "valid"}`` means. Arguments as ``fit_arguments`` says."""
         raise NotImplementedError
 
-    def run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
-        """One pass over ``loader``: optimiser steps when ``train``, else validation; mean of each metric."""
+    def run_epoch(self, data_loader: DataLoader, epoch: int = 1, num_epochs: int = 1, mode: str = "train") -> dict[str, float]:
+        """One pass over ``data_loader``: optimiser steps when ``mode`` is ``"train"``, validation steps when
+        ``"valid"``; the mean of the loss and of each metric over the pass."""
         raise NotImplementedError
+
+    def fit_arguments(self, train_loader: DataLoader | None, num_epochs: int | None,
+                      valid_loader: DataLoader | None) -> tuple[DataLoader, int, DataLoader | None]:
+        """The design's ``fit(train_loader, num_epochs, valid_loader=None)`` and the bare ``fit()`` of
+        ``run_experiment`` in one: without a ``train_loader`` the dataloader's own train and held-out
+        splits are used; without ``num_epochs``, ``train.epochs``. Families take the images (the loader's
+        dataset) and batch size of a given loader and batch them their own way (order, simulation,
+        cached features), so a loader from ``dataloader.train_loader()`` gives the run ``run_experiment``
+        gives."""
+        if train_loader is None:
+            train_loader, valid_loader = self.dataloader.train_loader(), self.dataloader.valid_loader()
+        return train_loader, num_epochs or self.config["train"].get("epochs", 1), valid_loader
 
     # -- shared evaluation --------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict(self, loader, desc: str = "predict") -> Predictions:
-        """Maps and scores for every image of ``loader``, maps at the stated mask resolution."""
+    def predict(self, test_loader: DataLoader, desc: str = "predict") -> Predictions:
+        """Maps and scores for every image of ``test_loader``, maps at the stated mask resolution.
+
+        The result unpacks as the design's ``scores, labels = trainer.predict(test_loader)``.
+        """
         mask_size = self.config["data"]["mask_size"]
         parts: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [], "types": []}
-        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        for batch in tqdm(test_loader, desc=desc, leave=False, dynamic_ncols=True):
             output = self.modeler.evaluate_step(batch)
             maps, masks = output["anomaly_maps"], batch["mask"]
             if mask_size is not None and maps.shape[-1] != mask_size:
@@ -127,29 +156,31 @@ class BaseTrainer:
             self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
         self.timings["threshold"] = time.perf_counter() - start
 
-    def evaluate(self) -> tuple[dict, Predictions]:
-        """Scores the test split; returns the metrics and the predictions behind them."""
+    def evaluate(self, test_loader: DataLoader | None = None) -> dict:
+        """Scores ``test_loader`` (default the test split) and computes the test metrics.
+
+        Returns the design's ``{"anomaly_maps", "anomaly_scores", "labels", "metrics"}`` and
+        ``predictions`` (everything behind them: masks, paths, defect types, for figures and CSV).
+        """
         if self.threshold is None:
             self.calibrate_threshold()
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        predictions = self.predict(self.dataloader.test_loader(), desc="evaluate")
+        predictions = self.predict(test_loader or self.dataloader.test_loader(), desc="evaluate")
         metrics_start = time.perf_counter()
-        metrics = compute_image_metrics(
-            predictions.labels.numpy(), predictions.scores.numpy(), self.threshold, self.threshold_source
-        )
-        metrics["threshold_strategy"] = self.config["eval"]["threshold_strategy"]
-        if self.dataloader.has_masks:
-            metrics.update(compute_pixel_metrics(predictions.masks.numpy(), predictions.maps.numpy()))
-        else:
+        if not self.dataloader.has_masks:
             warnings.warn("This category has no ground_truth folder: pixel metrics are unavailable")
-            metrics.update({"pixel_auroc": None, "pixel_aupr": None, "aupro": None})
+        masks = predictions.masks.numpy() if self.dataloader.has_masks else None
+        metrics = self.modeler.compute_test_metrics(predictions.labels.numpy(), predictions.scores.numpy(), masks,
+                                                    predictions.maps.numpy(), self.threshold, self.threshold_source)
+        metrics["threshold_strategy"] = self.config["eval"]["threshold_strategy"]
         end = time.perf_counter()
         self.timings.update(self.modeler.timer.as_dict("evaluate_"))
         self.timings["evaluate_metrics"] = end - metrics_start
         self.timings["evaluate"] = end - start
         self.timings["images_per_second"] = len(predictions.scores) / max(metrics_start - start, 1e-9)
-        return metrics, predictions
+        return {"anomaly_maps": predictions.maps, "anomaly_scores": predictions.scores, "labels": predictions.labels,
+                "metrics": metrics, "predictions": predictions}
 
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
