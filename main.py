@@ -22,7 +22,7 @@ from config import resolve_config
 from distributed import broadcast_object, init_from_env, is_main, rank, world_size
 from models.model_base import TimmFeatureExtractor
 from trainers.trainer_base import CHECKPOINT_NAME
-from registry import build_dataloader, build_model, build_modeler, build_trainer
+from registry import build_dataloader, build_model, build_modeler, build_trainer, load_plugins
 from sweep import run_sweep, split_list
 from utils import (
     FrameworkError,
@@ -143,6 +143,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         raise FrameworkError(f"Checkpoint '{path}' not found (give a run folder or its checkpoint.pt)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     config = copy.deepcopy(checkpoint["config"])
+    load_plugins(config.get("plugins", []))  # a plugin model is rebuilt by its own module
     if "pretrained" in config["model"]:
         config["model"]["pretrained"] = False  # every weight is in the checkpoint
     modeler = build_modeler(config, build_model(config))
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", help="continue an interrupted gradient-trained run from its folder (last.pt)")
     parser.add_argument("--benchmark", action="store_true",
                         help="also time image loading, the backbone alone and a memory copy, and compare stages")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="a module of yours (importable name or .py path) registering models; repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, dotted (repeatable): --set train.lr=0.1")
     parser.add_argument("--seeds", help="comma list of seeds (0,1,2): repeats every run; tables show mean ± std")
@@ -307,6 +310,8 @@ FLAG_KEYS = {
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Dotted overrides from the flags; ``--set`` entries come last and win."""
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if args.plugin:
+        overrides["plugins"] = args.plugin
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
