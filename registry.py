@@ -152,8 +152,9 @@ def load_plugin(spec: str) -> str:
             raise
         return str(path)
     except Exception as error:  # the plugin's own code may raise anything: one line naming it
+        reason = str(error) if isinstance(error, FrameworkError) else f"{type(error).__name__}: {error}"
         raise FrameworkError(f"Cannot import plugin '{spec}' (give an importable module name or a .py path): "
-                             f"{type(error).__name__}: {error}") from error
+                             f"{reason}") from error
 
 
 def load_plugins(specs: Any) -> list[str]:
