@@ -12,6 +12,7 @@ from sklearn.neighbors import NearestNeighbors
 import config
 from main import load_checkpoint, main, run_experiment
 from registry import MODEL_REGISTRY, MODELER_REGISTRY, build_dataloader, import_all
+from utils import FrameworkError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -74,3 +75,14 @@ def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "Model 'padim' is built in" in error and "broken_plugin.py" in error
     assert "broken_plugin" not in sys.modules
+
+
+def test_a_plugin_by_module_name_brings_its_defaults_and_family(plugin_file, monkeypatch):
+    monkeypatch.syspath_prepend(str(plugin_file.parent))
+    resolved = config.resolve_config({"plugins": ["knn_detector"], "model.name": "knn", "model.k": 2})
+    assert resolved["plugins"] == ["knn_detector"] and resolved["train"]["trainer"] == "memory"
+    assert resolved["model"] == {"name": "knn", "backbone": "resnet18", "layers": [2], "pretrained": True,
+                                 "weights": None, "k": 2, "sigma": 4.0}
+    assert resolved["data"]["image_size"] == 224 and resolved["data"]["crop_ratio"] == 0.875
+    with pytest.raises(FrameworkError, match="Unknown config key 'model.neighbours'"):
+        config.resolve_config({"model.name": "knn", "model.neighbours": 2})
