@@ -166,7 +166,7 @@ class BaseTrainer:
             self.calibrate_threshold()
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        predictions = self.predict(test_loader or self.dataloader.test_loader(), desc="evaluate")
+        predictions = self.predict(self.dataloader.test_loader() if test_loader is None else test_loader, desc="evaluate")
         metrics_start = time.perf_counter()
         if not self.dataloader.has_masks:
             warnings.warn("This category has no ground_truth folder: pixel metrics are unavailable")

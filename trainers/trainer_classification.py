@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from dataloaders.anomaly_simulation import DraemTrainingDataset, TextureSource
 from registry import TRAINER_REGISTRY
-from trainers.trainer_gradient import GradientTrainer
+from trainers.trainer_gradient import GradientTrainer, batch_size_of
 
 
 @TRAINER_REGISTRY.register("classification")
@@ -25,11 +25,11 @@ class ClassificationTrainer(GradientTrainer):
 
     def train_loader(self, loader: DataLoader | None = None) -> DataLoader:
         source = loader.dataset if loader is not None else self.dataloader.train_dataset
-        return self.training_loader(self._simulated(source), batch_size=loader.batch_size if loader else None)
+        return self.training_loader(self._simulated(source), batch_size=batch_size_of(loader))
 
     def valid_loader(self, loader: DataLoader | None = None) -> DataLoader | None:
         source = loader.dataset if loader is not None else self.dataloader.valid_dataset
         if source is None:
             return None
         return self.dataloader.make_loader(self._simulated(source), shuffle=False,
-                                           batch_size=loader.batch_size if loader else None)
+                                           batch_size=batch_size_of(loader))

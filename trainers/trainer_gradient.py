@@ -58,6 +58,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def batch_size_of(loader: DataLoader | None) -> int | None:
+    """A given loader's batch size, kept when the trainer re-batches its images (None: ``data.batch_size``)."""
+    return loader.batch_size if loader is not None else None
+
+
 @TRAINER_REGISTRY.register("gradient")
 class GradientTrainer(BaseTrainer):
     """Epochs of optimiser steps, validation on held-out normal images, early stopping, resume, NaN guard."""
@@ -87,7 +92,7 @@ class GradientTrainer(BaseTrainer):
         trainer wraps the dataset with anomaly simulation here."""
         source = loader.dataset if loader is not None else self.dataloader.train_dataset
         dataset, workers = self.split_dataset(source, "train")
-        return self.training_loader(dataset, num_workers=workers, batch_size=loader.batch_size if loader else None)
+        return self.training_loader(dataset, num_workers=workers, batch_size=batch_size_of(loader))
 
     def valid_loader(self, loader: DataLoader | None = None) -> DataLoader | None:
         """Validation batches of ``loader``'s images (default held-out train/good, None when
@@ -97,7 +102,7 @@ class GradientTrainer(BaseTrainer):
             return None
         dataset, workers = self.split_dataset(source, "valid")
         return self.dataloader.make_loader(dataset, shuffle=False, num_workers=workers,
-                                           batch_size=loader.batch_size if loader else None)
+                                           batch_size=batch_size_of(loader))
 
     def simulated_defects(self, dataset: Dataset | None = None) -> SimulatedDefectSet:
         """Held-out images (default the valid split) with fixed simulated defects (textures from
