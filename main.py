@@ -105,8 +105,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     fit_summary = trainer.fit()
     if not is_main():
         return {"rank": rank(), "fit": fit_summary, "run_dir": str(run_dir), "config": config}
-    evaluation = trainer.evaluate()
-    metrics, predictions = evaluation["metrics"], evaluation["predictions"]
+    metrics, predictions = trainer.evaluate()
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
     save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, config["eval"]["num_figures"])

@@ -116,7 +116,9 @@ def test_a_notebook_driving_each_family_by_hand_gets_run_experiments_metrics(fam
     assert history["epochs"] == reference["fit"]["epochs"]
     assert [epoch["train"] for epoch in history["history"]] == pytest.approx(
         [epoch["train"] for epoch in reference["fit"]["history"]], rel=1e-5)
-    assert set(evaluation) >= {"anomaly_maps", "anomaly_scores", "labels", "metrics"}
+    assert {"anomaly_maps", "anomaly_scores", "labels", "metrics"} <= set(dict(evaluation))
+    metrics, predictions = evaluation  # the earlier return, still unpacking
+    assert metrics is evaluation["metrics"] and predictions.maps is evaluation["anomaly_maps"]
     assert evaluation["anomaly_maps"].shape == (len(labels), 1, 32, 32)
     assert torch.allclose(evaluation["anomaly_scores"], _scores_csv(reference["run_dir"]), rtol=1e-5, atol=1e-7)
     assert torch.equal(scores, evaluation["anomaly_scores"]) and torch.equal(labels, evaluation["labels"])

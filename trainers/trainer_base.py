@@ -39,6 +39,30 @@ class Predictions:
         return iter((self.scores, self.labels))
 
 
+@dataclass
+class Evaluation:
+    """What ``evaluate`` returns: read as the design's ``{"anomaly_maps", "anomaly_scores", "labels",
+    "metrics"}`` (plus ``"predictions"``), and unpacks as ``metrics, predictions`` as before."""
+
+    metrics: dict
+    predictions: Predictions
+
+    def keys(self) -> tuple[str, ...]:
+        return ("anomaly_maps", "anomaly_scores", "labels", "metrics", "predictions")
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(key)
+        design = {"anomaly_maps": "maps", "anomaly_scores": "scores", "labels": "labels"}
+        return getattr(self.predictions, design[key]) if key in design else getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self) -> Iterator:
+        return iter((self.metrics, self.predictions))
+
+
 class BaseTrainer:
     """Drives a modeler over the dataloader's splits.
 
@@ -54,9 +78,9 @@ class BaseTrainer:
     def __init__(self, modeler, dataloader, config: dict, run_dir: Path, device: torch.device, metrics=None) -> None:
         self.modeler = modeler.to(device)
         # What the modeler was built with wins (the design's ``BaseModeler(model, metrics=...)``).
-        if self.modeler.metrics is None:
+        if getattr(self.modeler, "metrics", None) is None:
             self.modeler.metrics = metrics
-        if self.modeler.config is None:
+        if getattr(self.modeler, "config", None) is None:
             self.modeler.config = config
         self.dataloader = dataloader
         self.config = config
@@ -156,11 +180,12 @@ class BaseTrainer:
             self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
         self.timings["threshold"] = time.perf_counter() - start
 
-    def evaluate(self, test_loader: DataLoader | None = None) -> dict:
+    def evaluate(self, test_loader: DataLoader | None = None) -> Evaluation:
         """Scores ``test_loader`` (default the test split) and computes the test metrics.
 
-        Returns the design's ``{"anomaly_maps", "anomaly_scores", "labels", "metrics"}`` and
-        ``predictions`` (everything behind them: masks, paths, defect types, for figures and CSV).
+        The result reads as the design's ``{"anomaly_maps", "anomaly_scores", "labels", "metrics"}`` and
+        ``"predictions"`` (everything behind them: masks, paths, defect types, for figures and CSV), and
+        unpacks as ``metrics, predictions``.
         """
         if self.threshold is None:
             self.calibrate_threshold()
@@ -179,8 +204,7 @@ class BaseTrainer:
         self.timings["evaluate_metrics"] = end - metrics_start
         self.timings["evaluate"] = end - start
         self.timings["images_per_second"] = len(predictions.scores) / max(metrics_start - start, 1e-9)
-        return {"anomaly_maps": predictions.maps, "anomaly_scores": predictions.scores, "labels": predictions.labels,
-                "metrics": metrics, "predictions": predictions}
+        return Evaluation(metrics, predictions)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint(self) -> dict:
