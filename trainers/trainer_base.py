@@ -85,6 +85,7 @@ class BaseTrainer:
         self.dataloader = dataloader
         self.config = config
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # a notebook may name a folder not made yet
         self.device = device
         self.timings: dict[str, float] = {}
         self.threshold: float | None = None
