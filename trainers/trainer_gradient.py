@@ -202,7 +202,7 @@ class GradientTrainer(BaseTrainer):
     def monitored_name(valid_loader, defect_loader) -> str:
         if defect_loader is not None:
             return "minus the synthetic pixel AUROC on held-out train images"
-        return "valid loss" if valid_loader else "train loss (data.val_fraction is 0)"
+        return "valid loss" if valid_loader else "train loss (no validation images: data.val_fraction is 0 or fit got no valid_loader)"
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, train_loader: DataLoader | None = None, num_epochs: int | None = None,
