@@ -56,8 +56,10 @@ def test_validation_is_the_training_computation_and_leaves_batch_norm_and_rng_al
 def test_a_given_loss_fn_replaces_the_modelers_own():
     torch.manual_seed(0)
     reference = _unet_vae()
-    modeler = MODELER_REGISTRY.get("unet_vae")(reference.model, loss_fn=lambda outputs, batch: outputs["mu"].abs().mean(),
-                                               config=reference.config)
+    def mean_abs_mu(outputs, batch):
+        return outputs["mu"].abs().mean()
+
+    modeler = MODELER_REGISTRY.get("unet_vae")(reference.model, loss_fn=mean_abs_mu, config=reference.config)
     batch = {"image": torch.rand(2, 3, 32, 32)}
     report = modeler.validate_step(batch["image"])  # bare images are accepted as a batch
     with torch.random.fork_rng(), torch.no_grad():
@@ -123,7 +125,8 @@ def test_a_notebook_driving_each_family_by_hand_gets_run_experiments_metrics(fam
     assert torch.allclose(evaluation["anomaly_scores"], _scores_csv(reference["run_dir"]), rtol=1e-5, atol=1e-7)
     assert torch.equal(scores, evaluation["anomaly_scores"]) and torch.equal(labels, evaluation["labels"])
     for key, value in reference["metrics"].items():
-        assert evaluation["metrics"][key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
+        expected = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+        assert evaluation["metrics"][key] == expected, key
     for key in ("image_auroc", "image_aupr", "image_f1_max", "f1", "accuracy"):
         assert shown["metrics"][key] == pytest.approx(reference["metrics"][key], rel=1e-5), key
     if family == "gradient":  # an epoch by hand, in both of the design's modes

@@ -98,7 +98,8 @@ class BaseTrainer:
         ``{"epoch", "train", "valid"}`` means. Arguments as ``fit_arguments`` says."""
         raise NotImplementedError
 
-    def run_epoch(self, data_loader: DataLoader, epoch: int = 1, num_epochs: int = 1, mode: str = "train") -> dict[str, float]:
+    def run_epoch(self, data_loader: DataLoader, epoch: int = 1, num_epochs: int = 1,
+                  mode: str = "train") -> dict[str, float]:
         """One pass over ``data_loader``: optimiser steps when ``mode`` is ``"train"``, validation steps when
         ``"valid"``; the mean of the loss and of each metric over the pass."""
         raise NotImplementedError
@@ -192,7 +193,8 @@ class BaseTrainer:
             self.calibrate_threshold()
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        predictions = self.predict(self.dataloader.test_loader() if test_loader is None else test_loader, desc="evaluate")
+        test_loader = self.dataloader.test_loader() if test_loader is None else test_loader
+        predictions = self.predict(test_loader, desc="evaluate")
         metrics_start = time.perf_counter()
         if not self.dataloader.has_masks:
             warnings.warn("This category has no ground_truth folder: pixel metrics are unavailable")

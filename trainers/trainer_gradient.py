@@ -138,7 +138,8 @@ class GradientTrainer(BaseTrainer):
         valid_metrics["synthetic_pixel_auroc"] = self.synthetic_pixel_auroc(defect_loader)
         return -valid_metrics["synthetic_pixel_auroc"]
 
-    def run_epoch(self, data_loader: DataLoader, epoch: int = 1, num_epochs: int = 1, mode: str = "train") -> dict[str, float]:
+    def run_epoch(self, data_loader: DataLoader, epoch: int = 1, num_epochs: int = 1,
+                  mode: str = "train") -> dict[str, float]:
         if mode not in ("train", "valid"):
             raise FrameworkError(f"run_epoch mode must be 'train' or 'valid', got {mode!r}")
         train = mode == "train"
@@ -157,7 +158,8 @@ class GradientTrainer(BaseTrainer):
                     f"Training stopped at epoch {epoch}, step {step + 1}: {error}; "
                     f"the last good checkpoint is kept at '{kept}' (lower train.lr?)"
                 ) from error
-            loss, metrics = (report["loss"], report["train_metrics"]) if train else (report["val_loss"], report["val_metrics"])
+            loss, metrics = ((report["loss"], report["train_metrics"]) if train
+                             else (report["val_loss"], report["val_metrics"]))
             for key, value in {"loss": loss, **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value
             count += 1
@@ -202,7 +204,9 @@ class GradientTrainer(BaseTrainer):
     def monitored_name(valid_loader, defect_loader) -> str:
         if defect_loader is not None:
             return "minus the synthetic pixel AUROC on held-out train images"
-        return "valid loss" if valid_loader else "train loss (no validation images: data.val_fraction is 0 or fit got no valid_loader)"
+        if valid_loader:
+            return "valid loss"
+        return "train loss (no validation images: data.val_fraction is 0 or fit got no valid_loader)"
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, train_loader: DataLoader | None = None, num_epochs: int | None = None,

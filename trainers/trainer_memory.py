@@ -18,7 +18,8 @@ from utils import FrameworkError, StageTimer
 class MemoryTrainer(BaseTrainer):
     """One pass over train/good under ``torch.inference_mode()``, then the modeler's explicit ``fit``."""
 
-    def run_epoch(self, data_loader: DataLoader, epoch: int = 1, num_epochs: int = 1, mode: str = "train") -> dict[str, float]:
+    def run_epoch(self, data_loader: DataLoader, epoch: int = 1, num_epochs: int = 1,
+                  mode: str = "train") -> dict[str, float]:
         """Collects every batch's features; memory models have nothing to validate."""
         if mode != "train":
             raise FrameworkError(f"run_epoch mode {mode!r}: memory models only collect training images (mode 'train')")
