@@ -36,25 +36,23 @@ def _parts(losses: dict[str, torch.Tensor]) -> dict[str, float]:
 
 @contextlib.contextmanager
 def observed_training_mode(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """``model`` in training mode for a pass that must leave no trace: the running statistics of every
-    layer tracking them (batch norm) and the random states (VAE sampling draws from them, and the next
-    epoch's shuffle would follow) are restored afterwards, as is the previous mode.
+    """``model`` in training mode for a pass that must leave no trace: layers keeping running statistics
+    (batch norm) normalise with them and do not update them, and the random states (VAE sampling draws
+    from them, and the next epoch's shuffle would follow) are restored afterwards, as is the mode.
 
     Held-out images thus never move batch-norm statistics, and training continues exactly as if the
     pass had not happened. Frozen backbones stay in eval mode (``TimmFeatureExtractor.train``).
     """
-    saved = [(buffer, buffer.clone()) for module in model.modules() if getattr(module, "track_running_stats", False)
-             for buffer in module.buffers(recurse=False)]
     was_training = model.training
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model.train()
+        for module in model.modules():
+            if getattr(module, "track_running_stats", False):
+                module.eval()
         try:
             yield
         finally:
             model.train(was_training)
-            with torch.no_grad():
-                for buffer, value in saved:
-                    buffer.copy_(value)
 
 
 class BaseModeler:
@@ -177,9 +175,9 @@ class BaseModeler:
         """The training computation without back-propagation, on held-out normal images:
         ``{"val_loss": float, "val_metrics": {loss parts, family metrics}}``.
 
-        As the design says, the model is in training mode (batch statistics in batch norm, sampled VAE
-        latents), so the validation loss is the loss the optimiser sees. Validation only observes:
-        running statistics and random states are put back afterwards (``observed_training_mode``).
+        As the design says, the model is in training mode (sampled VAE latents, any dropout), except that
+        batch norm uses its running statistics: held-out images must not move them, and the kept epoch
+        should be judged as it will be evaluated. Random states are put back (``observed_training_mode``).
         """
         batch = as_batch(inputs)
         with observed_training_mode(self.model, self.device), self.autocast():

@@ -8,6 +8,8 @@ import torch
 
 from config import resolve_config
 from main import run_experiment
+from models import model_vae
+from models.model_vae import reparameterize
 from modelers.modeler_base import BaseModeler
 from registry import MODELER_REGISTRY, build_dataloader, build_model, build_modeler, build_trainer, import_all
 from utils import FrameworkError, resolve_device, seed_everything, show_results
@@ -15,51 +17,65 @@ from utils import FrameworkError, resolve_device, seed_everything, show_results
 import_all()
 
 
-def _unet_vae():
-    """A U-Net VAE: batch norm in every block and a sampled latent, the two things training mode changes."""
-    config = resolve_config({"model.name": "unet_vae", "model.base_channels": 4, "model.depth": 2,
-                             "data.image_size": 32, "device": "cpu"})
-    model = build_model(config)
-    return build_modeler(config, model)
+def _vae(name):
+    """``vae`` samples its latent and has no batch norm; ``unet_vae`` has batch norm in every block too."""
+    config = resolve_config({"model.name": name, "model.base_channels": 4, "data.image_size": 32, "device": "cpu",
+                             **({"model.depth": 2} if name == "unet_vae" else {"model.latent_dim": 8})})
+    return build_modeler(config, build_model(config))
 
 
 def _batch_norm_state(model):
     return {name: value.clone() for name, value in model.state_dict().items() if "running" in name or "tracked" in name}
 
 
-def test_validation_is_the_training_computation_and_leaves_batch_norm_and_rng_alone():
+def test_validation_is_the_training_computation_without_back_propagation(monkeypatch):
     torch.manual_seed(0)
-    modeler = _unet_vae()
+    modeler = _vae("vae")
     batch = {"image": torch.rand(4, 3, 32, 32)}
-    before, rng = _batch_norm_state(modeler.model), torch.get_rng_state()
-
+    sampled = []
+    monkeypatch.setattr(model_vae, "reparameterize",
+                        lambda mu, log_var, training: sampled.append(training) or reparameterize(mu, log_var, training))
+    rng = torch.get_rng_state()
     report = modeler.validate_step(batch)
-
-    after = _batch_norm_state(modeler.model)
-    assert len(before) > 0 and all(torch.equal(before[name], after[name]) for name in before)
-    assert torch.equal(torch.get_rng_state(), rng)
+    assert sampled == [True]  # the latent was sampled, as in training
+    assert torch.equal(torch.get_rng_state(), rng)  # and its draws given back
     # The same step with back-propagation (a zero learning rate) sees the same loss: same mode, same draws.
-    optimizer = torch.optim.SGD(modeler.model.parameters(), lr=0.0)
-    trained = modeler.training_step(batch, optimizer)
+    trained = modeler.training_step(batch, torch.optim.SGD(modeler.model.parameters(), lr=0.0))
     assert set(trained) == {"loss", "train_metrics"} and set(report) == {"val_loss", "val_metrics"}
     assert report["val_loss"] == pytest.approx(trained["loss"], rel=1e-6)
     assert report["val_metrics"]["kl"] == pytest.approx(trained["train_metrics"]["kl"], rel=1e-6)
-    # ...and training does move the statistics that validation kept, so the check above can fail.
+
+
+def test_validation_leaves_batch_norm_statistics_alone_and_normalises_with_them():
+    torch.manual_seed(0)
+    modeler = _vae("unet_vae")
+    batch = {"image": torch.rand(4, 3, 32, 32) * 3}  # far from the initial statistics (mean 0, variance 1)
+    before = _batch_norm_state(modeler.model)
+    report = modeler.validate_step(batch)
+    after = _batch_norm_state(modeler.model)
+    assert len(before) > 0 and all(torch.equal(before[name], after[name]) for name in before)
+    # By hand: sampling as in training, every batch norm on its running statistics, the same draws.
+    with torch.random.fork_rng(), torch.no_grad():
+        modeler.model.train()
+        for module in modeler.model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.eval()
+        by_hand = float(modeler.compute_loss(modeler.model(batch["image"]), batch)["loss"])
+        modeler.model.train()
+        with_batch_statistics = float(modeler.compute_loss(modeler.model(batch["image"]), batch)["loss"])
+    assert report["val_loss"] == pytest.approx(by_hand, rel=1e-6)
+    assert with_batch_statistics != pytest.approx(by_hand, rel=1e-3)  # so the check above can fail
+    # ...and a training forward on these images does move the statistics validation kept.
     assert not all(torch.equal(before[name], value) for name, value in _batch_norm_state(modeler.model).items())
-    # Evaluation mode (running statistics, the latent's mean) gives another loss: validation was not it.
-    modeler.model.eval()
-    with torch.no_grad():
-        eval_loss = float(modeler.compute_loss(modeler.forward(batch), batch)["loss"])
-    assert eval_loss != pytest.approx(report["val_loss"], rel=1e-3)
 
 
 def test_a_given_loss_fn_replaces_the_modelers_own():
     torch.manual_seed(0)
-    reference = _unet_vae()
+    reference = _vae("vae")
     def mean_abs_mu(outputs, batch):
         return outputs["mu"].abs().mean()
 
-    modeler = MODELER_REGISTRY.get("unet_vae")(reference.model, loss_fn=mean_abs_mu, config=reference.config)
+    modeler = MODELER_REGISTRY.get("vae")(reference.model, loss_fn=mean_abs_mu, config=reference.config)
     batch = {"image": torch.rand(2, 3, 32, 32)}
     report = modeler.validate_step(batch["image"])  # bare images are accepted as a batch
     with torch.random.fork_rng(), torch.no_grad():
