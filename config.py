@@ -9,6 +9,7 @@ Every override must name a key that exists in the merged defaults and carry a va
 from __future__ import annotations
 
 import copy
+import importlib.util
 from typing import Any
 
 from registry import load_plugins
@@ -55,6 +56,10 @@ DATA_CONFIGS: dict[str, dict] = {
     "mvtec": {"data": {"category": "bottle"}},
     "visa": {"data": {"category": "candle"}},
     "btad": {"data": {"category": "01"}},
+    # Any folders of images (dataloaders/dataloader_folder.py); relative paths are taken under data.root.
+    # data.category only names the run folder.
+    "folder": {"data": {"category": "custom", "train_dir": None, "test_normal_dir": None, "test_abnormal_dir": None,
+                        "mask_dir": None, "valid_dir": None}},
 }
 
 _EPOCH_TRAINING = {
@@ -75,6 +80,7 @@ _EPOCH_TRAINING = {
     # Simulated defects' textures (DRAEM's training, the synthetic monitor): a folder in the DTD layout
     # (images/<class>/*.jpg), None = Perlin-derived textures.
     "texture_root": None,
+    "tensorboard": False,  # also write TensorBoard scalars (pip install 'anomaly-framework[tensorboard]')
 }
 MONITORS = ("loss", "synthetic_pixel_auroc")
 # Held-out train/good images for validation and early stopping; decoded images cached across epochs.
@@ -212,6 +218,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "eval.threshold_value": (float, int),
     "model.feature_seed": (int,),
     "model.coreset_seed": (int,),
+    **{f"data.{key}": (str,) for key in ("train_dir", "test_normal_dir", "test_abnormal_dir", "mask_dir", "valid_dir")},
 }
 # Model seeds that follow the run's seed unless set, so that --seeds 0,1,2 varies every random choice.
 DERIVED_SEEDS = ("feature_seed", "coreset_seed")
@@ -343,6 +350,9 @@ def _check_consistency(config: dict) -> None:
     monitor = config["train"].get("monitor", "loss")
     if monitor not in MONITORS:
         raise FrameworkError(f"Config key 'train.monitor' must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    if config["train"].get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
+        raise FrameworkError("train.tensorboard=true needs the tensorboard package: "
+                             "pip install 'anomaly-framework[tensorboard]'")
     evaluation = config["eval"]
     if not 0.0 <= evaluation["threshold_quantile"] <= 1.0:
         raise FrameworkError("Config key 'eval.threshold_quantile' must be in [0, 1]")

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from config import resolve_config
+from deploy_onnx import DeploymentError
+from figures import save_sample_figures, save_score_histogram
 from distributed import broadcast_object, init_from_env, is_main, rank, world_size
-from models.model_base import TimmFeatureExtractor
+from models.model_base import TimmFeatureExtractor, check_image_size
 from trainers.trainer_base import CHECKPOINT_NAME
 from registry import build_dataloader, build_model, build_modeler, build_trainer, load_plugins
 from sweep import run_sweep, split_list
@@ -30,7 +32,6 @@ from utils import (
     peak_memory_mb,
     resolve_device,
     save_roc_curve,
-    save_sample_figures,
     save_scores_csv,
     seed_everything,
     show_data_info,
@@ -93,6 +94,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     dataloader = build_dataloader(config)
     model = build_model(config)
+    check_image_size(model, config["data"]["image_size"])
     modeler = build_modeler(config, model)
     run_dir = Path(broadcast_object(str(make_run_dir(config)) if is_main() else None))
     if is_main():
@@ -108,9 +110,12 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     metrics, predictions = trainer.evaluate()
     if config["eval"]["save_checkpoint"]:
         trainer.save_checkpoint()
-    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, config["eval"]["num_figures"])
+    save_sample_figures(run_dir, predictions, dataloader.test_dataset, trainer.threshold, trainer.pixel_threshold,
+                        config["eval"]["num_figures"])
     save_scores_csv(run_dir, predictions)
     save_roc_curve(run_dir, predictions.labels.numpy(), predictions.scores.numpy(), metrics.get("image_auroc"))
+    save_score_histogram(run_dir / "score_histogram.png", predictions.labels.numpy(), predictions.scores.numpy(),
+                         trainer.threshold, trainer.threshold_source, metrics.get("separation"))
 
     timings = {key: round(value, 4) for key, value in trainer.timings.items()}
     timings["total"] = round(time.perf_counter() - start, 4)
@@ -265,9 +270,11 @@ def parse_value(text: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train and evaluate an anomaly detector.")
     parser.add_argument("--model", help="model name, e.g. padim; a comma list (padim,patchcore) runs a sweep")
-    parser.add_argument("--dataset", help="dataset name: demo, mvtec, visa, btad")
+    parser.add_argument("--dataset", help="dataset name: demo, mvtec, visa, btad, folder")
     parser.add_argument("--category", help="category of the dataset, e.g. bottle; 'all' or a comma list runs a sweep")
     parser.add_argument("--data-root", help="dataset root folder (else the dataset's environment variable)")
+    for key, what in FOLDER_FLAGS.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", help=f"--dataset folder: {what} (data.{key})")
     parser.add_argument("--backbone", help="timm backbone, e.g. wide_resnet50_2")
     parser.add_argument("--image-size", type=int, help="model input side in pixels")
     parser.add_argument("--epochs", type=int, help="training epochs (gradient-trained models)")
@@ -290,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_predict_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py predict", description="Score new images with a saved run.")
-    parser.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run folder (or its checkpoint.pt)")
+    source.add_argument("--model-file", help="an exported .onnx file, run with onnxruntime alone (see export.py)")
     parser.add_argument("--input", required=True, help="an image or a folder of images")
     parser.add_argument("--output-dir", help="where to write (default <run>/predictions/<timestamp>)")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
@@ -298,11 +307,36 @@ def build_predict_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py export", description="Export a saved run for deployment.")
+    parser.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.pt)")
+    parser.add_argument("--format", required=True, help="onnx, torchscript or openvino")
+    parser.add_argument("--output", help="the artifact's path (default <run>/export/model.<format suffix>)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
+    return parser
+
+
+def predict_command(argv: list[str]) -> dict:
+    """``predict`` with a run (torch) or with an exported ONNX file (onnxruntime only)."""
+    args = build_predict_parser().parse_args(argv)
+    if args.model_file:
+        from deploy_onnx import predict_onnx
+
+        return predict_onnx(args.model_file, args.input, args.output_dir, overlays=not args.no_overlays)
+    from predict import predict
+
+    return predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
+
+
+FOLDER_FLAGS = {"train_dir": "folder of normal training images", "test_normal_dir": "folder of normal test images",
+                "test_abnormal_dir": "folder of anomalous test images (sub-folders = defect types)",
+                "mask_dir": "optional folder of masks, matched to anomalous images by stem",
+                "valid_dir": "optional labelled validation folder with normal/ and abnormal/"}
 FLAG_KEYS = {
     "model": "model.name", "dataset": "data.name", "category": "data.category", "data_root": "data.root",
     "backbone": "model.backbone", "image_size": "data.image_size", "epochs": "train.epochs",
     "batch_size": "data.batch_size", "device": "device", "seed": "seed", "output_dir": "output_dir",
-    "resume": "train.resume",
+    "resume": "train.resume", **{key: f"data.{key}" for key in FOLDER_FLAGS},
 }
 
 
@@ -311,6 +345,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if args.plugin:
         overrides["plugins"] = args.plugin
+    if any(getattr(args, flag) is not None for flag in FOLDER_FLAGS):
+        overrides.setdefault("data.name", "folder")  # the folder flags only mean something there
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -329,11 +365,13 @@ def one_line(error: BaseException) -> str:
 def run_command(argv: list[str]) -> str:
     """Runs what the command line asks (one run, a sweep, a benchmark or a prediction); returns the
     folder to print last."""
-    if argv[:1] == ["predict"]:
-        from predict import predict
+    if argv[:1] == ["export"]:
+        from export import export
 
-        args = build_predict_parser().parse_args(argv[1:])
-        result = predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
+        args = build_export_parser().parse_args(argv[1:])
+        return str(export(args.checkpoint, args.format, args.output, force=args.force))
+    if argv[:1] == ["predict"]:
+        result = predict_command(argv[1:])
         for path, reason in result["skipped"]:
             print(f"skipped: {reason}", file=sys.stderr)
         print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
@@ -356,7 +394,7 @@ def run_command(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     try:
         folder = run_command(sys.argv[1:] if argv is None else argv)
-    except FrameworkError as error:
+    except (FrameworkError, DeploymentError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     print(folder)

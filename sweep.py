@@ -23,9 +23,9 @@ from predict import new_output_dir
 from registry import DATALOADER_REGISTRY, import_all
 from utils import FrameworkError
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_aupr", "pixel_aupr", "image_f1_max", "f1")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_aupr", "pixel_aupr", "image_f1_max", "f1", "separation")
 TIMINGS = ("fit", "evaluate", "total")
-TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "separation")
 
 
 def split_list(text: str | None) -> list[str]:
@@ -125,7 +125,7 @@ def _cell(entry: dict | None, metric: str) -> str:
 
 
 def markdown_table(summary: list[dict], models: list[str], categories: list[str]) -> str:
-    """Categories as rows; per model its image AUROC, pixel AUROC and AUPRO (mean ± std over seeds)."""
+    """Categories as rows; per model its image AUROC, pixel AUROC, AUPRO and separation (mean ± std over seeds)."""
     lookup = {(entry["model"], entry["category"]): entry for entry in summary}
     header = ["category"] + [f"{model} {metric}" for model in models for metric in TABLE_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -161,7 +161,8 @@ def plot_summary(path: Path, summary: list[dict], models: list[str], categories:
             axis.bar(positions + offset * width, means, width, yerr=stds, label=model, capsize=2)
         axis.set_xticks(positions + width * (len(models) - 1) / 2, categories, rotation=45, ha="right")
         axis.set_title(metric)
-        axis.set_ylim(0, 1.05)
+        if metric != "separation":  # the others lie in [0, 1]; separation is in spreads (Cohen's d)
+            axis.set_ylim(0, 1.05)
     axes[0][0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -131,7 +131,8 @@ def show_results(results: dict[str, Any] | Any, labels: Any = None, threshold: f
         source = "given" if threshold is not None else "none"
         results = {"metrics": compute_image_metrics(np.asarray(labels), np.asarray(results, dtype=np.float64),
                                                     threshold, source)}
-    _print_block("Metrics", {key: _format_metric(value) for key, value in results["metrics"].items()})
+    names = {"separation": "separation (Cohen's d)"}
+    _print_block("Metrics", {names.get(key, key): _format_metric(value) for key, value in results["metrics"].items()})
     if "timings" in results:
         timings = {key: f"{value:.2f} s" if key != "images_per_second" else f"{value:.1f}"
                    for key, value in results["timings"].items()}
@@ -149,50 +150,6 @@ def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:
         std = torch.tensor((0.229, 0.224, 0.225), device=images.device).view(1, 3, 1, 1)
         images = images * std + mean
     return images.clamp(0, 1)
-
-
-def save_sample_figures(run_dir, predictions, dataset, threshold: float | None, count: int) -> list:
-    """PNG per sampled test image: image | ground truth | heat-map overlay | predicted mask.
-
-    Samples are spread evenly over the test split so every defect type tends to appear. ``dataset``
-    gives back each image (``dataset[i]["image"]``) in the order of ``predictions``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder = run_dir / "figures"
-    folder.mkdir(exist_ok=True)
-    total = len(predictions.scores)
-    indices = np.unique(np.linspace(0, total - 1, num=min(count, total)).round().astype(int)) if count > 0 else []
-    low, high = float(predictions.maps.min()), float(predictions.maps.max())
-    normalize = dataset.normalize if hasattr(dataset, "normalize") else "imagenet"
-    paths = []
-    for index in indices:
-        image = dataset[int(index)]["image"].unsqueeze(0)
-        rgb = denormalize(image, normalize)[0].permute(1, 2, 0).numpy()
-        heat = predictions.maps[index, 0].numpy()
-        heat_rgb = np.asarray(torch.nn.functional.interpolate(
-            torch.from_numpy(heat)[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0])
-        figure, axes = plt.subplots(1, 4, figsize=(12, 3.3))
-        axes[0].imshow(rgb)
-        axes[0].set_title(f"{predictions.defect_types[index]}  score {predictions.scores[index]:.3g}", fontsize=8)
-        axes[1].imshow(predictions.masks[index, 0].numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[1].set_title("ground truth", fontsize=8)
-        axes[2].imshow(rgb)
-        axes[2].imshow(heat_rgb, cmap="jet", alpha=0.45, vmin=low, vmax=high)
-        axes[2].set_title("anomaly map", fontsize=8)
-        predicted = heat >= threshold if threshold is not None else np.zeros_like(heat, dtype=bool)
-        axes[3].imshow(predicted, cmap="gray", vmin=0, vmax=1)
-        axes[3].set_title(f"map >= threshold {threshold:.3g}" if threshold is not None else "no threshold", fontsize=8)
-        for axis in axes:
-            axis.axis("off")
-        path = folder / f"{index:04d}_{predictions.defect_types[index]}.png"
-        figure.savefig(path, dpi=80, bbox_inches="tight")
-        plt.close(figure)
-        paths.append(path)
-    return paths
 
 
 def save_scores_csv(run_dir, predictions) -> Any:

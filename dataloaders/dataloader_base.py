@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from utils import FrameworkError
@@ -21,6 +21,7 @@ from utils import FrameworkError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
 IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes of 16-bit (and 32-bit) grayscale PNG / TIFF
 _INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
 
@@ -39,14 +40,79 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def open_image(path: Path, mode: str) -> Image.Image:
-    """Opens and decodes an image fully, naming the file when it is unreadable."""
+def _decode(path: Path) -> Image.Image:
+    """Decodes an image fully, upright (EXIF orientation applied), naming the file when it is unreadable."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert(mode)
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+            return ImageOps.exif_transpose(image)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise FrameworkError(f"Cannot read image '{path}': {error} (replace or remove the file)") from error
+
+
+def open_image(path: Path, mode: str = "RGB") -> Image.Image:
+    """An image in ``mode`` (8 bits per channel), whatever it was stored as.
+
+    Pillow's own conversion clips 16- and 32-bit grayscale to 255 (a white image), so those are scaled
+    from their full 16-bit range first; palette and grayscale(+alpha) images convert as Pillow does
+    (alpha dropped, as for RGBA).
+    """
+    image = _decode(path)
+    if image.mode in _WIDE_GRAY:
+        scaled = np.asarray(image).astype(np.float64) * (255 / 65535)
+        image = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    return image.convert(mode)
+
+
+def open_mask(path: Path) -> Image.Image:
+    """A binary mask, 255 where the stored value is non-zero (binary 0/255 masks, VisA's class indices).
+
+    Values are read as stored, not as colours: a palette mask's indices, a 16-bit mask's integers, any
+    non-zero colour channel (alpha ignored); converting to gray first would lose classes of dark colour.
+    """
+    image = _decode(path)
+    values = np.asarray(image)
+    if values.ndim == 3:
+        channels = 1 if image.mode == "LA" else 3 if image.mode in ("RGB", "RGBA") else values.shape[2]
+        values = values[..., :channels].any(axis=2)
+    return Image.fromarray(np.where(values != 0, 255, 0).astype(np.uint8), "L")
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright), read from the header only."""
+    if image.format == "PNG":  # Pillow's getexif() decodes a PNG's pixels to look for an eXIf chunk after them
+        exif = Image.Exif()
+        if image.info.get("exif"):
+            exif.load(image.info["exif"])
+        return exif.get(0x0112, 1)
+    return image.getexif().get(0x0112, 1)
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """Upright (width, height) from the file's header, its structure verified (PNG chunk checksums) but not decoded."""
+    try:
+        with Image.open(path) as image:
+            size, orientation = image.size, _orientation(image)
+            image.verify()
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise FrameworkError(f"Cannot read image '{path}': {error} (replace or remove the file)") from error
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size  # these orientations swap the axes
+
+
+def mask_size_error(sample: Sample, mask_size: tuple[int, int], image_size: tuple[int, int]) -> FrameworkError:
+    return FrameworkError(f"Mask '{sample.mask_path}' is {mask_size[0]}x{mask_size[1]} but image '{sample.path}' is "
+                          f"{image_size[0]}x{image_size[1]}: masks must have their image's size")
+
+
+def check_files(samples: list[Sample]) -> None:
+    """Reads every image's and mask's header, so a broken file or a mask of the wrong size stops the run
+    before the fit, not after it."""
+    for sample in samples:
+        size = header_size(sample.path)
+        if sample.mask_path is not None:
+            mask_size = header_size(sample.mask_path)
+            if mask_size != size:
+                raise mask_size_error(sample, mask_size, size)
 
 
 class AnomalyDataset(Dataset):
@@ -86,14 +152,10 @@ class AnomalyDataset(Dataset):
         sample = self.samples[index]
         image = open_image(sample.path, "RGB")
         if sample.mask_path is not None:
-            mask = open_image(sample.mask_path, "L")
+            mask = open_mask(sample.mask_path)
             if mask.size != image.size:
-                raise FrameworkError(
-                    f"Mask '{sample.mask_path}' is {mask.size[0]}x{mask.size[1]} but image '{sample.path}' is "
-                    f"{image.size[0]}x{image.size[1]}: masks must have their image's size"
-                )
-            # Any non-zero value is a defect: binary 0/255 masks and VisA's class-indexed masks alike.
-            mask = self._geometry(mask.point(lambda value: 255 if value else 0), Image.NEAREST) > 0
+                raise mask_size_error(sample, mask.size, image.size)
+            mask = self._geometry(mask, Image.NEAREST) > 0
         else:
             mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.bool)
         item = (self._geometry(image, self.interpolation), mask.to(torch.uint8))
@@ -150,6 +212,7 @@ class BaseDataloader:
             raise FrameworkError(f"No training images for category '{self.category}' under '{self.root}' ({self.layout})")
         if not test:
             raise FrameworkError(f"No test images for category '{self.category}' under '{self.root}' ({self.layout})")
+        check_files(train + test)
         self.has_masks = any(sample.mask_path is not None for sample in test)
         if not self.has_masks:
             warnings.warn(f"Category '{self.category}' has no ground-truth masks: pixel metrics are unavailable")

@@ -4,7 +4,8 @@ It lets the framework run on a fresh machine with no download: textured surfaces
 ``tiles``) and a simple object (``disc``), with scratches, holes, stains and missing parts drawn
 together with their exact masks. Normal images vary (phase, shift, shading, noise) so the task is
 not trivial. Each category is written to a temporary folder and renamed, so a half-written cache
-is never read, and a version marker regenerates it when the generator changes.
+is never read, and a version marker regenerates it when the generator changes. A folder of that name
+without the marker is the user's: it is never replaced.
 """
 from __future__ import annotations
 
@@ -129,6 +130,9 @@ def ensure_demo(root: Path, category: str) -> Path:
     marker = target / ".demo_version"
     if marker.is_file() and marker.read_text() == DEMO_VERSION:
         return target
+    if target.exists() and not marker.is_file():
+        raise FrameworkError(f"'{target}' exists but was not made by the demo generator (no {marker.name} marker): "
+                             f"refusing to replace it; use another --data-root for the demo data")
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{category}-", dir=root))
     try:

@@ -1,4 +1,5 @@
-"""Evaluation metrics shared by every model: image and pixel AUROC/AUPR, AU-PRO, F1-max, threshold metrics.
+"""Evaluation metrics shared by every model: image and pixel AUROC/AUPR, AU-PRO, F1-max, threshold metrics,
+the separation of normal and anomalous scores.
 
 All curves come from one sort over the scores and cumulative sums, so a whole category's pixels
 (millions) take about a second. Ties are grouped exactly as scikit-learn does (one ROC point per
@@ -145,6 +146,27 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     return float(np.trapezoid(pro_kept, fpr_kept) / fpr_limit)
 
 
+def separation(labels: np.ndarray, anomaly_scores: np.ndarray) -> float | None:
+    """How far apart anomalous and normal scores lie, in units of their spread (Cohen's d):
+
+        (mean anomalous − mean normal) / sqrt((var normal + var anomalous) / 2), sample variances (ddof 1).
+
+    Scale-free, so comparable across models whose scores have different units (Mahalanobis distances,
+    patch distances, likelihoods), and still informative where the image AUROC saturates at 1.0: two
+    models both at AUROC 1.0 may lie 2 or 8 spreads apart, which says how much room a threshold has.
+    The two classes weigh the same whatever their counts. None when a class has fewer than two images
+    or both spreads are zero.
+    """
+    labels = np.asarray(labels).ravel().astype(bool)
+    anomaly_scores = np.asarray(anomaly_scores, dtype=np.float64).ravel()
+    normal_mask, anomaly_mask = ~labels, labels
+    if normal_mask.sum() < 2 or anomaly_mask.sum() < 2:
+        return None
+    normal, anomalous = anomaly_scores[normal_mask], anomaly_scores[anomaly_mask]
+    spread = np.sqrt((normal.var(ddof=1) + anomalous.var(ddof=1)) / 2)
+    return float((anomalous.mean() - normal.mean()) / spread) if spread > 0 else None
+
+
 def compute_image_metrics(
     labels: np.ndarray, scores: np.ndarray, threshold: float | None, threshold_source: str
 ) -> dict:
@@ -155,6 +177,7 @@ def compute_image_metrics(
         "image_aupr": average_precision(labels, scores, "image AUPR"),
         "image_f1_max": f1,
         "image_f1_max_threshold": f1_threshold,
+        "separation": separation(labels, scores),
         "threshold": threshold,
         "threshold_source": threshold_source,
     }

@@ -19,13 +19,16 @@ def _window(channels: int, size: int, sigma: float, like: torch.Tensor) -> torch
 
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float, window_size: int = 11,
-             sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
-    """Per-pixel SSIM [B, C, H, W] of images [B, C, H, W]; reflect padding keeps the input size."""
+             sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03, padding: str = "reflect") -> torch.Tensor:
+    """Per-pixel SSIM [B, C, H, W] of images [B, C, H, W]; padding (``reflect``, or ``zeros`` as DRAEM's
+    official loss) keeps the input size."""
     channels = x.shape[1]
     window = _window(channels, window_size, sigma, x)
     pad = window_size // 2
 
     def blur(t: torch.Tensor) -> torch.Tensor:
+        if padding == "zeros":
+            return F.conv2d(t, window, padding=pad, groups=channels)
         return F.conv2d(F.pad(t, (pad, pad, pad, pad), mode="reflect"), window, groups=channels)
 
     mu_x, mu_y = blur(x), blur(y)
@@ -36,9 +39,10 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float, window_size: i
     return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, reduction: str = "mean") -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, reduction: str = "mean",
+         padding: str = "reflect") -> torch.Tensor:
     """Mean SSIM: one value (``mean``) or one per image (``none``)."""
-    per_image = ssim_map(x, y, data_range).mean(dim=(1, 2, 3))
+    per_image = ssim_map(x, y, data_range, padding=padding).mean(dim=(1, 2, 3))
     return per_image.mean() if reduction == "mean" else per_image
 
 

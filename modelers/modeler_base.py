@@ -212,11 +212,19 @@ class BaseModeler:
         return metrics
 
     # -- evaluation -------------------------------------------------------------------------------
-    def evaluate_step(self, inputs: dict | torch.Tensor) -> dict[str, torch.Tensor]:
-        """Anomaly maps [B, 1, H, W] at the input resolution and image scores [B]."""
+    def evaluate_step(self, inputs: dict | torch.Tensor, held_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Anomaly maps [B, 1, H, W] at the input resolution and image scores [B].
+
+        ``held_out`` [B]: the batch is the fit's own images at these positions; a memory model then
+        scores each as if fitted without it (``model.leave_one_out``), for an unbiased threshold.
+        """
         batch = as_batch(inputs)
         self.model.eval()
-        outputs = self.forward(batch)
+        if held_out is None:
+            outputs = self.forward(batch)
+        else:
+            with self.timer("features"):
+                outputs = self.model.leave_one_out(self.images(batch), held_out)
         with self.timer("maps"):
             maps = self.maps_from_outputs(outputs, batch).float()
             scores = self.scores_from_maps(maps, outputs)

@@ -98,6 +98,7 @@ class UNetBody(nn.Module):
         self.head = nn.Sequential(nn.Conv2d(widths[0], in_channels, 1), nn.Sigmoid())
         self.pool = nn.MaxPool2d(2)
         self.bottleneck_channels = widths[-1]
+        self.size_multiple = 2**depth  # each pooling halves the map and the decoder doubles it back exactly
 
     def forward(self, images: torch.Tensor, bottleneck=None) -> tuple[torch.Tensor, dict]:
         skips, x = [], images

@@ -265,23 +265,30 @@ class ViTFeatureExtractor(nn.Module):
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """The 1-D Gaussian used by scipy.ndimage.gaussian_filter (radius = int(truncate * sigma + 0.5))."""
     radius = int(truncate * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return kernel / kernel.sum()
 
 
+def _reflect_indices(size: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Source index of every padded position under scipy's default ``reflect`` mode (edge sample repeated:
+    ``d c b a | a b c d | d c b a``), periodic with period 2·size so any radius is valid."""
+    positions = torch.arange(-radius, size + radius, device=device) % (2 * size)
+    return torch.where(positions < size, positions, 2 * size - 1 - positions)
+
+
 def gaussian_blur2d(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of [B, 1, H, W] maps with reflect padding (scipy's σ=4 → 33 taps)."""
+    """Separable Gaussian smoothing of [B, C, H, W] maps equal to scipy.ndimage.gaussian_filter's default
+    (σ=4 → 33 taps, border mode ``reflect``), which the official PaDiM and PatchCore code call."""
     if sigma <= 0:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps)
     radius = kernel.numel() // 2
-    channels = maps.shape[1]
+    channels, height, width = (int(size) for size in maps.shape[1:])  # constants: exporters need the kernel's shape
     horizontal = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
     vertical = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
-    mode = "reflect" if min(maps.shape[-2:]) > radius else "replicate"
-    maps = F.conv2d(F.pad(maps, (radius, radius, 0, 0), mode=mode), horizontal, groups=channels)
-    return F.conv2d(F.pad(maps, (0, 0, radius, radius), mode=mode), vertical, groups=channels)
+    maps = F.conv2d(maps.index_select(3, _reflect_indices(width, radius, maps.device)), horizontal, groups=channels)
+    return F.conv2d(maps.index_select(2, _reflect_indices(height, radius, maps.device)), vertical, groups=channels)
 
 
 def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
@@ -291,6 +298,24 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear
     if mode == "nearest":
         return F.interpolate(maps, size=tuple(size), mode="nearest")
     return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=False)
+
+
+def check_image_size(model: nn.Module, image_size: int) -> None:
+    """Refuses an input side the model's grid cannot support, before any long work.
+
+    Below the coarsest feature map's stride that map has no cell computed from the image rather than
+    the padding around it: the run would finish and its numbers would mean nothing. A U-Net's skip
+    connections need a multiple of 2^depth.
+    """
+    for module in model.modules():
+        if isinstance(module, TimmFeatureExtractor) and image_size < max(module.reductions):
+            minimum = max(module.reductions)
+            raise FrameworkError(f"data.image_size={image_size} is too small for {module.backbone_name} layers "
+                                 f"{module.layers} (stride {minimum}): the minimum is {minimum}")
+        multiple = getattr(module, "size_multiple", None)
+        if multiple and image_size % multiple:
+            raise FrameworkError(f"data.image_size={image_size} does not suit the U-Net's {multiple.bit_length() - 1} "
+                                 f"poolings: use a multiple of {multiple} (the minimum is {multiple})")
 
 
 class FittedBuffersMixin:

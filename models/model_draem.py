@@ -133,10 +133,12 @@ class DraemModel(nn.Module):
         return {"reconstruction": reconstruction, "logits": logits}
 
     def loss(self, outputs: dict, clean_images: torch.Tensor, anomaly_masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        """L2 + (1 − SSIM) of the reconstruction against the clean image, + focal loss of the segmentation."""
+        """L2 + (1 − SSIM) of the reconstruction against the clean image, + focal loss of the segmentation.
+
+        The SSIM windows zero-pad the border, as the official ``loss.SSIM`` (data range 1 for [0, 1] images)."""
         reconstruction = outputs["reconstruction"].float()
         l2 = F.mse_loss(reconstruction, clean_images)
-        ssim_loss = 1.0 - ssim(reconstruction, clean_images, data_range=1.0)
+        ssim_loss = 1.0 - ssim(reconstruction, clean_images, data_range=1.0, padding="zeros")  # as loss.SSIM
         focal = focal_loss(outputs["logits"].float().softmax(dim=1), anomaly_masks, self.focal_gamma)
         return {"loss": l2 + ssim_loss + focal, "l2": l2, "ssim_loss": ssim_loss, "focal": focal}
 

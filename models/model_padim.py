@@ -70,6 +70,7 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self.register_buffer("inv_covariance", torch.empty(0))
         self._count = 0
         self._scatter: torch.Tensor | None = None
+        self.fit_images = 0  # n of the last fit, for the leave-one-out scores (not saved: calibration follows the fit)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Concatenated, channel-subset features on the first layer's grid [B, d, h, w].
@@ -130,15 +131,36 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
         self.inv_covariance = torch.linalg.inv(covariance)
         self.mean = self.mean.clone()
-        self._scatter, self._count = None, 0
+        self.fit_images, self._scatter, self._count = self._count, None, 0
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Mahalanobis distance of every position's embedding to its Gaussian [B, 1, h, w]."""
+    def _squared_distance(self, images: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance of every position's embedding to its Gaussian [B, 1, h, w]."""
         if self.inv_covariance.numel() == 0:
             raise FrameworkError("PaDiM is not fitted: run the memory trainer (or load a checkpoint) first")
         embedding = self.embed(images).float()
         batch, dim, height, width = embedding.shape
         centred = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim) - self.mean.unsqueeze(1)
         squared = ((centred @ self.inv_covariance) * centred).sum(-1)  # [P, B]
-        distance = squared.clamp_min(0).sqrt().T.reshape(batch, 1, height, width)
-        return {"patch_scores": distance}
+        return squared.clamp_min(0).T.reshape(batch, 1, height, width)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Mahalanobis distance of every position's embedding to its Gaussian [B, 1, h, w]."""
+        return {"patch_scores": self._squared_distance(images).sqrt()}
+
+    def leave_one_out(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Distances of training images to the Gaussians fitted without each of them, in closed form.
+
+        For a training embedding x with d = x − μ: the other n−1 images have mean μ₋ with
+        x − μ₋ = n/(n−1)·d, and scatter S − n/(n−1)·ddᵀ. With the fit's normaliser (n−1) and ε the
+        covariance is Σ − n/(n−1)²·ddᵀ, a rank-one downdate, so by Sherman–Morrison the squared
+        distance is (n/(n−1))²·q / (1 − n/(n−1)²·q), q = dᵀΣ⁻¹d the in-sample one. ``images`` must be
+        the fit's own images (``indices`` is unused: each image is its own left-out one).
+        """
+        count = self.fit_images
+        if count < 3:
+            raise FrameworkError("PaDiM's leave-one-out scores need the fit's own images (at least 3) in this process")
+        squared = self._squared_distance(images)
+        downdate = count / (count - 1) ** 2
+        # The downdated covariance stays positive definite (ε·I), so 1 − downdate·q > 0 up to rounding.
+        held_out = squared * (count / (count - 1)) ** 2 / (1 - downdate * squared).clamp_min(1e-12)
+        return {"patch_scores": held_out.sqrt()}

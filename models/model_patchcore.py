@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from distributed import gather_rows
 from models.model_base import FittedBuffersMixin, TimmFeatureExtractor
-from models.nearest_neighbors import chunked_nearest, chunked_topk_nearest
+from models.nearest_neighbors import bank_chunked_topk_nearest, chunked_nearest, chunked_topk_nearest
 from registry import MODEL_REGISTRY
 from utils import FrameworkError
 
@@ -80,6 +80,8 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self.bank_dtype = _DTYPES[bank_dtype]
         self.memory_budget_mb, self.chunk_mb = memory_budget_mb, chunk_mb
         self.register_buffer("memory_bank", torch.empty(0, embed_dim))
+        # Source image of each bank row, for leave-one-image-out scores right after the fit (not saved).
+        self.register_buffer("bank_source", torch.empty(0, dtype=torch.long), persistent=False)
         # The fused convolution costs embed_dim·C·p² per position: worth it only for narrow layers.
         self.fused = all(c * patch_size**2 <= 2 * pre_embed_dim for c in self.extractor.channels)
         if self.fused:
@@ -88,7 +90,10 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self._features: torch.Tensor | None = None  # preallocated [N_patches, D] during fitting
         self._filled = 0
         self._expected_images = 0
+        self._patches_per_image = 0
         self.coreset_stats: dict[str, int] = {}
+        self.export_mode = False  # see prepare_export
+        self._pool_matrices: dict[tuple[int, int], torch.Tensor] = {}
 
     # -- features ---------------------------------------------------------------------------------
     def _projection_weights(self) -> list[torch.Tensor]:
@@ -137,13 +142,28 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
             batch, channels, height, width = feature.shape
             patches = F.unfold(feature, kernel_size=self.patch_size, padding=self.patch_size // 2)
             patches = patches.transpose(1, 2).reshape(-1, 1, channels * self.patch_size**2)
-            layer = F.adaptive_avg_pool1d(patches, self.pre_embed_dim).reshape(batch, height, width, -1)
+            layer = self._pool(patches, self.pre_embed_dim).reshape(batch, height, width, -1)
             if (height, width) != tuple(grid):
                 layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
                 layer = layer.permute(0, 2, 3, 1)
             pooled.append(layer)
         stacked = torch.stack(pooled, dim=3).reshape(-1, 1, len(pooled) * self.pre_embed_dim)
-        return F.adaptive_avg_pool1d(stacked, self.embed_dim).reshape(*pooled[0].shape[:3], self.embed_dim)
+        return self._pool(stacked, self.embed_dim).reshape(*pooled[0].shape[:3], self.embed_dim)
+
+    def _pool(self, rows: torch.Tensor, size: int) -> torch.Tensor:
+        """Adaptive average pooling of [N, 1, L] rows to ``size``; exported graphs multiply by its matrix."""
+        if self.export_mode:
+            return rows @ self._pool_matrices[(int(rows.shape[-1]), size)].to(rows)
+        return F.adaptive_avg_pool1d(rows, size)
+
+    def prepare_export(self) -> None:
+        """Switches to graph-friendly equivalents so that a traced graph keeps a dynamic batch: the search
+        chunked over the constant bank only, and pooling as a product with its (precomputed) matrix. Same
+        values up to float rounding; the search's memory then grows with the batch instead of staying bounded."""
+        self.export_mode = True
+        widths = [(c * self.patch_size**2, self.pre_embed_dim) for c in self.extractor.channels]
+        widths.append((len(self.extractor.channels) * self.pre_embed_dim, self.embed_dim))
+        self._pool_matrices = {pair: _pool_matrix(*pair) for pair in widths}
 
     # -- fitting ----------------------------------------------------------------------------------
     @property
@@ -170,6 +190,7 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
     def _allocate(self, patches_per_image: int, device: torch.device) -> None:
         """Checks the memory budget, then preallocates the feature store for every training patch."""
         num_patches = self._expected_images * patches_per_image
+        self._patches_per_image = patches_per_image
         estimate = self.memory_estimate_mb(num_patches)
         if estimate["total"] > self.memory_budget_mb:
             parts = ", ".join(f"{key} {value:.0f} MB" for key, value in estimate.items() if key != "total")
@@ -204,6 +225,7 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         features = self._features[: self._filled]
         if features.shape[0] == 0:
             raise FrameworkError("PatchCore has no training features: the train split is empty")
+        keep = torch.arange(features.shape[0], device=features.device)
         if self.coreset_ratio < 1.0:
             keep = greedy_coreset(
                 features, self.coreset_ratio, self.projection_dim, self.num_start_points,
@@ -213,32 +235,57 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
             self.coreset_stats = {"steps": keep.numel(), "bytes_per_step": features.shape[0] * (self.projection_dim + 1) * 4}
             features = features.index_select(0, keep)
         self.memory_bank = features.clone()
+        self.bank_source = torch.div(keep, self._patches_per_image, rounding_mode="floor")
         self._features, self._filled = None, 0
 
     # -- scoring ----------------------------------------------------------------------------------
-    def score_patches(self, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Nearest-bank distances [B, 1, h, w] and the image scores [B] for embeddings [B, h, w, D]."""
+    def score_patches(self, embedding: torch.Tensor, image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Nearest-bank distances [B, 1, h, w] and the image scores [B] for embeddings [B, h, w, D].
+
+        With ``image_ids`` [B] (the training images' indices in the fit), each image is scored against
+        the bank rows of the other images only: its leave-one-image-out scores.
+        """
         if self.memory_bank.numel() == 0:
             raise FrameworkError("PatchCore is not fitted: run the memory trainer (or load a checkpoint) first")
         batch, height, width, dim = embedding.shape
         queries = embedding.reshape(-1, dim)
-        distances, nearest = chunked_nearest(queries, self.memory_bank, self.chunk_mb)
+        groups = None if image_ids is None else image_ids.repeat_interleave(height * width)
+        if self.export_mode:  # evaluation only: no groups
+            distances, nearest = bank_chunked_topk_nearest(queries, self.memory_bank, 1, self.chunk_mb, 8 * height * width)
+            distances, nearest = distances[:, 0], nearest[:, 0]
+        else:
+            distances, nearest = chunked_nearest(queries, self.memory_bank, self.chunk_mb, groups, self.bank_source)
         distances = distances.reshape(batch, height * width)
         worst = distances.argmax(dim=1)
         scores = distances.gather(1, worst[:, None]).squeeze(1)
         if self.score_mode == "reweighted":
             rows = torch.arange(batch, device=queries.device) * height * width + worst
-            scores = scores * self._reweight(queries[rows], nearest[rows])
+            scores = scores * self._reweight(queries[rows], nearest[rows], image_ids)
         return {"patch_scores": distances.reshape(batch, 1, height, width), "image_scores": scores}
 
-    def _reweight(self, worst_queries: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+    def leave_one_out(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scores of the fit's own images [B] (``indices`` = their positions in the fit) without their own patches."""
+        if self.bank_source.numel() != self.memory_bank.shape[0]:
+            raise FrameworkError("PatchCore's leave-one-out scores need the fit's own images in this process")
+        if int(self.bank_source.max()) == int(self.bank_source.min()):
+            raise FrameworkError("PatchCore's leave-one-out threshold needs a bank drawn from at least 2 training images: "
+                                 "raise model.coreset_ratio, or set data.val_fraction > 0 to hold images out")
+        return self.score_patches(self.embed(images), indices.to(self.memory_bank.device))
+
+    def _reweight(self, worst_queries: torch.Tensor, matches: torch.Tensor,
+                  image_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Paper eq. 7: 1 − softmax over the distances to m*'s b nearest bank entries, at m* itself.
 
         Down-weights a worst patch whose match m* lies in a dense bank region (a rare but normal pattern).
+        Leave-one-image-out scores take those neighbours from the other images' rows too.
         """
         neighbours = min(self.num_neighbors, self.memory_bank.shape[0])
         anchors = self.memory_bank.index_select(0, matches).float()
-        _, support = chunked_topk_nearest(anchors, self.memory_bank, neighbours, self.chunk_mb)  # [B, b], m* first
+        if self.export_mode:
+            _, support = bank_chunked_topk_nearest(anchors, self.memory_bank, neighbours, self.chunk_mb, len(anchors))
+        else:
+            _, support = chunked_topk_nearest(anchors, self.memory_bank, neighbours, self.chunk_mb,
+                                              image_ids, self.bank_source)  # [B, b], m* first
         support_features = self.memory_bank[support.reshape(-1)].float().reshape(*support.shape, -1)
         distances = (support_features - worst_queries.float().unsqueeze(1)).norm(dim=-1)
         return 1.0 - torch.softmax(distances, dim=1)[:, 0]
@@ -271,18 +318,32 @@ def greedy_coreset(
     per step over the projected bank.
     """
     total = features.shape[0]
-    count = max(1, int(total * ratio))
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(features.shape[1])  # nn.Linear's default initialisation, as the official mapper
     mapper = (torch.rand(features.shape[1], projection_dim, generator=generator) * 2 - 1).mul_(bound)
-    mapper = mapper.to(features.device)
+    starts = torch.randperm(total, generator=generator)[: min(num_start_points, total)]
+    return greedy_select(features, mapper, starts, max(1, int(total * ratio)), chunk_mb, progress)
+
+
+def greedy_select(
+    features: torch.Tensor,
+    mapper: torch.Tensor,
+    starts: torch.Tensor,
+    count: int,
+    chunk_mb: float = 64.0,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The greedy steps of ``greedy_coreset`` for a given projection [D, d] and anchor indices: ``count``
+    indices, each the point farthest (in ``features @ mapper``) from those already selected."""
+    total, projection_dim = features.shape[0], mapper.shape[1]
+    mapper = mapper.to(features.device, torch.float32)
     rows = max(1, int(chunk_mb * 2**20 // (4 * (features.shape[1] + projection_dim))))
     projected = torch.empty(total, projection_dim, device=features.device)
     for start in range(0, total, rows):
         projected[start:start + rows] = features[start:start + rows].float() @ mapper
     norms = (projected * projected).sum(1)
 
-    starts = torch.randperm(total, generator=generator)[: min(num_start_points, total)].to(features.device)
+    starts = starts.to(features.device)
     anchors = projected[starts]
     anchor_sq = (norms[:, None] - 2 * projected @ anchors.T + norms[starts][None]).clamp_min_(0)
     min_sq = anchor_sq.sqrt_().mean(1).square_()

@@ -60,13 +60,12 @@ class STFPMModel(nn.Module):
         return sum(distance.mean() for distance in self.layer_distances(outputs))
 
     def anomaly_map(self, outputs: dict, size: Sequence[int]) -> torch.Tensor:
-        """Product over levels of the distance maps, each bilinearly upsampled to ``size`` [B, 1, H, W].
-
-        The official code first resizes each level to 64×64 and the product to the input; resizing
-        straight to the input differs only by interpolation detail.
-        """
-        maps = [upsample_maps(d.unsqueeze(1), size) for d in self.layer_distances(outputs)]
-        product = maps[0]
-        for level in maps[1:]:
-            product = product * level
-        return product
+        """Product over levels of the distance maps on the first level's grid, bilinearly upsampled to
+        ``size`` [B, 1, H, W], as the official code (its fixed 64×64 is layer1's grid at 256 pixels)."""
+        distances = self.layer_distances(outputs)
+        grid = distances[0].shape[-2:]
+        product = None
+        for distance in distances:
+            level = upsample_maps(distance.unsqueeze(1), grid)
+            product = level if product is None else product * level
+        return upsample_maps(product, size)

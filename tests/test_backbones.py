@@ -68,11 +68,15 @@ def test_unavailable_weights_fail_fast_naming_the_file(tmp_path, monkeypatch):
         TimmFeatureExtractor("resnet18", ["layer9"], pretrained=False)
 
 
-def test_gaussian_blur_matches_scipy():
-    maps = torch.rand(2, 1, 48, 40)
-    ours = gaussian_blur2d(maps, 4.0)
-    reference = np.stack([ndimage.gaussian_filter(m[0].numpy(), 4.0, mode="mirror", truncate=4.0) for m in maps])
-    assert np.allclose(ours[:, 0].numpy(), reference, atol=1e-5)
+def test_gaussian_blur_matches_scipy_default_reflect_border():
+    """scipy's default border mode (``reflect``, edge repeated) is what the official PaDiM/PatchCore call;
+    the sizes include one smaller than the 16-pixel radius, where the reflection wraps."""
+    for shape in [(2, 1, 48, 40), (1, 2, 7, 33)]:
+        maps = torch.rand(*shape, dtype=torch.float64)
+        reference = np.stack([[ndimage.gaussian_filter(c.numpy(), 4.0) for c in m] for m in maps])
+        np.testing.assert_allclose(gaussian_blur2d(maps, 4.0).numpy(), reference, rtol=1e-10, atol=1e-12)
+        mirror = np.stack([[ndimage.gaussian_filter(c.numpy(), 4.0, mode="mirror") for c in m] for m in maps])
+        assert np.abs(mirror - reference).max() > 1e-3  # the two border modes are told apart
 
 
 def test_padim_with_real_lite0_features_separates_demo_defects(tmp_path, demo_root):

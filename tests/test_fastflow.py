@@ -47,7 +47,7 @@ def test_adapter_parameter_counts_match_the_paper_order_of_magnitude():
     assert 4.0e6 < only3x3 < 6.5e6 and 2.0e6 < alternating < 4.0e6
 
 
-def test_fastflow_end_to_end(tmp_path, demo_root):
+def test_fastflow_end_to_end(tmp_path, demo_root, scores_auroc):
     results = run_experiment({
         "model": {"name": "fastflow", "backbone": "resnet18", "pretrained": False, "flow_steps": 2},
         "data": {"name": "demo", "root": str(demo_root), "image_size": 64, "batch_size": 8},
@@ -57,7 +57,7 @@ def test_fastflow_end_to_end(tmp_path, demo_root):
     history = results["fit"]["history"]
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
     assert "bits_per_dim" in history[-1]["valid"]
-    assert 0.0 <= results["metrics"]["image_auroc"] <= 1.0
+    assert results["metrics"]["image_auroc"] == pytest.approx(scores_auroc(results["run_dir"]), abs=1e-9)
 
 
 def test_vit_backbone_gives_one_map_after_the_chosen_block():
@@ -105,7 +105,7 @@ def test_synthetic_monitor_keeps_the_epoch_with_the_best_simulated_defect_auroc(
     cached = run("cached", monitor="synthetic_pixel_auroc")
     recomputed = run("recomputed", monitor="synthetic_pixel_auroc", feature_cache_mb=0)
     aurocs = [epoch["valid"]["synthetic_pixel_auroc"] for epoch in cached["fit"]["history"]]
-    assert all(0.0 <= value <= 1.0 for value in aurocs) and len(set(aurocs)) > 1
+    assert len(set(aurocs)) > 1
     assert cached["fit"]["best_monitored"] == -max(aurocs) and "synthetic" in cached["fit"]["monitored"]
     assert [e["train"]["loss"] for e in cached["fit"]["history"]] == [e["train"]["loss"] for e in by_loss["fit"]["history"]]
     again = [epoch["valid"]["synthetic_pixel_auroc"] for epoch in recomputed["fit"]["history"]]

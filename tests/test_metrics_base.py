@@ -84,9 +84,20 @@ def test_aupro_matches_brute_force_with_diagonal_regions():
     assert aupro(masks, maps) == pytest.approx(_brute_force_aupro(masks, maps), abs=2e-3)
 
 
-def test_aupro_perfect_and_region_weighting():
-    masks = np.zeros((2, 10, 10), dtype=bool)
-    masks[0, :2, :2] = True
+def test_aupro_weighs_every_region_equally_whatever_its_size():
+    """A 4-pixel and a 1-pixel region; only one of them scores above every negative pixel. Each region
+    weighs 1/2, so the PRO curve sits at 0.5 over the whole FPR range either way (pixel weighting would
+    give 0.8 and 0.2)."""
+    masks = np.zeros((2, 3, 7), dtype=bool)  # image 2 is good: its pixels are negatives too
+    masks[0, 0:2, 0:2] = True
+    masks[0, 1, 6] = True
+    negatives = np.linspace(0.2, 0.8, int((~masks).sum()))
+    for big, small in ((0.9, 0.1), (0.1, 0.9)):
+        maps = np.zeros(masks.shape, dtype=np.float32)
+        maps[~masks] = negatives
+        maps[0, 0:2, 0:2], maps[0, 1, 6] = big, small
+        for limit in (0.3, 1.0):
+            assert aupro(masks, maps, fpr_limit=limit) == pytest.approx(0.5, abs=1e-6)
     assert aupro(masks, masks.astype(np.float32)) == pytest.approx(1.0)
 
 

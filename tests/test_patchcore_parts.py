@@ -60,21 +60,38 @@ def test_memory_budget_refusal_names_the_keys():
         model.update(torch.randn(2, 3, 64, 64))
 
 
-def test_reweighting_scales_max_score_down():
-    torch.manual_seed(0)
-    model = PatchcoreModel(backbone="resnet18", pretrained=False, coreset_ratio=1.0).eval()
-    model.begin_fit(3)
-    with torch.inference_mode():
-        model.update(torch.randn(3, 3, 64, 64))
-        model.finalize()
-        test = torch.randn(2, 3, 64, 64)
-        reweighted = model(test)
-        model.score_mode = "max"
-        plain = model(test)
-    assert torch.equal(reweighted["patch_scores"], plain["patch_scores"])
-    assert torch.allclose(plain["image_scores"], plain["patch_scores"].amax(dim=(1, 2, 3)))
-    assert (reweighted["image_scores"] < plain["image_scores"]).all()
-    assert (reweighted["image_scores"] > 0).all()
+def _paper_reweighted(bank: torch.Tensor, queries: torch.Tensor, b: int, neighbours_of_match: bool = True):
+    """Paper eq. 6-7 by brute force in float64: s* = max over patches of the nearest-bank distance; m_test*
+    that patch, m* its nearest bank entry; s = (1 − exp‖m_test* − m*‖ / Σ_{m ∈ N_b(m*)} exp‖m_test* − m‖)·s*,
+    N_b(m*) the b bank entries nearest to m* (m* itself first). ``neighbours_of_match=False`` takes them
+    around m_test* instead: a plausible misreading the test must tell apart."""
+    scores = []
+    for image in queries.double():  # [P, D]
+        distances = torch.cdist(image, bank.double())
+        nearest = distances.min(dim=1)
+        worst = nearest.values.argmax()
+        match = nearest.indices[worst]
+        centre = bank.double()[match] if neighbours_of_match else image[worst]
+        support = torch.cdist(centre[None], bank.double())[0].argsort()[:b]
+        weight = 1 - torch.exp(distances[worst, match]) / torch.exp(distances[worst, support]).sum()
+        scores.append(weight * nearest.values[worst])
+    return torch.stack(scores)
+
+
+def test_reweighted_image_score_equals_the_paper_formula():
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.rand(60, 2, generator=generator) * 3  # distances of order 1: the softmax is not degenerate
+    queries = torch.rand(3, 6, 2, generator=generator) * 4 - 0.5
+    model = PatchcoreModel(backbone="resnet18", pretrained=False, coreset_ratio=1.0, num_neighbors=9)
+    model.memory_bank = bank
+    reweighted = model.score_patches(queries.reshape(3, 2, 3, 2))["image_scores"]
+    expected = _paper_reweighted(bank, queries, 9)
+    assert torch.allclose(reweighted.double(), expected, rtol=1e-5)
+    misread = _paper_reweighted(bank, queries, 9, neighbours_of_match=False)
+    assert (misread - expected).abs().max() > 1e-3  # the check above would catch that misreading
+    model.score_mode = "max"
+    plain = model.score_patches(queries.reshape(3, 2, 3, 2))["image_scores"]
+    assert torch.allclose(plain.double(), torch.cdist(queries.double(), bank.double()).amin(2).amax(1), rtol=1e-5)
 
 
 def _official_embedding(model, images):

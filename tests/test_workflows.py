@@ -69,7 +69,12 @@ def test_sweep_over_all_categories_and_seeds_writes_tables_and_skips_done(tmp_pa
     assert len({row["run_dir"] for row in runs}) == 6  # every run in its own folder
     with open(folder / "summary.csv") as handle:
         summary = list(csv.DictReader(handle))
-    assert len(summary) == 3 and all(float(row["image_auroc_std"]) >= 0 for row in summary)
+    assert len(summary) == 3
+    for row in summary:  # mean and (population) std over the two seeds' results.json
+        values = [json.loads((Path(r["run_dir"]) / "results.json").read_text())["metrics"]["image_auroc"]
+                  for r in runs if r["category"] == row["category"]]
+        assert float(row["image_auroc_mean"]) == pytest.approx(np.mean(values), abs=1e-9)
+        assert float(row["image_auroc_std"]) == pytest.approx(np.std(values), abs=1e-9)
     table = (folder / "summary.md").read_text()
     assert "| **mean** |" in table and "±" in table and (folder / "summary.png").stat().st_size > 0
     again = run_sweep(overrides, ["padim"], ["fabric"], [0], skip_done=True)

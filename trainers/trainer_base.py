@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from metrics.metrics_base import f1_adaptive_threshold, normal_threshold
+from metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
 from utils import FrameworkError, StageTimer
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -90,6 +90,8 @@ class BaseTrainer:
         self.timings: dict[str, float] = {}
         self.threshold: float | None = None
         self.threshold_source = "none"
+        self.pixel_threshold: float | None = None  # the predicted masks' threshold on the maps
+        self.pixel_threshold_source = "none"
 
     # -- to be provided by each family --------------------------------------------------------------
     def fit(self, train_loader: DataLoader | None = None, num_epochs: int | None = None,
@@ -118,15 +120,19 @@ class BaseTrainer:
 
     # -- shared evaluation --------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict(self, test_loader: DataLoader, desc: str = "predict") -> Predictions:
+    def predict(self, test_loader: DataLoader, desc: str = "predict", held_out: bool = False) -> Predictions:
         """Maps and scores for every image of ``test_loader``, maps at the stated mask resolution.
 
+        ``held_out``: the loader walks the fit's own images in fit order, each scored leave-one-out.
         The result unpacks as the design's ``scores, labels = trainer.predict(test_loader)``.
         """
         mask_size = self.config["data"]["mask_size"]
         parts: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [], "types": []}
+        seen = 0
         for batch in tqdm(test_loader, desc=desc, leave=False, dynamic_ncols=True):
-            output = self.modeler.evaluate_step(batch)
+            positions = torch.arange(seen, seen + len(batch["label"])) if held_out else None
+            seen += len(batch["label"])
+            output = self.modeler.evaluate_step(batch, positions)
             maps, masks = output["anomaly_maps"], batch["mask"]
             if mask_size is not None and maps.shape[-1] != mask_size:
                 maps = F.interpolate(maps, size=(mask_size, mask_size), mode="bilinear", align_corners=False)
@@ -148,19 +154,32 @@ class BaseTrainer:
             defect_types=parts["types"],
         )
 
-    def calibrate_threshold(self) -> None:
-        """Chooses the image threshold by ``eval.threshold_strategy``; never from the test metrics' images (P10).
+    def normal_predictions(self) -> tuple[Predictions, str]:
+        """Predictions on normal images the model was not fitted on, and what they are.
 
-        normal_quantile: a quantile of normal scores, held-out train/good images, else the training images
-        (in-sample scores are biased low for models that memorise, which the recorded source shows);
-        f1_adaptive: best F1 on the labelled validation share of the test split, excluded from the metrics;
-        manual: ``eval.threshold_value``.
+        Held-out train/good when ``data.val_fraction`` > 0; else the training images themselves, whose
+        scores are biased low for any model fitted on them (memory trainers override this).
+        """
+        loader = self.dataloader.valid_loader()
+        if loader is not None:
+            return self.predict(loader, desc="threshold"), "held-out train/good"
+        return (self.predict(self.dataloader.train_loader(shuffle=False), desc="threshold"),
+                "train/good in-sample (biased low: set data.val_fraction > 0)")
+
+    def calibrate_threshold(self) -> None:
+        """Chooses the image and pixel thresholds by ``eval.threshold_strategy``; never from the test metrics' images.
+
+        normal_quantile: the quantile of out-of-sample normal images' scores (``normal_predictions``), and
+        for pixels the same quantile of those images' map maxima (so at 1.0 no calibration image has a
+        predicted pixel); f1_adaptive: best F1 on the labelled validation share of the test split,
+        excluded from the metrics, per image and per pixel; manual: ``eval.threshold_value`` for both.
         """
         evaluation = self.config["eval"]
         strategy = evaluation["threshold_strategy"]
         start = time.perf_counter()
         if strategy == "manual":
             self.threshold, self.threshold_source = float(evaluation["threshold_value"]), "manual (eval.threshold_value)"
+            self.pixel_threshold, self.pixel_threshold_source = self.threshold, self.threshold_source
         elif strategy == "f1_adaptive":
             loader = self.dataloader.labelled_valid_loader()
             if loader is None:
@@ -172,14 +191,17 @@ class BaseTrainer:
             anomalous = int(predictions.labels.sum())
             self.threshold_source = (f"f1_adaptive on the labelled validation split ({len(predictions.labels)} test "
                                      f"images held out: {anomalous} anomalous)")
+            self.pixel_threshold, self.pixel_threshold_source = self.threshold, "the image threshold (no masks)"
+            if self.dataloader.has_masks and predictions.masks.any():
+                self.pixel_threshold = f1_max(predictions.masks.numpy().ravel(), predictions.maps.numpy().ravel())[1]
+                self.pixel_threshold_source = "pixel F1-max on the labelled validation split's masks"
         else:
             quantile = evaluation["threshold_quantile"]
-            loader, split = self.dataloader.valid_loader(), "held-out train/good"
-            if loader is None:
-                loader, split = self.dataloader.train_loader(shuffle=False), "train/good in-sample"
-            scores = self.predict(loader, desc="threshold").scores
-            self.threshold = normal_threshold(scores.numpy(), quantile)
-            self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
+            predictions, split = self.normal_predictions()
+            self.threshold = normal_threshold(predictions.scores.numpy(), quantile)
+            self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(predictions.scores)} images)"
+            self.pixel_threshold = normal_threshold(predictions.maps.amax(dim=(1, 2, 3)).numpy(), quantile)
+            self.pixel_threshold_source = f"normal_quantile(q={quantile}) of the map maxima of the same images"
         self.timings["threshold"] = time.perf_counter() - start
 
     def evaluate(self, test_loader: DataLoader | None = None) -> Evaluation:
@@ -202,6 +224,7 @@ class BaseTrainer:
         metrics = self.modeler.compute_test_metrics(predictions.labels.numpy(), predictions.scores.numpy(), masks,
                                                     predictions.maps.numpy(), self.threshold, self.threshold_source)
         metrics["threshold_strategy"] = self.config["eval"]["threshold_strategy"]
+        metrics["pixel_threshold"], metrics["pixel_threshold_source"] = self.pixel_threshold, self.pixel_threshold_source
         end = time.perf_counter()
         self.timings.update(self.modeler.timer.as_dict("evaluate_"))
         self.timings["evaluate_metrics"] = end - metrics_start
@@ -218,6 +241,7 @@ class BaseTrainer:
             "config": self.config,
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
+            "pixel_threshold": self.pixel_threshold,
         }
 
     def save_checkpoint(self, path: Path | None = None) -> Path:

@@ -27,6 +27,7 @@ from metrics.metrics_base import auroc
 from modelers.modeler_base import NonFiniteLossError
 from registry import TRAINER_REGISTRY
 from trainers.trainer_base import BaseTrainer
+from trainers.training_log import TrainingLog
 from utils import FrameworkError, StageTimer
 
 LAST_NAME = "last.pt"
@@ -229,8 +230,10 @@ class GradientTrainer(BaseTrainer):
         valid_loader = self.valid_loader(held_out) if held_out is not None else None
         defect_loader = self.defect_loader(held_out)
         stopped_early = False
+        log = TrainingLog(self.run_dir, train_cfg["tensorboard"]) if is_main() else None
         self.epoch = self.start_epoch
         for self.epoch in range(self.start_epoch, num_epochs):
+            epoch_start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
             for epoch_aware in (train_loader.dataset, train_loader.sampler):
                 if hasattr(epoch_aware, "set_epoch"):
                     epoch_aware.set_epoch(self.epoch)
@@ -241,7 +244,8 @@ class GradientTrainer(BaseTrainer):
                 self.scheduler.step()
             # Every rank validates the same images with the same weights; rank 0's value decides for all.
             monitored = broadcast_object(self.monitored_value(train_metrics, valid_metrics, defect_loader))
-            self.history.append({"epoch": self.epoch + 1, "train": train_metrics, "valid": valid_metrics})
+            self.history.append({"epoch": self.epoch + 1, "train": train_metrics, "valid": valid_metrics, "lr": lr,
+                                 "seconds": time.perf_counter() - epoch_start})
             if monitored < self.best_monitored - train_cfg["min_delta"]:
                 self.best_monitored, self.bad_epochs = monitored, 0
                 if is_main():
@@ -250,6 +254,7 @@ class GradientTrainer(BaseTrainer):
                 self.bad_epochs += 1
             if is_main():
                 torch.save(self._training_state(), self.run_dir / LAST_NAME)
+                log.record(self.history)
                 tqdm.write(f"epoch {self.epoch + 1}: train loss {train_metrics['loss']:.5g}"
                            + (f", valid loss {valid_metrics['loss']:.5g}" if valid_metrics else "")
                            + (f", synthetic pixel AUROC {-monitored:.4f}" if defect_loader else ""))
@@ -258,6 +263,7 @@ class GradientTrainer(BaseTrainer):
                 break
         self.modeler.network = self.modeler.model
         if is_main():  # the only rank that evaluates
+            log.close(self.history)
             best = torch.load(self.run_dir / BEST_NAME, map_location=self.device, weights_only=True)
             self.modeler.load_state_dict(best["model"])
         self.timings.update(self.modeler.timer.as_dict("fit_"))

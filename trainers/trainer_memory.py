@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from distributed import is_main, shard, world_size
 from registry import TRAINER_REGISTRY
-from trainers.trainer_base import BaseTrainer
+from trainers.trainer_base import BaseTrainer, Predictions
 from utils import FrameworkError, StageTimer
 
 
@@ -61,3 +61,16 @@ class MemoryTrainer(BaseTrainer):
         if is_main() and compute_fit_metrics is not None:
             summary.update(compute_fit_metrics(self.modeler.model))
         return summary
+
+    def normal_predictions(self) -> tuple[Predictions, str]:
+        """Without held-out images, each training image scored leave-one-out (``model.leave_one_out``).
+
+        A memory model memorises its training images (PatchCore's own patches are in the bank at
+        distance 0; PaDiM's Gaussians include them), so their in-sample scores fall below every unseen
+        normal image's and a threshold on them flags nearly everything. Leave-one-out costs one pass,
+        as the in-sample scores did, and keeps every image in the fit.
+        """
+        if self.dataloader.valid_dataset is not None or not hasattr(self.modeler.model, "leave_one_out"):
+            return super().normal_predictions()  # held-out images, or a (plugin) model that cannot leave one out
+        loader = self.dataloader.make_loader(self.dataloader.train_dataset, shuffle=False)  # the fit's order
+        return self.predict(loader, desc="threshold", held_out=True), "train/good, leave-one-image-out"

@@ -1,0 +1,196 @@
+"""Export for deployment (issue 17): every model's exported artifact against the eager model on demo images,
+the torch-free ONNX predict path against today's predict, and the one-line refusals.
+
+Parity tolerance: maps and scores within 1e-4 of the eager output's largest |value| (float32 graphs,
+other kernels); labels equal wherever the score is not within that tolerance of the threshold.
+"""
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config import resolve_config
+from deploy_onnx import DeploymentError, OnnxDetector, jet
+from export import export
+from main import main, run_experiment
+from models.nearest_neighbors import bank_chunked_topk_nearest
+from predict import predict
+from registry import MODEL_REGISTRY, build_dataloader, build_model, build_modeler
+from utils import FrameworkError
+
+ROOT = Path(__file__).resolve().parents[1]
+RELATIVE_TOLERANCE = 1e-4
+SIZE = 32
+TINY_MODELS = {"draem": {"reconstructive_width": 8, "discriminative_width": 8},
+               "ae": {"base_channels": 8}, "unet_ae": {"base_channels": 8},
+               "vae": {"base_channels": 8}, "unet_vae": {"base_channels": 8}}
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+FORMATS = ["onnx", "torchscript",
+           pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed "
+                                                               "(optional: pip install -e '.[export]')"))]
+
+
+def _config(demo_root, tmp_path, name: str) -> dict:
+    backbone = {"backbone": "resnet18", "pretrained": False} if name not in TINY_MODELS else TINY_MODELS[name]
+    return resolve_config({"model": {"name": name, **backbone},
+                           "data": {"name": "demo", "root": str(demo_root), "image_size": SIZE, "batch_size": 8},
+                           "output_dir": str(tmp_path), "eval": {"num_figures": 0}})
+
+
+@pytest.fixture(scope="module", params=MODEL_REGISTRY.names())
+def tiny_run(request, demo_root, tmp_path_factory):
+    """A run folder per model: memory models fitted on the demo train images, others at their random
+    initialisation; the threshold is the median test score, so both labels occur."""
+    name = request.param
+    run_dir = tmp_path_factory.mktemp(name)
+    config = _config(demo_root, run_dir, name)
+    torch.manual_seed(0)
+    modeler = build_modeler(config, build_model(config))
+    dataloader = build_dataloader(config)
+    if modeler.one_pass:
+        modeler.begin_fit(len(dataloader.train_dataset))
+        for batch in dataloader.train_loader(shuffle=False):
+            modeler.training_step(batch)
+        modeler.fit()
+    dataset = dataloader.test_dataset
+    indices = range(0, len(dataset), max(1, len(dataset) // 6))
+    images = np.stack([dataset.load(i)[0].permute(1, 2, 0).numpy() for i in indices])  # uint8 [B, H, W, 3]
+    with torch.no_grad():
+        eager = modeler.evaluate_step({"image": torch.stack([dataset[i]["image"] for i in indices])})
+    scores = eager["anomaly_scores"].numpy()
+    threshold = float(np.median(scores))
+    torch.save({"format_version": 1, "model": modeler.state_dict(), "config": config, "threshold": threshold,
+                "threshold_source": "test: median of the test scores"}, run_dir / "checkpoint.pt")
+    return {"run_dir": run_dir, "images": images, "maps": eager["anomaly_maps"][:, 0].numpy(), "scores": scores,
+            "threshold": threshold, "name": name}
+
+
+@pytest.mark.parametrize("format", FORMATS)
+def test_every_model_exports_with_parity(tiny_run, format):
+    from export import load_artifact
+
+    path = export(tiny_run["run_dir"], format)
+    maps, scores, labels = load_artifact(path, format)(tiny_run["images"])  # 6 images; the trace used 2
+    scale = np.abs(tiny_run["maps"]).max()
+    np.testing.assert_allclose(maps, tiny_run["maps"], rtol=0, atol=RELATIVE_TOLERANCE * scale)
+    np.testing.assert_allclose(scores, tiny_run["scores"], rtol=0, atol=RELATIVE_TOLERANCE * np.abs(tiny_run["scores"]).max())
+    clear = np.abs(tiny_run["scores"] - tiny_run["threshold"]) > RELATIVE_TOLERANCE * np.abs(tiny_run["scores"]).max()
+    np.testing.assert_array_equal(labels[clear], (tiny_run["scores"] >= tiny_run["threshold"])[clear])
+    sidecar = json.loads(Path(f"{path}.json").read_text())
+    assert sidecar["model"] == tiny_run["name"] and sidecar["threshold"] == tiny_run["threshold"]
+    assert sidecar["input"]["shape"] == ["batch", SIZE, SIZE, 3] and sidecar["input"]["layout"] == "NHWC"
+    assert sidecar["export_check"]["map_max_rel"] <= RELATIVE_TOLERANCE
+
+
+def test_export_search_equals_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(50, 16, generator=generator), torch.randn(300, 16, generator=generator)
+    distances, indices = bank_chunked_topk_nearest(queries, bank, k=3, chunk_mb=0.01, sized_for=50)  # 52-row chunks
+    expected, expected_indices = torch.cdist(queries.double(), bank.double()).topk(3, dim=1, largest=False)
+    torch.testing.assert_close(distances.double(), expected, rtol=0, atol=1e-5)
+    assert torch.equal(indices, expected_indices)
+
+
+def test_jet_equals_matplotlib():
+    from matplotlib import colormaps
+
+    values = np.linspace(0, 1, 10001)
+    np.testing.assert_allclose(jet(values), colormaps["jet"](values)[:, :3], rtol=0, atol=1e-12)
+
+
+# -- the deployment path -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def padim_export(demo_root, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("padim_run")
+    results = run_experiment({"model.name": "padim", "model.backbone": "resnet18", "model.pretrained": False,
+                              "data.name": "demo", "data.root": str(demo_root), "data.image_size": 64,
+                              "eval.num_figures": 0, "output_dir": str(tmp_path)})
+    assert main(["export", "--checkpoint", results["run_dir"], "--format", "onnx"]) == 0
+    return Path(results["run_dir"]), Path(results["run_dir"]) / "export" / "model.onnx"
+
+
+def _read_csv(path: Path) -> dict:
+    with open(path) as handle:
+        return {row["image_path"]: (float(row["score"]), int(row["label"])) for row in csv.DictReader(handle)}
+
+
+def test_onnx_predict_imports_no_torch_and_matches_predict(padim_export, demo_root, tmp_path):
+    run_dir, model_file = padim_export
+    inputs = demo_root / "fabric" / "test"
+    script = ("import sys, deploy_onnx; code = deploy_onnx.main(sys.argv[1:]); "
+              "loaded = [m for m in ('torch', 'main', 'export', 'trainers', 'models') if m in sys.modules]; "
+              "assert not loaded, loaded; sys.exit(code)")
+    deployed_dir, torch_dir = tmp_path / "onnx", tmp_path / "torch"
+    done = subprocess.run([sys.executable, "-c", script, "--model-file", str(model_file), "--input", str(inputs),
+                           "--output-dir", str(deployed_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    predict(run_dir, inputs, torch_dir)
+    deployed, reference = _read_csv(deployed_dir / "predictions.csv"), _read_csv(torch_dir / "predictions.csv")
+    assert deployed.keys() == reference.keys()
+    scores = np.array([[deployed[k][0], reference[k][0]] for k in reference])
+    np.testing.assert_allclose(scores[:, 0], scores[:, 1], rtol=0, atol=RELATIVE_TOLERANCE * np.abs(scores).max())
+    assert [deployed[k][1] for k in reference] == [reference[k][1] for k in reference]
+    overlays = sorted(p.name for p in torch_dir.glob("*_overlay.png"))
+    assert overlays == sorted(p.name for p in deployed_dir.glob("*_overlay.png")) and overlays
+    # OpenCV's and torch's bilinear resize are the same formula, rounding apart; a heat value on a colour-table
+    # boundary may take the next of jet's 256 colours: at most 1/64 per channel × 0.45 × 255 ≈ 2 grey levels.
+    for name in overlays:
+        deployed_image, reference_image = (np.asarray(Image.open(d / name), dtype=int) for d in (deployed_dir, torch_dir))
+        half = len(reference_image) // 2  # predict draws a score banner across the top; the heat maps lie below
+        assert np.abs(deployed_image[half:] - reference_image[half:]).max() <= 2, name
+
+
+def test_onnx_predict_resizes_odd_images_and_refuses_wrong_arrays(padim_export, demo_root, tmp_path, capsys):
+    _, model_file = padim_export
+    source = next((demo_root / "fabric" / "test").glob("*/*.png"))
+    Image.open(source).convert("L").resize((90, 70)).save(tmp_path / "gray.png")
+    assert main(["predict", "--model-file", str(model_file), "--input", str(tmp_path / "gray.png")]) == 0
+    out_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Image.open(out_dir / "gray_overlay.png").size == (90, 70)
+    detector = OnnxDetector(model_file)
+    for wrong in (np.zeros((1, 63, 64, 3), np.uint8), np.zeros((1, 64, 64, 1), np.uint8), np.zeros((1, 64, 64, 3))):
+        with pytest.raises(DeploymentError, match=r"takes uint8 RGB images \[B, 64, 64, 3\]"):
+            detector.run(wrong)
+
+
+# -- bad input: one line each ---------------------------------------------------------------------------
+def _error_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_export_refusals_are_one_line(padim_export, tmp_path, capsys):
+    run_dir, model_file = padim_export
+    assert "Unknown export format 'tflite'" in _error_line(capsys, ["export", "--checkpoint", str(run_dir), "--format", "tflite"])
+    before = model_file.stat().st_mtime_ns
+    assert "exists: pass --force" in _error_line(capsys, ["export", "--checkpoint", str(run_dir), "--format", "onnx"])
+    assert model_file.stat().st_mtime_ns == before  # untouched
+    assert main(["export", "--checkpoint", str(run_dir), "--format", "onnx", "--force"]) == 0
+    assert model_file.stat().st_mtime_ns != before
+    capsys.readouterr()
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    old = tmp_path / "old.pt"
+    torch.save({key: value for key, value in saved.items() if key != "format_version"}, old)
+    assert "format_version None" in _error_line(capsys, ["export", "--checkpoint", str(old), "--format", "onnx"])
+    state = dict(saved["model"])
+    state.pop(next(iter(state)))
+    torch.save({**saved, "model": state}, old)
+    assert "older version of this framework" in _error_line(capsys, ["export", "--checkpoint", str(old), "--format", "onnx",
+                                                                   "--output", str(tmp_path / "m.onnx")])
+    assert "not found" in _error_line(capsys, ["predict", "--model-file", str(tmp_path / "none.onnx"), "--input", "."])
+
+
+def test_export_without_the_extra_names_it(padim_export, monkeypatch):
+    run_dir, _ = padim_export
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(FrameworkError, match=r"needs the 'onnxruntime' package: pip install -e \"\.\[export\]\""):
+        export(run_dir, "onnx", run_dir / "other.onnx")
