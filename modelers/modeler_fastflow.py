@@ -14,7 +14,7 @@ class FastFlowModeler(BaseModeler):
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": self.model.loss(outputs)}
 
-    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+    def maps_from_outputs(self, outputs: dict, batch: dict) -> torch.Tensor:
         """At the input size (the configured one for batches of cached features)."""
         size = batch["image"].shape[-2:] if "image" in batch else (self.config["data"]["image_size"],) * 2
         return self.model.anomaly_map(outputs, size)
