@@ -12,9 +12,11 @@ import copy
 import importlib.util
 from typing import Any
 
+from registry import load_plugins
 from utils import FrameworkError
 
 BASE_CONFIGS: dict[str, Any] = {
+    "plugins": [],  # a researcher's modules (names or .py paths) imported first: they register models
     "seed": 0,
     "device": "auto",  # auto | cpu | cuda
     "output_dir": "experiments",
@@ -202,6 +204,25 @@ MODEL_CONFIGS: dict[str, dict] = {
     },
 }
 
+BUILTIN_MODELS = frozenset(MODEL_CONFIGS)
+
+
+def register_model_config(name: str, defaults: dict) -> None:
+    """Declares a plugin model's defaults, so that ``model.name=<name>`` resolves like a built-in one.
+
+    ``defaults`` is a ``MODEL_CONFIGS`` entry: ``{"model": {constructor keyword arguments}, "train":
+    {"trainer": <family>, ...}, "data": {...}}``; its ``model`` keys are the keys a user may override.
+    Registering the name again (a re-run notebook cell) replaces the entry; a built-in name is refused.
+    """
+    if name in BUILTIN_MODELS:
+        raise FrameworkError(f"Model '{name}' is built in: register the plugin model under another name")
+    family = defaults.get("train", {}).get("trainer")
+    if family not in TRAIN_CONFIGS:
+        raise FrameworkError(f"Plugin model '{name}' must name its family in train.trainer: one of "
+                             f"{', '.join(sorted(TRAIN_CONFIGS))}, got {family!r}")
+    MODEL_CONFIGS[name] = copy.deepcopy(defaults)
+
+
 THRESHOLD_STRATEGIES = ("normal_quantile", "f1_adaptive", "manual")
 
 # Keys whose default is None, with the type a set value must have.
@@ -323,6 +344,8 @@ def _apply(config: dict, overrides: dict, prefix: str = "") -> None:
 def resolve_config(overrides: dict | None = None) -> dict:
     """The complete run config: defaults for the chosen model and dataset, then the checked overrides."""
     overrides = expand_dotted(overrides or {})
+    if "plugins" in overrides:  # before the defaults: a plugin brings its model's own
+        overrides["plugins"] = load_plugins(overrides["plugins"])
     for section in ("model", "data", "train", "eval"):
         if not isinstance(overrides.get(section, {}), dict):
             raise FrameworkError(f"Config key '{section}' is a section; give a dict or dotted keys like '{section}.x'")

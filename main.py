@@ -179,7 +179,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
 
     Returns the modeler (on ``device``, in eval mode) and the checkpoint dict (config, threshold...).
     """
-    from registry import build_model, build_modeler
+    from registry import build_model, build_modeler, load_plugins
     from trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
     from utils import FrameworkError, resolve_device
 
@@ -190,6 +190,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         raise FrameworkError(f"Checkpoint '{path}' not found (give a run folder or its checkpoint.pt)")
     checkpoint = read_checkpoint(path, "cpu", needs=("model", "config", "threshold"))
     config = copy.deepcopy(checkpoint["config"])
+    load_plugins(config.get("plugins", []))  # a plugin model is rebuilt by its own module
     if "pretrained" in config["model"]:
         config["model"]["pretrained"] = False  # every weight is in the checkpoint
     modeler = build_modeler(config, build_model(config))
@@ -342,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", help="continue an interrupted gradient-trained run from its folder (last.pt)")
     parser.add_argument("--benchmark", action="store_true",
                         help="also time image loading, the backbone alone and a memory copy, and compare stages")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="a module of yours (importable name or .py path) registering models; repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any config key, dotted (repeatable): --set train.lr=0.1")
     parser.add_argument("--seeds", help="comma list of seeds (0,1,2): repeats every run; tables show mean ± std")
@@ -399,6 +402,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     from utils import FrameworkError
 
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
+    if args.plugin:
+        overrides["plugins"] = args.plugin
     if any(getattr(args, flag) is not None for flag in FOLDER_FLAGS):
         overrides.setdefault("data.name", "folder")  # the folder flags only mean something there
     for item in args.set:

@@ -5,13 +5,21 @@ Registration is explicit: each package's ``__init__.py`` imports its modules, wh
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, TypeVar
 
 from utils import FrameworkError
 
 T = TypeVar("T")
+
+
+def _same_definition(old: Any, new: Any) -> bool:
+    return all(getattr(old, key, None) == getattr(new, key, object()) for key in ("__module__", "__qualname__"))
 
 
 class Registry:
@@ -31,7 +39,8 @@ class Registry:
         """Decorator adding a class or function under ``name``."""
 
         def add(obj: T) -> T:
-            if name in self._entries:
+            # Re-running a notebook cell re-registers the same definition: it replaces itself.
+            if name in self._entries and not _same_definition(self._entries[name], obj):
                 raise ValueError(f"{self.kind} '{name}' is already registered")
             self._entries[name] = obj
             return obj
@@ -96,7 +105,7 @@ def build_model(config: dict):
 def build_modeler(config: dict, model):
     """The modeler wrapping ``model``."""
     import_all()
-    return MODELER_REGISTRY.get(config["model"]["name"])(model, config)
+    return MODELER_REGISTRY.get(config["model"]["name"])(model, config=config)
 
 
 def build_metrics(config: dict):
@@ -111,3 +120,46 @@ def build_trainer(config: dict, modeler, dataloader, run_dir: Path, device):
     import_all()
     trainer_class = TRAINER_REGISTRY.get(config["train"]["trainer"])
     return trainer_class(modeler, dataloader, config, run_dir, device, metrics=build_metrics(config))
+
+
+def load_plugin(spec: str) -> str:
+    """Imports a researcher's module so that its registrations run; returns how to import it again.
+
+    ``spec`` is an importable module name (``my_models``) or a ``.py`` file (returned absolute, so that
+    a saved config re-imports it from anywhere). A file is imported under its stem, once.
+    """
+    path = Path(spec).expanduser()
+    is_file = spec.endswith(".py") or path.is_file()
+    try:
+        if not is_file:
+            importlib.import_module(spec)
+            return spec
+        path = path.resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"no file '{path}'")
+        loaded = sys.modules.get(path.stem)
+        if loaded is not None:
+            if Path(getattr(loaded, "__file__", "") or "").resolve() != path:
+                raise ImportError(f"a module named '{path.stem}' is already imported from elsewhere: rename the file")
+            return str(path)
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module: ModuleType = importlib.util.module_from_spec(module_spec)
+        sys.modules[path.stem] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[path.stem]
+            raise
+        return str(path)
+    except Exception as error:  # the plugin's own code may raise anything: one line naming it
+        reason = str(error) if isinstance(error, FrameworkError) else f"{type(error).__name__}: {error}"
+        raise FrameworkError(f"Cannot import plugin '{spec}' (give an importable module name or a .py path): "
+                             f"{reason}") from error
+
+
+def load_plugins(specs: Any) -> list[str]:
+    """``load_plugin`` for each entry of the ``plugins`` config key (a list of strings)."""
+    if not isinstance(specs, (list, tuple)) or not all(isinstance(spec, str) for spec in specs):
+        raise FrameworkError(f"Config key 'plugins' must be a list of module names or .py paths, got {specs!r}")
+    import_all()  # the package's own registrations first: a plugin may extend them
+    return [load_plugin(spec) for spec in specs]

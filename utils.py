@@ -156,15 +156,31 @@ def _format_metric(value: Any) -> str:
     return str(value)
 
 
-def show_results(results: dict[str, Any]) -> None:
-    """Prints the metrics and timings of a run as a readable two-column table."""
-    labels = {"separation": "separation (Cohen's d)"}
-    _print_block("Metrics", {labels.get(key, key): _format_metric(value) for key, value in results["metrics"].items()})
-    timings = {key: f"{value:.2f} s" if key != "images_per_second" else f"{value:.1f}" for key, value in results["timings"].items()}
-    _print_block("Timings", timings)
-    _print_block("Run", {"peak memory": f"{results['peak_memory_mb']:.0f} MB", "backbone": results["backbone"],
-                         "weights": results["weights_source"], "weights sha256": results.get("weights_sha256") or "-",
-                         "pixel metrics at": results.get("pixel_resolution", "-"), "run folder": results["run_dir"]})
+def show_results(results: dict[str, Any] | Any, labels: Any = None, threshold: float | None = None) -> dict[str, Any]:
+    """Prints a run's metrics and timings as a readable two-column table.
+
+    ``results`` is what ``run_experiment`` returns; or, as in the design's notebook, give the
+    ``scores, labels`` that ``trainer.predict`` returns and their image metrics are printed (at
+    ``threshold`` when given). Returns what was printed.
+    """
+    if labels is not None:
+        from metrics.metrics_base import compute_image_metrics  # metrics import this module
+
+        source = "given" if threshold is not None else "none"
+        results = {"metrics": compute_image_metrics(np.asarray(labels), np.asarray(results, dtype=np.float64),
+                                                    threshold, source)}
+    names = {"separation": "separation (Cohen's d)"}
+    _print_block("Metrics", {names.get(key, key): _format_metric(value) for key, value in results["metrics"].items()})
+    if "timings" in results:
+        timings = {key: f"{value:.2f} s" if key != "images_per_second" else f"{value:.1f}"
+                   for key, value in results["timings"].items()}
+        _print_block("Timings", timings)
+    if "run_dir" in results:
+        _print_block("Run", {"peak memory": f"{results['peak_memory_mb']:.0f} MB", "backbone": results["backbone"],
+                             "weights": results["weights_source"],
+                             "weights sha256": results.get("weights_sha256") or "-",
+                             "pixel metrics at": results.get("pixel_resolution", "-"), "run folder": results["run_dir"]})
+    return results
 
 
 def denormalize(images: torch.Tensor, normalize: str) -> torch.Tensor:

@@ -16,6 +16,6 @@ class AutoencoderModeler(BaseModeler):
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         return self.model.criterion(outputs, self.images(batch))
 
-    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+    def maps_from_outputs(self, outputs: dict, batch: dict) -> torch.Tensor:
         return reconstruction_error_map(self.images(batch), outputs["reconstruction"], self.model.map_kind,
                                         self.model.sigma)

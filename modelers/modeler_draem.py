@@ -32,8 +32,8 @@ class DraemModeler(BaseModeler):
         masks = batch["anomaly_mask"].to(self.device, non_blocking=True)
         return self.model.loss(outputs, self.images(batch), masks)
 
-    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+    def maps_from_outputs(self, outputs: dict, batch: dict) -> torch.Tensor:
         return self.model.anomaly_map(outputs)
 
-    def compute_anomaly_scores(self, maps: torch.Tensor, outputs: dict) -> torch.Tensor:
+    def scores_from_maps(self, maps: torch.Tensor, outputs: dict) -> torch.Tensor:
         return self.model.image_score(maps)

@@ -14,6 +14,6 @@ class FastFlowModeler(BaseModeler):
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": self.model.loss(outputs)}
 
-    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+    def maps_from_outputs(self, outputs: dict, batch: dict) -> torch.Tensor:
         """At the input size (the configured one for batches of cached features)."""
         return self.model.anomaly_map(outputs, self.input_size(batch))

@@ -13,5 +13,5 @@ class PadimModeler(BaseModeler):
 
     one_pass = True
 
-    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+    def maps_from_outputs(self, outputs: dict, batch: dict) -> torch.Tensor:
         return self.smooth_to_input(outputs["patch_scores"], self.input_size(batch), self.model.sigma)

@@ -20,8 +20,8 @@ class PatchcoreModeler(BaseModeler):
         with self.timer("search"):
             return self.model.score_patches(embedding)
 
-    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+    def maps_from_outputs(self, outputs: dict, batch: dict) -> torch.Tensor:
         return self.smooth_to_input(outputs["patch_scores"], self.input_size(batch), self.model.sigma)
 
-    def compute_anomaly_scores(self, maps: torch.Tensor, outputs: dict) -> torch.Tensor:
+    def scores_from_maps(self, maps: torch.Tensor, outputs: dict) -> torch.Tensor:
         return outputs["image_scores"]

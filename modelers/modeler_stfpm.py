@@ -14,7 +14,7 @@ class STFPMModeler(BaseModeler):
     def compute_loss(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         return {"loss": self.model.loss(outputs)}
 
-    def compute_anomaly_maps(self, outputs: dict, batch: dict) -> torch.Tensor:
+    def maps_from_outputs(self, outputs: dict, batch: dict) -> torch.Tensor:
         return self.model.anomaly_map(outputs, batch["image"].shape[-2:])
 
     def selection_maps(self, batch: dict) -> torch.Tensor:

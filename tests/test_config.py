@@ -63,7 +63,9 @@ def test_registry_refuses_duplicates_and_lists_known_names():
     registry = Registry("widget", "anything")
     registry.register("a")(object)
     with pytest.raises(ValueError):
-        registry.register("a")(object)
+        registry.register("a")(dict)
+    rerun = type("object", (), {"__module__": "builtins"})  # a notebook cell run again: same name and module
+    assert registry.register("a")(rerun) is rerun and registry.get("a") is rerun
     with pytest.raises(FrameworkError, match="known widgets are a"):
         registry.get("b")
 

@@ -93,12 +93,12 @@ def test_ctrl_c_says_where_and_how_to_resume_and_the_resumed_run_keeps_one_copy_
     original = GradientTrainer.run_epoch
     calls = {"train": 0}
 
-    def interrupt_second_epoch(self, loader, train, desc):
-        if train:
+    def interrupt_second_epoch(self, loader, epoch, num_epochs, mode):
+        if mode == "train":
             calls["train"] += 1
             if calls["train"] == 2:
                 raise KeyboardInterrupt
-        return original(self, loader, train, desc)
+        return original(self, loader, epoch, num_epochs, mode)
 
     monkeypatch.setattr(GradientTrainer, "run_epoch", interrupt_second_epoch)
     argv = _argv(tmp_path, demo_root, "stfpm", "--epochs", "2", "--set", "data.val_fraction=0.25")
@@ -122,7 +122,7 @@ def test_ctrl_c_says_where_and_how_to_resume_and_the_resumed_run_keeps_one_copy_
 
 
 def test_ctrl_c_of_a_memory_model_says_there_is_nothing_to_resume(tmp_path, demo_root, capsys, monkeypatch):
-    def interrupt(self, loader, train=True, desc="collect"):
+    def interrupt(self, loader, epoch=1, num_epochs=1, mode="train"):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(MemoryTrainer, "run_epoch", interrupt)

@@ -69,12 +69,12 @@ def test_resume_equals_uninterrupted_training(tmp_path, demo_root, monkeypatch):
     original = GradientTrainer.run_epoch
     calls = {"train": 0}
 
-    def interrupt_after_two_epochs(self, loader, train, desc):
-        if train:
+    def interrupt_after_two_epochs(self, loader, epoch, num_epochs, mode):
+        if mode == "train":
             calls["train"] += 1
             if calls["train"] == 3:
                 raise KeyboardInterrupt
-        return original(self, loader, train, desc)
+        return original(self, loader, epoch, num_epochs, mode)
 
     monkeypatch.setattr(GradientTrainer, "run_epoch", interrupt_after_two_epochs)
     with pytest.raises(KeyboardInterrupt):
@@ -113,7 +113,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tmp_p
 
     def nan_on_seventh_step(self, outputs, batch):
         losses = original(self, outputs, batch)
-        if self.model.training:
+        if torch.is_grad_enabled():  # optimiser steps only: validation also runs in training mode
             steps["count"] += 1
             if steps["count"] == 7:
                 return {"loss": losses["loss"] * float("nan")}

@@ -27,11 +27,11 @@ def _config(output, demo_root, **extra):
 def test_history_is_written_as_epochs_end_and_continued_on_resume(tmp_path, demo_root, monkeypatch):
     original, calls = GradientTrainer.run_epoch, {"train": 0}
 
-    def interrupt_in_the_third_epoch(self, loader, train, desc):
-        calls["train"] += train
+    def interrupt_in_the_third_epoch(self, loader, epoch, num_epochs, mode):
+        calls["train"] += mode == "train"
         if calls["train"] == 3:
             raise KeyboardInterrupt
-        return original(self, loader, train, desc)
+        return original(self, loader, epoch, num_epochs, mode)
 
     monkeypatch.setattr(GradientTrainer, "run_epoch", interrupt_in_the_third_epoch)
     with pytest.raises(KeyboardInterrupt):

@@ -108,7 +108,11 @@ class FeatureCacheMixin:
     hands to the model. Needs ``config``, ``modeler``, ``dataloader`` and ``device`` (a BaseTrainer)."""
 
     def split_dataset(self, dataset: Dataset, split: str, with_targets: bool = False) -> tuple[Dataset, int | None]:
-        """The split's cached features, iterated in this process (workers would only copy them)."""
+        """The split's cached features, iterated in this process (workers would only copy them); the images
+        for a model without a frozen extractor (``extract`` and ``extractor``, e.g. a plugin's)."""
+        model = self.modeler.model
+        if not (hasattr(model, "extract") and hasattr(model, "extractor")):
+            return dataset, None
         cache = self.split_features(dataset, split, with_targets)
         return (dataset, None) if cache is None else (cache, 0)
 

@@ -11,13 +11,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from metrics.metrics_base import (compute_image_metrics, compute_pixel_metrics, f1_adaptive_threshold, f1_max,
-                                  normal_threshold)
+from metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
 from models.model_base import upsample_maps, weights_record
 from utils import FrameworkError, StageTimer
 
@@ -71,6 +72,11 @@ class Predictions:
             return self.eval_masks, self.eval_maps
         return self.masks.numpy(), self.maps.numpy()
 
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Unpacks as ``scores, labels``, the design's ``predict`` return (as ``os.stat_result`` unpacks
+        to its first ten fields and keeps the rest as attributes)."""
+        return iter((self.scores, self.labels))
+
 
 def evaluation_resolution(data_cfg: dict) -> int | str | None:
     """``data.mask_size`` when it asks for another resolution than the model input, else None."""
@@ -89,6 +95,30 @@ def describe_resolution(data_cfg: dict) -> str:
     return f"{size}x{size} (map bilinearly resized, original masks resized by nearest neighbour and cropped)"
 
 
+@dataclass
+class Evaluation:
+    """What ``evaluate`` returns: read as the design's ``{"anomaly_maps", "anomaly_scores", "labels",
+    "metrics"}`` (plus ``"predictions"``), and unpacks as ``metrics, predictions`` as before."""
+
+    metrics: dict
+    predictions: Predictions
+
+    def keys(self) -> tuple[str, ...]:
+        return ("anomaly_maps", "anomaly_scores", "labels", "metrics", "predictions")
+
+    def __getitem__(self, key: str):
+        if key not in self.keys():
+            raise KeyError(key)
+        design = {"anomaly_maps": "maps", "anomaly_scores": "scores", "labels": "labels"}
+        return getattr(self.predictions, design[key]) if key in design else getattr(self, key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self) -> Iterator:
+        return iter((self.metrics, self.predictions))
+
+
 class BaseTrainer:
     """Drives a modeler over the dataloader's splits.
 
@@ -103,10 +133,15 @@ class BaseTrainer:
 
     def __init__(self, modeler, dataloader, config: dict, run_dir: Path, device: torch.device, metrics=None) -> None:
         self.modeler = modeler.to(device)
-        self.modeler.metrics = metrics
+        # What the modeler was built with wins (the design's ``BaseModeler(model, metrics=...)``).
+        if getattr(self.modeler, "metrics", None) is None:
+            self.modeler.metrics = metrics
+        if getattr(self.modeler, "config", None) is None:
+            self.modeler.config = config
         self.dataloader = dataloader
         self.config = config
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # a notebook may name a folder not made yet
         self.device = device
         self.timings: dict[str, float] = {}
         self.threshold: float | None = None
@@ -116,12 +151,16 @@ class BaseTrainer:
         self.pixel_threshold_source = "none"
 
     # -- to be provided by each family --------------------------------------------------------------
-    def fit(self) -> dict:
-        """Trains or fits the model; returns a summary (epochs run, losses...)."""
+    def fit(self, train_loader: DataLoader | None = None, num_epochs: int | None = None,
+            valid_loader: DataLoader | None = None) -> dict:
+        """Trains or fits the model; returns the fit record, whose ``history`` lists every epoch's
+        ``{"epoch", "train", "valid"}`` means. Arguments as ``fit_arguments`` says."""
         raise NotImplementedError
 
-    def run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
-        """One pass over ``loader``: optimiser steps when ``train``, else validation; mean of each metric."""
+    def run_epoch(self, data_loader: DataLoader, epoch: int = 1, num_epochs: int = 1,
+                  mode: str = "train") -> dict[str, float]:
+        """One pass over ``data_loader``: optimiser steps when ``mode`` is ``"train"``, validation steps when
+        ``"valid"``; the mean of the loss and of each metric over the pass."""
         raise NotImplementedError
 
     def split_dataset(self, dataset, split: str, with_targets: bool = False) -> tuple:
@@ -147,22 +186,36 @@ class BaseTrainer:
     def finish(self, checkpoint_saved: bool) -> None:
         """Called once the run is done; families that keep training files drop what is no longer needed."""
 
+    def fit_arguments(self, train_loader: DataLoader | None, num_epochs: int | None,
+                      valid_loader: DataLoader | None) -> tuple[DataLoader, int, DataLoader | None]:
+        """The design's ``fit(train_loader, num_epochs, valid_loader=None)`` and the bare ``fit()`` of
+        ``run_experiment`` in one: without a ``train_loader`` the dataloader's own train and held-out
+        splits are used; without ``num_epochs``, ``train.epochs``. Families take the images (the loader's
+        dataset) and batch size of a given loader and batch them their own way (order, simulation,
+        cached features), so a loader from ``dataloader.train_loader()`` gives the run ``run_experiment``
+        gives."""
+        if train_loader is None:
+            train_loader, valid_loader = self.dataloader.train_loader(), self.dataloader.valid_loader()
+        return train_loader, num_epochs or self.config["train"].get("epochs", 1), valid_loader
+
     # -- shared evaluation --------------------------------------------------------------------------
     @torch.inference_mode()
-    def predict(self, loader, desc: str = "predict", held_out: bool = False, ground_truth: bool = False) -> Predictions:
-        """Maps and scores for every image of ``loader`` at the model input; with ``ground_truth`` (a split
-        of an AnomalyDataset), also each map resized to the evaluation resolution (``data.mask_size``) beside
-        the mask read again from its original file, never from the mask already resized to the input.
+    def predict(self, test_loader: DataLoader, desc: str = "predict", held_out: bool = False,
+                ground_truth: bool = False) -> Predictions:
+        """Maps and scores for every image of ``test_loader`` at the model input; with ``ground_truth`` (a
+        split of an AnomalyDataset), also each map resized to the evaluation resolution (``data.mask_size``)
+        beside the mask read again from its original file, never from the mask already resized to the input.
 
-        ``held_out``: ``loader`` walks the fit's own images in fit order, each scored leave-one-out.
+        ``held_out``: the loader walks the fit's own images in fit order, each scored leave-one-out.
+        The result unpacks as the design's ``scores, labels = trainer.predict(test_loader)``.
         """
         resolution = evaluation_resolution(self.config["data"]) if ground_truth else None
-        images = getattr(loader.dataset, "images", None) or loader.dataset  # cached features name their images
+        images = getattr(test_loader.dataset, "images", None) or test_loader.dataset  # cached features name their images
         index = {str(sample.path): i for i, sample in enumerate(images.samples)} if resolution else {}
         parts: dict[str, list] = {"scores": [], "maps": [], "labels": [], "masks": [], "paths": [], "types": [],
                                   "eval_maps": [], "eval_masks": []}
         seen = 0
-        for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        for batch in tqdm(test_loader, desc=desc, leave=False, dynamic_ncols=True):
             positions = torch.arange(seen, seen + len(batch["label"])) if held_out else None
             seen += len(batch["label"])
             output = self.modeler.evaluate_step(batch, positions)
@@ -240,31 +293,34 @@ class BaseTrainer:
             self.pixel_threshold_source = f"normal_quantile(q={quantile}) of the map maxima of the same images"
         self.timings["threshold"] = time.perf_counter() - start
 
-    def evaluate(self) -> tuple[dict, Predictions]:
-        """Scores the test split; returns the metrics and the predictions behind them."""
+    def evaluate(self, test_loader: DataLoader | None = None) -> Evaluation:
+        """Scores ``test_loader`` (default the test split) and computes the test metrics.
+
+        The result reads as the design's ``{"anomaly_maps", "anomaly_scores", "labels", "metrics"}`` and
+        ``"predictions"`` (everything behind them: masks, paths, defect types, for figures and CSV), and
+        unpacks as ``metrics, predictions``.
+        """
         if self.threshold is None:
             self.calibrate_threshold()
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        predictions = self.predict(self.eval_loader(self.dataloader.test_dataset, "test"), desc="evaluate",
-                                   ground_truth=True)
+        if test_loader is None:  # the test split, through the family's cached features if any
+            test_loader = self.eval_loader(self.dataloader.test_dataset, "test")
+        predictions = self.predict(test_loader, desc="evaluate", ground_truth=True)
         metrics_start = time.perf_counter()
-        metrics = compute_image_metrics(
-            predictions.labels.numpy(), predictions.scores.numpy(), self.threshold, self.threshold_source
-        )
+        if not self.dataloader.has_masks:
+            warnings.warn("This category has no ground_truth folder: pixel metrics are unavailable")
+        masks, maps = predictions.pixel_pairs() if self.dataloader.has_masks else (None, None)
+        metrics = self.modeler.compute_test_metrics(predictions.labels.numpy(), predictions.scores.numpy(), masks,
+                                                    maps, self.threshold, self.threshold_source)
         metrics["threshold_strategy"] = self.config["eval"]["threshold_strategy"]
         metrics["pixel_threshold"], metrics["pixel_threshold_source"] = self.pixel_threshold, self.pixel_threshold_source
-        if self.dataloader.has_masks:
-            metrics.update(compute_pixel_metrics(*predictions.pixel_pairs()))
-        else:
-            warnings.warn("This category has no ground_truth folder: pixel metrics are unavailable")
-            metrics.update({"pixel_auroc": None, "pixel_aupr": None, "aupro": None})
         end = time.perf_counter()
         self.timings.update(self.modeler.timer.as_dict("evaluate_"))
         self.timings["evaluate_metrics"] = end - metrics_start
         self.timings["evaluate"] = end - start
         self.timings["images_per_second"] = len(predictions.scores) / max(metrics_start - start, 1e-9)
-        return metrics, predictions
+        return Evaluation(metrics, predictions)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint(self) -> dict:

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from dataloaders.anomaly_simulation import DraemTrainingDataset, TextureSource
 from registry import TRAINER_REGISTRY
-from trainers.trainer_gradient import GradientTrainer
+from trainers.trainer_gradient import GradientTrainer, batch_size_of
 
 
 @TRAINER_REGISTRY.register("classification")
@@ -23,10 +23,13 @@ class ClassificationTrainer(GradientTrainer):
             self._textures = TextureSource(self.config["train"]["texture_root"], self.config["data"]["image_size"])
         return DraemTrainingDataset(dataset, self._textures, seed=self.config["seed"])
 
-    def train_loader(self) -> DataLoader:
-        return self.training_loader(self._simulated(self.dataloader.train_dataset))
+    def train_loader(self, loader: DataLoader | None = None) -> DataLoader:
+        source = loader.dataset if loader is not None else self.dataloader.train_dataset
+        return self.training_loader(self._simulated(source), batch_size=batch_size_of(loader))
 
-    def valid_loader(self) -> DataLoader | None:
-        if self.dataloader.valid_dataset is None:
+    def valid_loader(self, loader: DataLoader | None = None) -> DataLoader | None:
+        source = loader.dataset if loader is not None else self.dataloader.valid_dataset
+        if source is None:
             return None
-        return self.dataloader.make_loader(self._simulated(self.dataloader.valid_dataset), shuffle=False)
+        return self.dataloader.make_loader(self._simulated(source), shuffle=False,
+                                           batch_size=batch_size_of(loader))

@@ -61,19 +61,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def batch_size_of(loader: DataLoader | None) -> int | None:
+    """A given loader's batch size, kept when the trainer re-batches its images (None: ``data.batch_size``)."""
+    return loader.batch_size if loader is not None else None
+
+
 @TRAINER_REGISTRY.register("gradient")
 class GradientTrainer(BaseTrainer):
     """Epochs of optimiser steps, validation on held-out normal images, early stopping, resume, NaN guard."""
 
     drop_last = False
 
-    def training_loader(self, dataset, num_workers: int | None = None) -> DataLoader:
+    def training_loader(self, dataset, num_workers: int | None = None, batch_size: int | None = None) -> DataLoader:
         """Shuffled batches of ``dataset``; under torchrun a DistributedSampler gives each rank its share
-        of every global batch (``data.batch_size`` images in all, split over the ranks)."""
+        of every global batch (``batch_size``, default ``data.batch_size``, images in all, split over the ranks)."""
+        batch_size = batch_size or self.config["data"]["batch_size"]
         if world_size() == 1:
-            return self.dataloader.make_loader(dataset, shuffle=True, drop_last=self.drop_last, num_workers=num_workers)
+            return self.dataloader.make_loader(dataset, shuffle=True, drop_last=self.drop_last, num_workers=num_workers,
+                                               batch_size=batch_size)
         sampler = DistributedSampler(dataset, shuffle=True, seed=self.config["seed"], drop_last=self.drop_last)
-        per_rank = max(1, self.config["data"]["batch_size"] // world_size())
+        per_rank = max(1, batch_size // world_size())
         return self.dataloader.make_loader(dataset, shuffle=False, drop_last=self.drop_last, sampler=sampler,
                                            batch_size=per_rank, num_workers=num_workers)
 
@@ -83,31 +90,40 @@ class GradientTrainer(BaseTrainer):
         ``with_targets``)."""
         return dataset, None
 
-    def train_loader(self) -> DataLoader:
-        """Training batches; DRAEM's trainer wraps the dataset with anomaly simulation here."""
-        dataset, workers = self.split_dataset(self.dataloader.train_dataset, "train")
-        return self.training_loader(dataset, num_workers=workers)
+    def train_loader(self, loader: DataLoader | None = None) -> DataLoader:
+        """Training batches of ``loader``'s images at its batch size (default the train split); DRAEM's
+        trainer wraps the dataset with anomaly simulation here."""
+        source = loader.dataset if loader is not None else self.dataloader.train_dataset
+        dataset, workers = self.split_dataset(source, "train")
+        return self.training_loader(dataset, num_workers=workers, batch_size=batch_size_of(loader))
 
-    def valid_loader(self) -> DataLoader | None:
-        """Validation batches from held-out train/good images, or None when ``data.val_fraction`` is 0."""
-        if self.dataloader.valid_dataset is None:
+    def valid_loader(self, loader: DataLoader | None = None) -> DataLoader | None:
+        """Validation batches of ``loader``'s images (default held-out train/good, None when
+        ``data.val_fraction`` is 0)."""
+        source = loader.dataset if loader is not None else self.dataloader.valid_dataset
+        if source is None:
             return None
-        dataset, workers = self.split_dataset(self.dataloader.valid_dataset, "valid")
-        return self.dataloader.make_loader(dataset, shuffle=False, num_workers=workers)
+        dataset, workers = self.split_dataset(source, "valid")
+        return self.dataloader.make_loader(dataset, shuffle=False, num_workers=workers,
+                                           batch_size=batch_size_of(loader))
 
-    def simulated_defects(self) -> SimulatedDefectSet:
-        """The held-out images with fixed simulated defects (textures from ``train.texture_root``, or Perlin)."""
-        if self.dataloader.valid_dataset is None:
+    def simulated_defects(self, dataset: Dataset | None = None) -> SimulatedDefectSet:
+        """Held-out images (default the valid split) with fixed simulated defects (textures from
+        ``train.texture_root``, or Perlin)."""
+        dataset = dataset if dataset is not None else self.dataloader.valid_dataset
+        if dataset is None:
             raise FrameworkError("train.monitor=synthetic_pixel_auroc needs held-out training images: "
                                  "set data.val_fraction > 0")
         textures = TextureSource(self.config["train"]["texture_root"], self.config["data"]["image_size"], warn=False)
-        return SimulatedDefectSet(self.dataloader.valid_dataset, textures, seed=self.config["seed"])
+        return SimulatedDefectSet(dataset, textures, seed=self.config["seed"])
 
-    def defect_loader(self) -> DataLoader | None:
-        """Batches of ``simulated_defects`` when ``train.monitor`` asks for them, else None."""
+    def defect_loader(self, valid_loader: DataLoader | None = None) -> DataLoader | None:
+        """Batches of ``simulated_defects`` of ``valid_loader``'s images when ``train.monitor`` asks for them,
+        else None."""
         if self.config["train"]["monitor"] != "synthetic_pixel_auroc":
             return None
-        dataset, workers = self.split_dataset(self.simulated_defects(), "simulated-defect", with_targets=True)
+        held_out = self.simulated_defects(valid_loader.dataset if valid_loader is not None else None)
+        dataset, workers = self.split_dataset(held_out, "simulated-defect", with_targets=True)
         return self.dataloader.make_loader(dataset, shuffle=False, num_workers=workers)
 
     def synthetic_pixel_auroc(self, loader: DataLoader) -> float:
@@ -140,29 +156,38 @@ class GradientTrainer(BaseTrainer):
         valid_metrics["synthetic_pixel_auroc"] = self.synthetic_pixel_auroc(defect_loader)
         return -valid_metrics["synthetic_pixel_auroc"]
 
-    def run_epoch(self, loader, train: bool, desc: str) -> dict[str, float]:
+    def run_epoch(self, data_loader: DataLoader, epoch: int = 1, num_epochs: int = 1,
+                  mode: str = "train") -> dict[str, float]:
+        if mode not in ("train", "valid"):
+            raise FrameworkError(f"run_epoch mode must be 'train' or 'valid', got {mode!r}")
+        train = mode == "train"
+        if train and getattr(self, "optimizer", None) is None:  # an epoch run by hand, before any fit
+            self.optimizer, self.scheduler = self.modeler.configure_optimizers(num_epochs)
         totals: dict[str, float] = {}
         count = 0
-        bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
+        desc = f"epoch {epoch}/{num_epochs}" if train else "validate"
+        bar = tqdm(data_loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
         for step, batch in enumerate(bar):
             try:
                 report = self.modeler.training_step(batch, self.optimizer) if train else self.modeler.validate_step(batch)
             except NonFiniteLossError as error:
                 kept = self.run_dir / LAST_NAME
                 raise FrameworkError(
-                    f"Training stopped at epoch {self.epoch + 1}, step {step + 1}: {error}; "
+                    f"Training stopped at epoch {epoch}, step {step + 1}: {error}; "
                     f"the last good checkpoint is kept at '{kept}' (lower train.lr?)"
                 ) from error
             self.steps_done = step + 1 if train else self.steps_done
-            for key, value in report.items():
+            loss, metrics = ((report["loss"], report["train_metrics"]) if train
+                             else (report["val_loss"], report["val_metrics"]))
+            for key, value in {"loss": loss, **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value
             count += 1
-            bar.set_postfix(loss=f"{report['loss']:.4g}")
+            bar.set_postfix(loss=f"{loss:.4g}")
         return {key: value / max(count, 1) for key, value in totals.items()}
 
     # -- checkpoints of the training state ----------------------------------------------------------
     def progress(self) -> str:
-        epochs = self.config["train"]["epochs"]
+        epochs = getattr(self, "num_epochs", self.config["train"]["epochs"])
         if self.timings.get("fit") is not None:
             return f"while evaluating, after training ({len(self.history)} epochs in last.pt)"
         if not hasattr(self, "steps_done"):
@@ -223,12 +248,17 @@ class GradientTrainer(BaseTrainer):
             return "mean anomaly map of the held-out train images"
         if defect_loader is not None:
             return "minus the synthetic pixel AUROC on held-out train images"
-        return "valid loss" if valid_loader else "train loss (data.val_fraction is 0)"
+        if valid_loader:
+            return "valid loss"
+        return "train loss (no validation images: data.val_fraction is 0 or fit got no valid_loader)"
 
     # -- the loop -----------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, train_loader: DataLoader | None = None, num_epochs: int | None = None,
+            valid_loader: DataLoader | None = None) -> dict:
+        train_loader, num_epochs, valid_loader = self.fit_arguments(train_loader, num_epochs, valid_loader)
+        self.num_epochs = num_epochs
         train_cfg = self.config["train"]
-        self.optimizer, self.scheduler = self.modeler.configure_optimizers()
+        self.optimizer, self.scheduler = self.modeler.configure_optimizers(num_epochs)
         if self.modeler.use_amp:
             self.modeler.scaler = torch.amp.GradScaler("cuda")
         self.start_epoch, self.best_monitored, self.bad_epochs, self.history = 0, math.inf, 0, []
@@ -241,19 +271,22 @@ class GradientTrainer(BaseTrainer):
                 self.modeler.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.modeler.timer = StageTimer(self.device)
         start = time.perf_counter()
-        train_loader, valid_loader, defect_loader = self.train_loader(), self.valid_loader(), self.defect_loader()
+        held_out = valid_loader
+        train_loader = self.train_loader(train_loader)
+        valid_loader = self.valid_loader(held_out) if held_out is not None else None
+        defect_loader = self.defect_loader(held_out)
         stopped_early = False
         log = TrainingLog(self.run_dir, train_cfg["tensorboard"]) if is_main() else None
         self.epoch = self.start_epoch
-        for self.epoch in range(self.start_epoch, train_cfg["epochs"]):
+        for self.epoch in range(self.start_epoch, num_epochs):
             self.steps_done = 0
             epoch_start, lr = time.perf_counter(), self.optimizer.param_groups[0]["lr"]
             for epoch_aware in (train_loader.dataset, train_loader.sampler):
                 if hasattr(epoch_aware, "set_epoch"):
                     epoch_aware.set_epoch(self.epoch)
-            train_metrics = self.run_epoch(train_loader, train=True, desc=f"epoch {self.epoch + 1}/{train_cfg['epochs']}")
+            train_metrics = self.run_epoch(train_loader, self.epoch + 1, num_epochs, "train")
             train_metrics = {key: mean_over_ranks(value, self.device) for key, value in train_metrics.items()}
-            valid_metrics = self.run_epoch(valid_loader, train=False, desc="validate") if valid_loader else {}
+            valid_metrics = self.run_epoch(valid_loader, self.epoch + 1, num_epochs, "valid") if valid_loader else {}
             if self.scheduler is not None:
                 self.scheduler.step()
             # Every rank validates the same images with the same weights; rank 0's value decides for all.
