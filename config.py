@@ -12,8 +12,8 @@ import copy
 import importlib.util
 from typing import Any
 
-from registry import load_plugins
-from utils import FrameworkError
+from anomaly_framework.registry import load_plugins
+from anomaly_framework.utils import FrameworkError
 
 BASE_CONFIGS: dict[str, Any] = {
     "plugins": [],  # a researcher's modules (names or .py paths) imported first: they register models

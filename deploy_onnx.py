@@ -57,8 +57,11 @@ def new_output_dir(parent: Path) -> Path:
             folder.mkdir(parents=True, exist_ok=False)
             return folder
         except FileExistsError:
-            continue
-    raise DeploymentError(f"Could not create a new output folder under '{parent}'")
+            if not folder.is_dir():  # a file in the way, here or above
+                break
+        except OSError as error:  # a parent that is a file, no permission, a read-only disk
+            raise DeploymentError(f"Cannot create the output folder '{folder}': {error.strerror or error}") from error
+    raise DeploymentError(f"Could not create a new output folder under '{parent}': a file is in the way")
 
 
 def jet(values: np.ndarray) -> np.ndarray:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
-from utils import FrameworkError, library_versions
+from anomaly_framework.trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
+from anomaly_framework.utils import FrameworkError, library_versions
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "openvino": ".xml"}
 EXTRA_HINT = 'pip install -e ".[export]"'
@@ -60,7 +60,7 @@ class DeployedModel(nn.Module):
 
 def load_run(run_dir: str | Path):
     """The run's modeler and checkpoint; a checkpoint this version cannot rebuild is one clear error."""
-    from main import load_checkpoint
+    from anomaly_framework.main import load_checkpoint
 
     path = Path(run_dir)
     path = path / CHECKPOINT_NAME if path.is_dir() else path
@@ -174,7 +174,7 @@ def load_artifact(path: str | Path, format: str, threads: int = 0) -> Runner:
     """A function uint8 [B, H, W, 3] → (maps, scores, labels) as numpy arrays, running the exported file."""
     path = Path(path)
     if format == "onnx":
-        from deploy_onnx import OnnxDetector
+        from anomaly_framework.deploy_onnx import OnnxDetector
 
         return OnnxDetector(path, threads).run
     if format == "torchscript":

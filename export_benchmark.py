@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from config import resolve_config
-from export import FORMATS, differences, eager_runner, export, load_artifact, load_run
-from registry import build_dataloader, build_model, build_modeler
-from utils import FrameworkError
+from anomaly_framework.config import resolve_config
+from anomaly_framework.export import FORMATS, differences, eager_runner, export, load_artifact, load_run
+from anomaly_framework.registry import build_dataloader, build_model, build_modeler
+from anomaly_framework.utils import FrameworkError
 
 RUNTIMES = ("eager", "torchscript", "onnx", "openvino")
 

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from utils import denormalize  # noqa: E402
+from anomaly_framework.utils import denormalize  # noqa: E402
 
 NORMAL_COLOUR, ANOMALY_COLOUR = "#1f77b4", "#d62728"
 DPI = 100

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def make_run_dir(config: dict) -> Path:
     """A new folder per run; never reuses one, even for two runs started in the same second."""
-    from utils import FrameworkError
+    from anomaly_framework.utils import FrameworkError
 
     data = config["data"]
     parent = Path(config["output_dir"]) / data["name"] / str(data["category"]) / config["model"]["name"]
@@ -47,7 +47,7 @@ def make_run_dir(config: dict) -> Path:
 
 def backbone_facts(model: torch.nn.Module, config: dict) -> dict:
     """Backbone name, weight source and whether it was pretrained, for results.json."""
-    from models.model_base import weights_record
+    from anomaly_framework.models.model_base import weights_record
 
     model_cfg = config["model"]
     return {
@@ -70,9 +70,9 @@ def run_experiment(config: dict | None = None) -> dict:
     """
     import torch
 
-    from config import resolve_config
-    from distributed import init_from_env
-    from utils import resolve_device, seed_everything
+    from anomaly_framework.config import resolve_config
+    from anomaly_framework.distributed import init_from_env
+    from anomaly_framework.utils import resolve_device, seed_everything
 
     start = time.perf_counter()
     config = resolve_config(config)
@@ -88,10 +88,10 @@ def run_experiment(config: dict | None = None) -> dict:
 def _run(config: dict, device: torch.device, start: float) -> dict:
     import torch
 
-    from distributed import broadcast_object, is_main
-    from models.model_base import check_image_size
-    from registry import build_dataloader, build_model, build_modeler, build_trainer
-    from utils import RunInterrupted, show_data_info, show_model_info, show_train_info, write_status
+    from anomaly_framework.distributed import broadcast_object, is_main
+    from anomaly_framework.models.model_base import check_image_size
+    from anomaly_framework.registry import build_dataloader, build_model, build_modeler, build_trainer
+    from anomaly_framework.utils import RunInterrupted, show_data_info, show_model_info, show_train_info, write_status
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -134,10 +134,10 @@ def interruption_message(trainer, run_dir: Path) -> str:
 
 def _fit_and_evaluate(config: dict, trainer, model, device, start: float) -> dict:
     """Fit, evaluation and every output file of one run (rank 0 alone evaluates and writes)."""
-    from distributed import is_main, rank, world_size
-    from figures import save_sample_figures, save_score_histogram
-    from trainers.trainer_base import describe_resolution
-    from utils import library_versions, peak_memory_mb, save_roc_curve, save_scores_csv, show_results
+    from anomaly_framework.distributed import is_main, rank, world_size
+    from anomaly_framework.figures import save_sample_figures, save_score_histogram
+    from anomaly_framework.trainers.trainer_base import describe_resolution
+    from anomaly_framework.utils import library_versions, peak_memory_mb, save_roc_curve, save_scores_csv, show_results
 
     run_dir = trainer.run_dir
     fit_summary = trainer.fit()
@@ -179,9 +179,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
 
     Returns the modeler (on ``device``, in eval mode) and the checkpoint dict (config, threshold...).
     """
-    from registry import build_model, build_modeler, load_plugins
-    from trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
-    from utils import FrameworkError, resolve_device
+    from anomaly_framework.registry import build_model, build_modeler, load_plugins
+    from anomaly_framework.trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
+    from anomaly_framework.utils import FrameworkError, resolve_device
 
     path = Path(path)
     if path.is_dir():
@@ -246,9 +246,9 @@ def backbone_floor(config: dict) -> dict:
     """Image loading and backbone-only forward time over the train and test images of a run."""
     import torch
 
-    from models.model_base import TimmFeatureExtractor
-    from registry import build_dataloader, build_model
-    from utils import resolve_device
+    from anomaly_framework.models.model_base import TimmFeatureExtractor
+    from anomaly_framework.registry import build_dataloader, build_model
+    from anomaly_framework.utils import resolve_device
 
     device = resolve_device(config["device"])
     dataloader = build_dataloader(config)
@@ -270,8 +270,8 @@ def backbone_floor(config: dict) -> dict:
 
 def run_benchmark(config: dict | None = None) -> dict:
     """Runs one experiment and sets its stage timings beside the floors measured on the same machine."""
-    from config import resolve_config
-    from utils import FrameworkError, resolve_device
+    from anomaly_framework.config import resolve_config
+    from anomaly_framework.utils import FrameworkError, resolve_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FrameworkError("--benchmark times a single process against single-process floors: run it without torchrun")
@@ -377,10 +377,10 @@ def build_export_parser() -> argparse.ArgumentParser:
 def predict_command(args: argparse.Namespace) -> dict:
     """``predict`` with a run (torch) or with an exported ONNX file (onnxruntime only)."""
     if args.model_file:
-        from deploy_onnx import predict_onnx
+        from anomaly_framework.deploy_onnx import predict_onnx
 
         return predict_onnx(args.model_file, args.input, args.output_dir, overlays=not args.no_overlays)
-    from predict import predict
+    from anomaly_framework.predict import predict
 
     return predict(args.checkpoint, args.input, args.output_dir, args.device, overlays=not args.no_overlays)
 
@@ -399,7 +399,7 @@ FLAG_KEYS = {
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """Dotted overrides from the flags; ``--set`` entries come last and win."""
-    from utils import FrameworkError
+    from anomaly_framework.utils import FrameworkError
 
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if args.plugin:
@@ -434,10 +434,10 @@ def parse_command(argv: list[str]) -> tuple[str, argparse.Namespace]:
 def run_command(kind: str, args: argparse.Namespace) -> tuple[str, str | None]:
     """Runs what the command line asks (one run, a sweep, a benchmark, an export or a prediction); returns
     the folder to print last and, when some runs of a sweep failed, the line that says so."""
-    from utils import FrameworkError
+    from anomaly_framework.utils import FrameworkError
 
     if kind == "export":
-        from export import export
+        from anomaly_framework.export import export
 
         return str(export(args.checkpoint, args.format, args.output, force=args.force)), None
     if kind == "predict":
@@ -446,7 +446,7 @@ def run_command(kind: str, args: argparse.Namespace) -> tuple[str, str | None]:
             print(f"skipped: {reason}", file=sys.stderr)
         print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
         return result["output_dir"], None
-    from sweep import run_sweep, split_list
+    from anomaly_framework.sweep import run_sweep, split_list
 
     overrides = overrides_from_args(args)
     models = split_list(args.model) or [overrides.get("model.name", "padim")]
@@ -469,8 +469,8 @@ def run_command(kind: str, args: argparse.Namespace) -> tuple[str, str | None]:
 def main(argv: list[str] | None = None) -> int:
     """The command line: 0 on success, 1 when runs of a sweep failed, 2 for a user error, 130 on Ctrl-C."""
     kind, args = parse_command(sys.argv[1:] if argv is None else argv)
-    from deploy_onnx import DeploymentError
-    from utils import FrameworkError
+    from anomaly_framework.deploy_onnx import DeploymentError
+    from anomaly_framework.utils import FrameworkError
 
     try:
         folder, problem = run_command(kind, args)

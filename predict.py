@@ -7,7 +7,6 @@ size and mode (grayscale, RGBA) are accepted; unreadable files are listed and sk
 from __future__ import annotations
 
 import csv
-import datetime as dt
 from pathlib import Path
 
 import numpy as np
@@ -17,36 +16,25 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from dataloaders.dataloader_base import IMAGE_SUFFIXES, AnomalyDataset, Sample, open_image
-from utils import FrameworkError
+from anomaly_framework import deploy_onnx
+from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample, open_image
+from anomaly_framework.utils import FrameworkError
 
 
 def find_images(path: Path) -> list[Path]:
-    """One image, or every image under a folder (recursively, sorted)."""
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FrameworkError(f"Input '{path}' not found (give an image file or a folder of images)")
-    images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FrameworkError(f"No images ({', '.join(IMAGE_SUFFIXES)}) under '{path}'")
-    return images
+    """One image, or every image under a folder (recursively, sorted): the deployment runner's search."""
+    try:
+        return deploy_onnx.find_images(path)
+    except deploy_onnx.DeploymentError as error:
+        raise FrameworkError(str(error)) from error
 
 
 def new_output_dir(parent: Path) -> Path:
-    """A fresh folder under ``parent``; an earlier prediction is never overwritten."""
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        folder = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
-        try:
-            folder.mkdir(parents=True, exist_ok=False)
-            return folder
-        except FileExistsError:
-            if not folder.is_dir():  # a file in the way, here or above
-                break
-        except OSError as error:  # a parent that is a file, no permission, a read-only disk
-            raise FrameworkError(f"Cannot create the output folder '{folder}': {error.strerror or error}") from error
-    raise FrameworkError(f"Could not create a new output folder under '{parent}': a file is in the way")
+    """A fresh folder under ``parent``, never an earlier prediction's: the deployment runner's rule."""
+    try:
+        return deploy_onnx.new_output_dir(parent)
+    except deploy_onnx.DeploymentError as error:
+        raise FrameworkError(str(error)) from error
 
 
 def map_to_original(anomaly_map: torch.Tensor, dataset: AnomalyDataset, size: tuple[int, int]) -> np.ndarray:
@@ -70,7 +58,7 @@ def save_overlay(path: Path, image: Image.Image, heat: np.ndarray, low: float, h
     a band across its top carries the score and the label predicted at ``threshold``."""
     from matplotlib import colormaps
 
-    from figures import banner, short_verdicts
+    from anomaly_framework.figures import banner, short_verdicts
 
     scaled = np.clip((heat - low) / max(high - low, 1e-12), 0, 1)
     colours = (colormaps["jet"](scaled)[..., :3] * 255).astype(np.float32)
@@ -96,7 +84,7 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
     Returns:
         ``rows`` (image_path, score, label), ``skipped`` (path, reason), ``threshold``, ``output_dir``.
     """
-    from main import load_checkpoint
+    from anomaly_framework.main import load_checkpoint
 
     modeler, saved = load_checkpoint(checkpoint, device)
     config, threshold = saved["config"], saved["threshold"]

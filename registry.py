@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, TypeVar
 
-from utils import FrameworkError
+from anomaly_framework.utils import FrameworkError
 
 T = TypeVar("T")
 
@@ -74,11 +74,11 @@ def import_all() -> None:
     """Imports every package once so that their registrations run."""
     global _imported
     if not _imported:
-        import dataloaders  # noqa: F401
-        import metrics  # noqa: F401
-        import modelers  # noqa: F401
-        import models  # noqa: F401
-        import trainers  # noqa: F401
+        from anomaly_framework import dataloaders  # noqa: F401
+        from anomaly_framework import metrics  # noqa: F401
+        from anomaly_framework import modelers  # noqa: F401
+        from anomaly_framework import models  # noqa: F401
+        from anomaly_framework import trainers  # noqa: F401
 
         _imported = True
 

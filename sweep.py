@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from config import resolve_config
-from predict import new_output_dir
-from registry import DATALOADER_REGISTRY, import_all
-from utils import FrameworkError, read_status
+from anomaly_framework.config import resolve_config
+from anomaly_framework.predict import new_output_dir
+from anomaly_framework.registry import DATALOADER_REGISTRY, import_all
+from anomaly_framework.utils import FrameworkError, read_status
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_aupr", "pixel_aupr", "image_f1_max", "f1", "separation")
 TIMINGS = ("fit", "evaluate", "total")
@@ -57,7 +57,7 @@ def find_done(config: dict) -> dict | None:
 def run_sweep(overrides: dict, models: list[str], categories: list[str], seeds: list[int],
               skip_done: bool = False) -> dict:
     """Runs every combination and writes the sweep summary; returns its rows and folder."""
-    from main import run_experiment
+    from anomaly_framework.main import run_experiment
 
     base = resolve_config({**overrides, "model.name": models[0]})
     categories = expand_categories(base, categories)

@@ -164,7 +164,7 @@ def show_results(results: dict[str, Any] | Any, labels: Any = None, threshold: f
     ``threshold`` when given). Returns what was printed.
     """
     if labels is not None:
-        from metrics.metrics_base import compute_image_metrics  # metrics import this module
+        from anomaly_framework.metrics.metrics_base import compute_image_metrics  # metrics import this module
 
         source = "given" if threshold is not None else "none"
         results = {"metrics": compute_image_metrics(np.asarray(labels), np.asarray(results, dtype=np.float64),

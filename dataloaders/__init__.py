@@ -1,2 +1,2 @@
 """Dataset readers, registered by name in DATALOADER_REGISTRY."""
-from dataloaders import dataloader_btad, dataloader_demo, dataloader_folder, dataloader_mvtec, dataloader_visa  # noqa: F401
+from anomaly_framework.dataloaders import dataloader_btad, dataloader_demo, dataloader_folder, dataloader_mvtec, dataloader_visa  # noqa: F401

@@ -38,8 +38,8 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset
 
-from dataloaders.dataloader_base import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, open_image
-from utils import FrameworkError
+from anomaly_framework.dataloaders.dataloader_base import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, open_image
+from anomaly_framework.utils import FrameworkError
 
 DTD_LAYOUT = ("<texture_root>/images/<class>/*.jpg (the Describable Textures Dataset: its folder dtd/, the folder "
               "holding dtd/, or dtd/images) or any folder of images")

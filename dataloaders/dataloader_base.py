@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from dataloaders.image_cache import ArrayStore, cache_root, file_key
-from utils import FrameworkError
+from anomaly_framework.dataloaders.image_cache import ArrayStore, cache_root, file_key
+from anomaly_framework.utils import FrameworkError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IMAGENET_MEAN = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)

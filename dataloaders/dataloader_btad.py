@@ -4,10 +4,10 @@
 """
 from __future__ import annotations
 
-from dataloaders.dataloader_base import BaseDataloader, Sample
-from dataloaders.dataloader_mvtec import mvtec_samples
-from registry import DATALOADER_REGISTRY
-from utils import FrameworkError
+from anomaly_framework.dataloaders.dataloader_base import BaseDataloader, Sample
+from anomaly_framework.dataloaders.dataloader_mvtec import mvtec_samples
+from anomaly_framework.registry import DATALOADER_REGISTRY
+from anomaly_framework.utils import FrameworkError
 
 BTAD_LAYOUT = "<root>/<01|02|03>/{train/ok, test/ok, test/ko, ground_truth/ko/<stem>.png|.bmp}"
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataloaders.dataloader_base import BaseDataloader, Sample
-from dataloaders.dataloader_mvtec import MVTEC_LAYOUT, mvtec_samples
-from dataloaders.image_cache import default_cache_root
-from registry import DATALOADER_REGISTRY
-from utils import FrameworkError
+from anomaly_framework.dataloaders.dataloader_base import BaseDataloader, Sample
+from anomaly_framework.dataloaders.dataloader_mvtec import MVTEC_LAYOUT, mvtec_samples
+from anomaly_framework.dataloaders.image_cache import default_cache_root
+from anomaly_framework.registry import DATALOADER_REGISTRY
+from anomaly_framework.utils import FrameworkError
 
 DEMO_VERSION = "1"
 DEMO_SIZE = 256

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from dataloaders.dataloader_base import IMAGE_SUFFIXES, AnomalyDataset, BaseDataloader, Sample
-from registry import DATALOADER_REGISTRY
-from utils import FrameworkError
+from anomaly_framework.dataloaders.dataloader_base import IMAGE_SUFFIXES, AnomalyDataset, BaseDataloader, Sample
+from anomaly_framework.registry import DATALOADER_REGISTRY
+from anomaly_framework.utils import FrameworkError
 
 FOLDER_KEYS = ("train_dir", "test_normal_dir", "test_abnormal_dir", "mask_dir", "valid_dir")
 FOLDER_LAYOUT = ("data.train_dir, data.test_normal_dir, data.test_abnormal_dir (folders of images), "

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataloaders.dataloader_base import BaseDataloader, Sample, list_images
-from registry import DATALOADER_REGISTRY
-from utils import FrameworkError
+from anomaly_framework.dataloaders.dataloader_base import BaseDataloader, Sample, list_images
+from anomaly_framework.registry import DATALOADER_REGISTRY
+from anomaly_framework.utils import FrameworkError
 
 MVTEC_LAYOUT = "<root>/<category>/{train/good, test/<good|defect>, ground_truth/<defect>/<stem>_mask.png}"
 

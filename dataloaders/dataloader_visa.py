@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import csv
 
-from dataloaders.dataloader_base import BaseDataloader, Sample
-from registry import DATALOADER_REGISTRY
-from utils import FrameworkError
+from anomaly_framework.dataloaders.dataloader_base import BaseDataloader, Sample
+from anomaly_framework.registry import DATALOADER_REGISTRY
+from anomaly_framework.utils import FrameworkError
 
 VISA_LAYOUT = "<root>/split_csv/1cls.csv and <root>/<category>/Data/{Images,Masks}/..."
 

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from utils import FrameworkError
+from anomaly_framework.utils import FrameworkError
 
 CACHE_ENV = "ANOMALY_FRAMEWORK_CACHE"
 

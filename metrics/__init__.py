@@ -1,2 +1,2 @@
 """Metrics: evaluation metrics shared by all models, and family metrics reported during training."""
-from metrics import metrics_flow, metrics_gradient, metrics_memory  # noqa: F401
+from anomaly_framework.metrics import metrics_flow, metrics_gradient, metrics_memory  # noqa: F401

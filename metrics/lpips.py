@@ -26,8 +26,8 @@ import torch
 import torchvision
 from torch import nn
 
-from models.model_base import _WEIGHT_SUFFIXES, BACKBONES_DIR, _hub_reachable, load_state_dict_file
-from utils import FrameworkError
+from anomaly_framework.models.model_base import _WEIGHT_SUFFIXES, BACKBONES_DIR, _hub_reachable, load_state_dict_file
+from anomaly_framework.utils import FrameworkError
 
 TRUNK_STEM = "alexnet"
 HEAD_STEM = "lpips_alex_v0.1"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from utils import FrameworkError
+from anomaly_framework.utils import FrameworkError
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from registry import METRICS_REGISTRY
+from anomaly_framework.registry import METRICS_REGISTRY
 
 
 @METRICS_REGISTRY.register("flow")

@@ -11,10 +11,10 @@ import warnings
 
 import torch
 
-from metrics.lpips import LPIPS, load_lpips, to_lpips_range
-from metrics.ssim import psnr, ssim
-from registry import METRICS_REGISTRY
-from utils import denormalize
+from anomaly_framework.metrics.lpips import LPIPS, load_lpips, to_lpips_range
+from anomaly_framework.metrics.ssim import psnr, ssim
+from anomaly_framework.registry import METRICS_REGISTRY
+from anomaly_framework.utils import denormalize
 
 
 @METRICS_REGISTRY.register("gradient")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from registry import METRICS_REGISTRY
+from anomaly_framework.registry import METRICS_REGISTRY
 
 
 @METRICS_REGISTRY.register("memory")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.model_base import gaussian_kernel1d
+from anomaly_framework.models.model_base import gaussian_kernel1d
 
 
 def _window(channels: int, size: int, sigma: float, like: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from models.model_base import reconstruction_error_map
-from modelers.modeler_base import BaseModeler
-from registry import MODELER_REGISTRY
+from anomaly_framework.models.model_base import reconstruction_error_map
+from anomaly_framework.modelers.modeler_base import BaseModeler
+from anomaly_framework.registry import MODELER_REGISTRY
 
 
 @MODELER_REGISTRY.register("unet_ae")

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed import all_finite
-from metrics.metrics_base import compute_image_metrics, compute_pixel_metrics
-from models.model_base import gaussian_blur2d, upsample_maps
-from utils import FrameworkError, StageTimer
+from anomaly_framework.distributed import all_finite
+from anomaly_framework.metrics.metrics_base import compute_image_metrics, compute_pixel_metrics
+from anomaly_framework.models.model_base import gaussian_blur2d, upsample_maps
+from anomaly_framework.utils import FrameworkError, StageTimer
 
 
 class NonFiniteLossError(FrameworkError):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from modelers.modeler_base import BaseModeler
-from registry import MODELER_REGISTRY
+from anomaly_framework.modelers.modeler_base import BaseModeler
+from anomaly_framework.registry import MODELER_REGISTRY
 
 
 @MODELER_REGISTRY.register("stfpm")

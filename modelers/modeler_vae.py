@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from modelers.modeler_autoencoder import AutoencoderModeler
-from registry import MODELER_REGISTRY
+from anomaly_framework.modelers.modeler_autoencoder import AutoencoderModeler
+from anomaly_framework.registry import MODELER_REGISTRY
 
 
 @MODELER_REGISTRY.register("unet_vae")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metrics.ssim import SSIMLoss
-from registry import MODEL_REGISTRY
-from utils import FrameworkError
+from anomaly_framework.metrics.ssim import SSIMLoss
+from anomaly_framework.registry import MODEL_REGISTRY
+from anomaly_framework.utils import FrameworkError
 
 
 def _conv(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Sequential:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils import FrameworkError
+from anomaly_framework.utils import FrameworkError
 
 BACKBONES_DIR = Path(__file__).resolve().parents[1] / "backbones"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -424,7 +424,7 @@ def reconstruction_error_map(images: torch.Tensor, reconstruction: torch.Tensor,
     if kind == "l2":
         error = (images - reconstruction).square().sum(dim=1, keepdim=True)
     elif kind == "ssim":
-        from metrics.ssim import ssim_map
+        from anomaly_framework.metrics.ssim import ssim_map
 
         error = 1 - ssim_map(reconstruction, images, data_range).mean(dim=1, keepdim=True)
     else:

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from metrics.ssim import ssim
-from registry import MODEL_REGISTRY
-from utils import FrameworkError
+from anomaly_framework.metrics.ssim import ssim
+from anomaly_framework.registry import MODEL_REGISTRY
+from anomaly_framework.utils import FrameworkError
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:

@@ -11,9 +11,9 @@ import timm
 import torch
 from torch import nn
 
-from models.flow_components import AllInOneCoupling, SequentialFlow
-from models.model_base import TimmFeatureExtractor, ViTFeatureExtractor, arch_name, upsample_maps
-from registry import MODEL_REGISTRY
+from anomaly_framework.models.flow_components import AllInOneCoupling, SequentialFlow
+from anomaly_framework.models.model_base import TimmFeatureExtractor, ViTFeatureExtractor, arch_name, upsample_maps
+from anomaly_framework.registry import MODEL_REGISTRY
 
 # Paper settings per backbone: (flow steps, hidden ratio, 3×3 convolutions only).
 PAPER_FLOW_SETTINGS = {"resnet18": (8, 1.0, True), "wide_resnet50_2": (8, 1.0, False)}

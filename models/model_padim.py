@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from models.model_base import FittedBuffersMixin, TimmFeatureExtractor, arch_name
-from registry import MODEL_REGISTRY
-from utils import FrameworkError
+from anomaly_framework.models.model_base import FittedBuffersMixin, TimmFeatureExtractor, arch_name
+from anomaly_framework.registry import MODEL_REGISTRY
+from anomaly_framework.utils import FrameworkError
 
 # Channels kept by the paper's random dimension reduction (Rd100 for R18, Rd550 for WR50).
 PAPER_N_FEATURES = {"resnet18": 100, "wide_resnet50_2": 550}

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from distributed import gather_rows
-from models.model_base import FittedBuffersMixin, TimmFeatureExtractor
-from models.nearest_neighbors import bank_chunked_topk_nearest, chunked_nearest, chunked_topk_nearest
-from registry import MODEL_REGISTRY
-from utils import FrameworkError
+from anomaly_framework.distributed import gather_rows
+from anomaly_framework.models.model_base import FittedBuffersMixin, TimmFeatureExtractor
+from anomaly_framework.models.nearest_neighbors import bank_chunked_topk_nearest, chunked_nearest, chunked_topk_nearest
+from anomaly_framework.registry import MODEL_REGISTRY
+from anomaly_framework.utils import FrameworkError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 

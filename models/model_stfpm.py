@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.model_base import TimmFeatureExtractor, reset_batchnorm, upsample_maps
-from registry import MODEL_REGISTRY
+from anomaly_framework.models.model_base import TimmFeatureExtractor, reset_batchnorm, upsample_maps
+from anomaly_framework.registry import MODEL_REGISTRY
 
 
 @MODEL_REGISTRY.register("stfpm")

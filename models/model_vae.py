@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.model_ae import AELoss, ConvDecoder, ConvEncoder, UNetBody
-from registry import MODEL_REGISTRY
+from anomaly_framework.models.model_ae import AELoss, ConvDecoder, ConvEncoder, UNetBody
+from anomaly_framework.registry import MODEL_REGISTRY
 
 
 def reparameterize(mu: torch.Tensor, log_var: torch.Tensor, training: bool) -> torch.Tensor:

@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """One generated demo dataset shared by every test of the session."""
-    from dataloaders.dataloader_demo import ensure_demo
+    from anomaly_framework.dataloaders.dataloader_demo import ensure_demo
 
     root = tmp_path_factory.mktemp("demo")
     ensure_demo(root, "fabric")

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dataloaders.anomaly_simulation import (TEXTURE_AUGMENTATIONS, DraemTrainingDataset, SimulatedDefectSet,
+from anomaly_framework.dataloaders.anomaly_simulation import (TEXTURE_AUGMENTATIONS, DraemTrainingDataset, SimulatedDefectSet,
                                             TextureSource,
                                             augment_texture, perlin_mask, perlin_noise_2d, perlin_texture,
                                             simulate_anomaly)
-from dataloaders.dataloader_base import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, Sample
-from utils import FrameworkError
+from anomaly_framework.dataloaders.dataloader_base import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, Sample
+from anomaly_framework.utils import FrameworkError
 
 SIZE = 64
 

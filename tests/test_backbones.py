@@ -9,11 +9,11 @@ import timm
 import torch
 from scipy import ndimage
 
-import models.model_base as model_base
-from main import run_experiment
-from models.model_base import TimmFeatureExtractor, gaussian_blur2d
-from predict import predict
-from utils import FrameworkError
+import anomaly_framework.models.model_base as model_base
+from anomaly_framework.main import run_experiment
+from anomaly_framework.models.model_base import TimmFeatureExtractor, gaussian_blur2d
+from anomaly_framework.predict import predict
+from anomaly_framework.utils import FrameworkError
 
 
 def test_lite0_package_weights_load_into_timm_with_their_input_statistics():

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from dataloaders.dataloader_btad import BTADDataloader
-from dataloaders.dataloader_demo import DEMO_CATEGORIES, ensure_demo
-from dataloaders.dataloader_mvtec import MVTecDataloader
-from dataloaders.dataloader_visa import VisADataloader
-from config import resolve_config
-from utils import FrameworkError
+from anomaly_framework.dataloaders.dataloader_btad import BTADDataloader
+from anomaly_framework.dataloaders.dataloader_demo import DEMO_CATEGORIES, ensure_demo
+from anomaly_framework.dataloaders.dataloader_mvtec import MVTecDataloader
+from anomaly_framework.dataloaders.dataloader_visa import VisADataloader
+from anomaly_framework.config import resolve_config
+from anomaly_framework.utils import FrameworkError
 
 
 def _save(path, array, fmt=None):

@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import resolve_config
-from main import run_experiment
-from models import model_vae
-from models.model_vae import reparameterize
-from modelers.modeler_base import BaseModeler
-from registry import MODELER_REGISTRY, build_dataloader, build_model, build_modeler, build_trainer, import_all
-from utils import FrameworkError, resolve_device, seed_everything, show_results
+from anomaly_framework.config import resolve_config
+from anomaly_framework.main import run_experiment
+from anomaly_framework.models import model_vae
+from anomaly_framework.models.model_vae import reparameterize
+from anomaly_framework.modelers.modeler_base import BaseModeler
+from anomaly_framework.registry import MODELER_REGISTRY, build_dataloader, build_model, build_modeler, build_trainer, import_all
+from anomaly_framework.utils import FrameworkError, resolve_device, seed_everything, show_results
 
 import_all()
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from main import run_experiment
-from models.model_padim import PACKED_KEY
+from anomaly_framework.main import run_experiment
+from anomaly_framework.models.model_padim import PACKED_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from config import resolve_config
-from main import load_checkpoint, run_experiment
-from models.model_draem import DiscriminativeNetwork, DraemModel, ReconstructiveNetwork, focal_loss
-from utils import FrameworkError
+from anomaly_framework.config import resolve_config
+from anomaly_framework.main import load_checkpoint, run_experiment
+from anomaly_framework.models.model_draem import DiscriminativeNetwork, DraemModel, ReconstructiveNetwork, focal_loss
+from anomaly_framework.utils import FrameworkError
 
 
 def test_networks_have_the_official_shapes_and_widths():

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from main import load_checkpoint, main, run_experiment
-from registry import build_dataloader
-from utils import FrameworkError
+from anomaly_framework.main import load_checkpoint, main, run_experiment
+from anomaly_framework.registry import build_dataloader
+from anomaly_framework.utils import FrameworkError
 
 FAST_DATA = {"image_size": 64, "batch_size": 16}
 
@@ -74,7 +74,7 @@ def test_reported_pixel_metrics_equal_those_of_the_checkpoint_maps(padim_run):
     """AU-PRO and pixel AUROC recomputed from the maps of the reloaded model and the test masks."""
     from sklearn.metrics import roc_auc_score
 
-    from metrics.metrics_base import aupro
+    from anomaly_framework.metrics.metrics_base import aupro
 
     _, results = padim_run
     modeler, checkpoint = load_checkpoint(results["run_dir"])

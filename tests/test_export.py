@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from config import resolve_config
-from deploy_onnx import DeploymentError, OnnxDetector, jet
-from export import export
-from main import main, run_experiment
-from models.nearest_neighbors import bank_chunked_topk_nearest
-from predict import predict
-from registry import MODEL_REGISTRY, build_dataloader, build_model, build_modeler
-from utils import FrameworkError
+from anomaly_framework.config import resolve_config
+from anomaly_framework.deploy_onnx import DeploymentError, OnnxDetector, jet
+from anomaly_framework.export import export
+from anomaly_framework.main import main, run_experiment
+from anomaly_framework.models.nearest_neighbors import bank_chunked_topk_nearest
+from anomaly_framework.predict import predict
+from anomaly_framework.registry import MODEL_REGISTRY, build_dataloader, build_model, build_modeler
+from anomaly_framework.utils import FrameworkError
 
 ROOT = Path(__file__).resolve().parents[1]
 RELATIVE_TOLERANCE = 1e-4
@@ -74,7 +74,7 @@ def tiny_run(request, demo_root, tmp_path_factory):
 
 @pytest.mark.parametrize("format", FORMATS)
 def test_every_model_exports_with_parity(tiny_run, format):
-    from export import load_artifact
+    from anomaly_framework.export import load_artifact
 
     path = export(tiny_run["run_dir"], format)
     maps, scores, labels = load_artifact(path, format)(tiny_run["images"])  # 6 images; the trace used 2
@@ -125,7 +125,9 @@ def test_onnx_predict_imports_no_torch_and_matches_predict(padim_export, demo_ro
     run_dir, model_file = padim_export
     inputs = demo_root / "fabric" / "test"
     script = ("import sys, deploy_onnx; code = deploy_onnx.main(sys.argv[1:]); "
-              "loaded = [m for m in ('torch', 'main', 'export', 'trainers', 'models') if m in sys.modules]; "
+              "loaded = [m for m in sys.modules if m.split('.')[0] in ('torch', 'main', 'export', 'trainers', 'models') "
+              "or m.startswith(('anomaly_framework.main', 'anomaly_framework.export', 'anomaly_framework.trainers', "
+              "'anomaly_framework.models'))]; "
               "assert not loaded, loaded; sys.exit(code)")
     deployed_dir, torch_dir = tmp_path / "onnx", tmp_path / "torch"
     done = subprocess.run([sys.executable, "-c", script, "--model-file", str(model_file), "--input", str(inputs),

@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import models.model_base as model_base
-from config import MODEL_CONFIGS, resolve_config
-from dataloaders.anomaly_simulation import TextureSource
-from dataloaders.dataloader_mvtec import MVTecDataloader
-from main import run_experiment
-from models.model_base import TimmFeatureExtractor, hub_tag
-from models.model_patchcore import PatchcoreModel
-from models.model_stfpm import STFPMModel
-from trainers.trainer_base import BaseTrainer
-from utils import FrameworkError
+import anomaly_framework.models.model_base as model_base
+from anomaly_framework.config import MODEL_CONFIGS, resolve_config
+from anomaly_framework.dataloaders.anomaly_simulation import TextureSource
+from anomaly_framework.dataloaders.dataloader_mvtec import MVTecDataloader
+from anomaly_framework.main import run_experiment
+from anomaly_framework.models.model_base import TimmFeatureExtractor, hub_tag
+from anomaly_framework.models.model_patchcore import PatchcoreModel
+from anomaly_framework.models.model_stfpm import STFPMModel
+from anomaly_framework.trainers.trainer_base import BaseTrainer
+from anomaly_framework.utils import FrameworkError
 
 # The weights each official code loads: torchvision's ImageNet V1 (PaDiM, PatchCore, STFPM; FastFlow's
 # resnet18 through its pinned timm, whose resnet18 was torchvision's).

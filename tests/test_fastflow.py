@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from main import run_experiment
-from models.flow_components import AllInOneCoupling, SequentialFlow
-from models.model_fastflow import FastFlowModel
-from utils import FrameworkError
+from anomaly_framework.main import run_experiment
+from anomaly_framework.models.flow_components import AllInOneCoupling, SequentialFlow
+from anomaly_framework.models.model_fastflow import FastFlowModel
+from anomaly_framework.utils import FrameworkError
 
 
 def _perturbed(block):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from config import resolve_config
-from dataloaders.dataloader_folder import FolderDataloader
-from main import main, run_experiment
-from utils import FrameworkError
+from anomaly_framework.config import resolve_config
+from anomaly_framework.dataloaders.dataloader_folder import FolderDataloader
+from anomaly_framework.main import main, run_experiment
+from anomaly_framework.utils import FrameworkError
 
 BOTTLE = Path("/work/data/bottle")
 TINY = {"model.name": "padim", "model.backbone": "resnet18", "model.pretrained": False, "data.image_size": 32,

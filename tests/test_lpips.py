@@ -1,15 +1,15 @@
 """LPIPS (AlexNet, v0.1) against a brute-force float64 re-implementation; weight loading; the offline path."""
 import warnings
 
-import models  # noqa: F401  (metrics.ssim and models import each other: models must load first)
+from anomaly_framework import models  # noqa: F401  (metrics.ssim and models import each other: models must load first)
 import pytest
 import torch
 import torchvision
 
-import metrics.lpips as lpips_module
-from metrics.lpips import CHANNELS, LPIPS, load_lpips, to_lpips_range
-from metrics.metrics_gradient import GradientMetrics
-from utils import FrameworkError, denormalize
+import anomaly_framework.metrics.lpips as lpips_module
+from anomaly_framework.metrics.lpips import CHANNELS, LPIPS, load_lpips, to_lpips_range
+from anomaly_framework.metrics.metrics_gradient import GradientMetrics
+from anomaly_framework.utils import FrameworkError, denormalize
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from metrics.metrics_base import (
+from anomaly_framework.metrics.metrics_base import (
     aupro,
     auroc,
     average_precision,
@@ -14,7 +14,7 @@ from metrics.metrics_base import (
     normal_threshold,
     threshold_metrics,
 )
-from utils import FrameworkError
+from anomaly_framework.utils import FrameworkError
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -4,11 +4,11 @@ import pytest
 import torch
 from scipy import ndimage
 
-from main import run_experiment
-from metrics.ssim import SSIMLoss, psnr, ssim, ssim_map
-from models.model_ae import UNetAE, VanillaAE
-from models.model_stfpm import STFPMModel
-from models.model_vae import UNetVAE, VanillaVAE
+from anomaly_framework.main import run_experiment
+from anomaly_framework.metrics.ssim import SSIMLoss, psnr, ssim, ssim_map
+from anomaly_framework.models.model_ae import UNetAE, VanillaAE
+from anomaly_framework.models.model_stfpm import STFPMModel
+from anomaly_framework.models.model_vae import UNetVAE, VanillaVAE
 
 
 def _ssim_float64(x, y, data_range=1.0):

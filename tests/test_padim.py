@@ -1,7 +1,7 @@
 """PaDiM's streaming statistics against the whole-dataset formula, and the paper's channel-subset rule."""
 import torch
 
-from models.model_padim import COVARIANCE_EPS, PadimModel
+from anomaly_framework.models.model_padim import COVARIANCE_EPS, PadimModel
 
 
 def test_streaming_mean_and_covariance_equal_the_batch_formula():

@@ -13,17 +13,17 @@ import torch
 import torchvision
 from torch import nn
 
-import models  # noqa: F401  (metrics.ssim and models import each other: models must load first)
-from metrics.lpips import LPIPS
-from metrics.metrics_base import aupro
-from metrics.ssim import ssim_map
-from modelers.modeler_base import BaseModeler
-from models.flow_components import AllInOneCoupling
-from models.model_draem import DraemModel, focal_loss
-from models.model_fastflow import FastFlowModel
-from models.model_padim import PadimModel
-from models.model_patchcore import PatchcoreModel, greedy_select
-from models.model_stfpm import STFPMModel
+from anomaly_framework import models  # noqa: F401  (metrics.ssim and models import each other: models must load first)
+from anomaly_framework.metrics.lpips import LPIPS
+from anomaly_framework.metrics.metrics_base import aupro
+from anomaly_framework.metrics.ssim import ssim_map
+from anomaly_framework.modelers.modeler_base import BaseModeler
+from anomaly_framework.models.flow_components import AllInOneCoupling
+from anomaly_framework.models.model_draem import DraemModel, focal_loss
+from anomaly_framework.models.model_fastflow import FastFlowModel
+from anomaly_framework.models.model_padim import PadimModel
+from anomaly_framework.models.model_patchcore import PatchcoreModel, greedy_select
+from anomaly_framework.models.model_stfpm import STFPMModel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 
@@ -81,14 +81,14 @@ def padim():
 
 def test_padim_embedding_alignment_concatenation_and_channel_selection(padim):
     model, fixture = padim
-    embedding = model.embed(None)
+    embedding = model.embed(model.extractor.features)
     np.testing.assert_array_equal(embedding[0].numpy(), fixture["embedding_image0"])
 
 
 def test_padim_mean_and_regularised_covariance(padim):
     model, fixture = padim
     model.begin_fit(16)
-    model.update(None)
+    model.update(model.extractor.features)
     covariance = model._scatter / (model._count - 1) + 0.01 * torch.eye(100)
     model.finalize()
     np.testing.assert_allclose(model.mean.T.numpy(), fixture["mean"], rtol=1e-5, atol=1e-6)
@@ -100,10 +100,10 @@ def test_padim_mean_and_regularised_covariance(padim):
 def test_padim_mahalanobis_map_upsampling_smoothing_and_image_score(padim):
     model, fixture = padim
     model.begin_fit(16)
-    model.update(None)
+    model.update(model.extractor.features)
     model.finalize()
     model.extractor = _FixedFeatures(_layers(fixture, "test", (1, 2, 3)))
-    distance = model(None)["patch_scores"]
+    distance = model(model.extractor.features)["patch_scores"]
     np.testing.assert_allclose(distance[:, 0].numpy(), fixture["distance"], rtol=1e-4)
     # Upsampling and smoothing on the official distances, to pin these stages alone.
     size = int(fixture["size"])
@@ -126,7 +126,7 @@ def patchcore():
     model = PatchcoreModel("resnet18", layers=(2, 3), pretrained=False, coreset_ratio=1.0, score_mode="max")
     model.extractor = _FixedFeatures(_layers(fixture, "train", (2, 3)))
     model.begin_fit(4)
-    model.update(None)
+    model.update(model.extractor.features)
     model.finalize()
     model.extractor = _FixedFeatures(_layers(fixture, "test", (2, 3)))
     return model, fixture
@@ -141,7 +141,7 @@ def test_patchcore_local_aggregation_and_1024_projection_chain(patchcore, fused)
         for index, weight in enumerate(model._projection_weights()):
             model.register_buffer(f"aggregation_{index}", weight, persistent=False)
     try:
-        embedding = model.embed(None)[0].reshape(-1, 1024)
+        embedding = model.embed(model.extractor.features)[0].reshape(-1, 1024)
     finally:
         model.fused = False
     np.testing.assert_allclose(embedding.numpy(), fixture["embedding_test0"], rtol=1e-4, atol=1e-6)
@@ -151,7 +151,7 @@ def test_patchcore_nearest_neighbour_scores_image_score_and_map(patchcore):
     """The official scorer is faiss IndexFlatL2, which returns *squared* distances: the official patch
     scores, image score and map are those of our Euclidean distances squared (image ranking is the same)."""
     model, fixture = patchcore
-    outputs = model(None)
+    outputs = model(model.extractor.features)
     squared = outputs["patch_scores"][:, 0].square()
     np.testing.assert_allclose(squared.numpy(), fixture["nn_squared_distances"], rtol=1e-4)
     np.testing.assert_allclose(outputs["image_scores"].square().numpy(), fixture["image_scores"], rtol=1e-4)
@@ -265,7 +265,7 @@ def test_draem_anomaly_simulation_matches_the_official_generator_in_distribution
     outcome is fixed, and a wrong Perlin scale range, threshold, rotation or β range moves them far above)."""
     from scipy.stats import ks_2samp
 
-    from dataloaders.anomaly_simulation import simulate_anomaly
+    from anomaly_framework.dataloaders.anomaly_simulation import simulate_anomaly
 
     fixture = _fixture("draem")
     rng = np.random.default_rng(0)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from models.model_patchcore import PatchcoreModel, greedy_coreset
-from models.nearest_neighbors import chunked_nearest, chunked_topk_nearest
-from utils import FrameworkError
+from anomaly_framework.models.model_patchcore import PatchcoreModel, greedy_coreset
+from anomaly_framework.models.nearest_neighbors import chunked_nearest, chunked_topk_nearest
+from anomaly_framework.utils import FrameworkError
 
 
 def _max_min_distance(points, selected):

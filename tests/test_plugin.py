@@ -9,10 +9,10 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
-import config
-from main import load_checkpoint, main, run_experiment
-from registry import MODEL_REGISTRY, MODELER_REGISTRY, build_dataloader, import_all
-from utils import FrameworkError
+from anomaly_framework import config
+from anomaly_framework.main import load_checkpoint, main, run_experiment
+from anomaly_framework.registry import MODEL_REGISTRY, MODELER_REGISTRY, build_dataloader, import_all
+from anomaly_framework.utils import FrameworkError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import resolve_config
-from main import main, run_experiment
-from models.model_draem import DraemModel
-from models.model_padim import PACKED_KEY, PadimModel
-from sweep import find_done, markdown_table, plot_summary, summarise
-from trainers.trainer_gradient import GradientTrainer
-from trainers.trainer_memory import MemoryTrainer
-from utils import read_status
+from anomaly_framework.config import resolve_config
+from anomaly_framework.main import main, run_experiment
+from anomaly_framework.models.model_draem import DraemModel
+from anomaly_framework.models.model_padim import PACKED_KEY, PadimModel
+from anomaly_framework.sweep import find_done, markdown_table, plot_summary, summarise
+from anomaly_framework.trainers.trainer_gradient import GradientTrainer
+from anomaly_framework.trainers.trainer_memory import MemoryTrainer
+from anomaly_framework.utils import read_status
 
 ROOT = Path(__file__).resolve().parents[1]
 

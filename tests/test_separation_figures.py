@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from figures import banner
-from main import run_experiment
-from metrics.metrics_base import separation
-from predict import predict
-from sweep import markdown_table
+from anomaly_framework.figures import banner
+from anomaly_framework.main import run_experiment
+from anomaly_framework.metrics.metrics_base import separation
+from anomaly_framework.predict import predict
+from anomaly_framework.sweep import markdown_table
 
 
 def test_separation_equals_a_hand_computation():
@@ -43,7 +43,7 @@ def test_results_json_and_console_report_the_separation_of_the_run_scores(padim_
     by_hand = (anomalous.mean() - normal.mean()) / math.sqrt((normal.var(ddof=1) + anomalous.var(ddof=1)) / 2)
     saved = json.loads((run_dir / "results.json").read_text())["metrics"]["separation"]
     assert saved == pytest.approx(by_hand, rel=1e-6)
-    from utils import show_results
+    from anomaly_framework.utils import show_results
 
     show_results(padim_run)
     assert f"separation (Cohen's d)  {saved:.4f}" in capsys.readouterr().out

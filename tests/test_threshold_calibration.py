@@ -6,10 +6,10 @@ patch in its bank at distance 0), so the default threshold is set on leave-one-o
 import pytest
 import torch
 
-from main import run_experiment
-from metrics.metrics_base import normal_threshold
-from models.model_padim import COVARIANCE_EPS, PadimModel
-from models.model_patchcore import PatchcoreModel
+from anomaly_framework.main import run_experiment
+from anomaly_framework.metrics.metrics_base import normal_threshold
+from anomaly_framework.models.model_padim import COVARIANCE_EPS, PadimModel
+from anomaly_framework.models.model_patchcore import PatchcoreModel
 
 
 def _fit(model, images):

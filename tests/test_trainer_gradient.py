@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from main import load_checkpoint, run_experiment
-from modelers.modeler_stfpm import STFPMModeler
-from registry import build_dataloader
-from trainers.trainer_gradient import GradientTrainer
-from utils import FrameworkError
+from anomaly_framework.main import load_checkpoint, run_experiment
+from anomaly_framework.modelers.modeler_stfpm import STFPMModeler
+from anomaly_framework.registry import build_dataloader
+from anomaly_framework.trainers.trainer_gradient import GradientTrainer
+from anomaly_framework.utils import FrameworkError
 
 
 def _config(tmp_path, demo_root, **train):

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from config import resolve_config
-from main import run_experiment
-from trainers.trainer_gradient import GradientTrainer
-from trainers.training_log import HISTORY_NAME, TrainingLog, read_history
-from utils import FrameworkError
+from anomaly_framework.config import resolve_config
+from anomaly_framework.main import run_experiment
+from anomaly_framework.trainers.trainer_gradient import GradientTrainer
+from anomaly_framework.trainers.training_log import HISTORY_NAME, TrainingLog, read_history
+from anomaly_framework.utils import FrameworkError
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from config import resolve_config
-from main import main, run_benchmark, run_experiment
-from metrics.metrics_base import f1_adaptive_threshold
-from predict import predict
-from registry import build_dataloader
-from sweep import run_sweep
-from utils import FrameworkError
+from anomaly_framework.config import resolve_config
+from anomaly_framework.main import main, run_benchmark, run_experiment
+from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold
+from anomaly_framework.predict import predict
+from anomaly_framework.registry import build_dataloader
+from anomaly_framework.sweep import run_sweep
+from anomaly_framework.utils import FrameworkError
 
 TINY = {"model.backbone": "resnet18", "model.pretrained": False, "data.image_size": 64, "data.batch_size": 16,
         "eval.num_figures": 0}

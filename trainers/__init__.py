@@ -1,2 +1,2 @@
 """Trainers: one per model family, registered in TRAINER_REGISTRY."""
-from trainers import trainer_classification, trainer_flow, trainer_gradient, trainer_memory  # noqa: F401
+from anomaly_framework.trainers import trainer_classification, trainer_flow, trainer_gradient, trainer_memory  # noqa: F401

@@ -24,8 +24,8 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from dataloaders.image_cache import ArrayStore, cache_root
-from distributed import is_main
+from anomaly_framework.dataloaders.image_cache import ArrayStore, cache_root
+from anomaly_framework.distributed import is_main
 
 
 class CachedFeatures(Dataset):

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
-from models.model_base import upsample_maps, weights_record
-from utils import FrameworkError, StageTimer
+from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
+from anomaly_framework.models.model_base import upsample_maps, weights_record
+from anomaly_framework.utils import FrameworkError, StageTimer
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
-from dataloaders.anomaly_simulation import DraemTrainingDataset, TextureSource
-from registry import TRAINER_REGISTRY
-from trainers.trainer_gradient import GradientTrainer, batch_size_of
+from anomaly_framework.dataloaders.anomaly_simulation import DraemTrainingDataset, TextureSource
+from anomaly_framework.registry import TRAINER_REGISTRY
+from anomaly_framework.trainers.trainer_gradient import GradientTrainer, batch_size_of
 
 
 @TRAINER_REGISTRY.register("classification")

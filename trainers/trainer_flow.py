@@ -7,9 +7,9 @@ image's backbone features are the same in every epoch: they are computed once an
 """
 from __future__ import annotations
 
-from registry import TRAINER_REGISTRY
-from trainers.feature_cache import FeatureCacheMixin
-from trainers.trainer_gradient import GradientTrainer
+from anomaly_framework.registry import TRAINER_REGISTRY
+from anomaly_framework.trainers.feature_cache import FeatureCacheMixin
+from anomaly_framework.trainers.trainer_gradient import GradientTrainer
 
 
 @TRAINER_REGISTRY.register("flow")

@@ -23,14 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from dataloaders.anomaly_simulation import SimulatedDefectSet, TextureSource
-from distributed import broadcast_object, is_main, mean_over_ranks, world_size
-from metrics.metrics_base import auroc
-from modelers.modeler_base import NonFiniteLossError
-from registry import TRAINER_REGISTRY
-from trainers.trainer_base import CHECKPOINT_NAME, BaseTrainer, read_checkpoint, save_atomically
-from trainers.training_log import TrainingLog
-from utils import FrameworkError, StageTimer
+from anomaly_framework.dataloaders.anomaly_simulation import SimulatedDefectSet, TextureSource
+from anomaly_framework.distributed import broadcast_object, is_main, mean_over_ranks, world_size
+from anomaly_framework.metrics.metrics_base import auroc
+from anomaly_framework.modelers.modeler_base import NonFiniteLossError
+from anomaly_framework.registry import TRAINER_REGISTRY
+from anomaly_framework.trainers.trainer_base import CHECKPOINT_NAME, BaseTrainer, read_checkpoint, save_atomically
+from anomaly_framework.trainers.training_log import TrainingLog
+from anomaly_framework.utils import FrameworkError, StageTimer
 
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"

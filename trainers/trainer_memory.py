@@ -8,11 +8,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from distributed import is_main, shard, world_size
-from registry import TRAINER_REGISTRY
-from trainers.feature_cache import FeatureCacheMixin
-from trainers.trainer_base import BaseTrainer, Predictions
-from utils import FrameworkError, StageTimer
+from anomaly_framework.distributed import is_main, shard, world_size
+from anomaly_framework.registry import TRAINER_REGISTRY
+from anomaly_framework.trainers.feature_cache import FeatureCacheMixin
+from anomaly_framework.trainers.trainer_base import BaseTrainer, Predictions
+from anomaly_framework.utils import FrameworkError, StageTimer
 
 
 @TRAINER_REGISTRY.register("memory")

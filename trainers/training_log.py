@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from figures import save_training_curves
-from utils import FrameworkError
+from anomaly_framework.figures import save_training_curves
+from anomaly_framework.utils import FrameworkError
 
 HISTORY_NAME = "history.csv"
 CURVES_NAME = "training_curves.png"

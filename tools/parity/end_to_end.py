@@ -29,8 +29,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from main import run_experiment  # noqa: E402
-from models.model_base import TimmFeatureExtractor  # noqa: E402
+from anomaly_framework.main import run_experiment  # noqa: E402
+from anomaly_framework.models.model_base import TimmFeatureExtractor  # noqa: E402
 
 
 class HookableBackbone(nn.Module):
