@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import os
 import sys
@@ -25,24 +24,15 @@ if TYPE_CHECKING:
 
 def make_run_dir(config: dict) -> Path:
     """A new folder per run; never reuses one, even for two runs started in the same second."""
+    from anomaly_framework.deploy_onnx import DeploymentError, new_output_dir
     from anomaly_framework.utils import FrameworkError
 
     data = config["data"]
     parent = Path(config["output_dir"]) / data["name"] / str(data["category"]) / config["model"]["name"]
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for attempt in range(1000):
-        run_dir = parent / (stamp if attempt == 0 else f"{stamp}-{attempt}")
-        try:
-            run_dir.mkdir(parents=True, exist_ok=False)
-            return run_dir
-        except FileExistsError:
-            if not run_dir.is_dir():  # a file in the way, here or above
-                break
-        except OSError as error:  # a parent that is a file, no permission, a full or read-only disk
-            raise FrameworkError(f"Cannot create the run folder '{run_dir}' (output_dir '{config['output_dir']}'): "
-                                 f"{error.strerror or error}; choose another --output-dir") from error
-    raise FrameworkError(f"Could not create a new run folder under '{parent}' (output_dir "
-                         f"'{config['output_dir']}'): a file is in the way; choose another --output-dir")
+    try:
+        return new_output_dir(parent)
+    except DeploymentError as error:
+        raise FrameworkError(f"{error} (output_dir '{config['output_dir']}'); choose another --output-dir") from error
 
 
 def backbone_facts(model: torch.nn.Module, config: dict) -> dict:

@@ -6,7 +6,6 @@ size and mode (grayscale, RGBA) are accepted; unreadable files are listed and sk
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -119,13 +118,7 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
     rows = [{"image_path": str(paths[index]), "score": float(score),
              "label": (int(score >= threshold) if threshold is not None else None)}
             for index, score in zip(readable, scores_all.tolist())]
-    with (folder / "predictions.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["image_path", "score", "label"])
-        writer.writerows([row["image_path"], repr(row["score"]), "" if row["label"] is None else row["label"]]
-                         for row in rows)
-    if skipped:
-        (folder / "skipped.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))
+    deploy_onnx.write_predictions(folder, rows, skipped)
     if overlays:
         low, high = float(maps_all.min()), float(maps_all.max())
         root = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent

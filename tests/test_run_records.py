@@ -2,6 +2,7 @@
 what a run leaves on disk, DRAEM's activation memory and a --help that does not load torch."""
 import copy
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,11 @@ def _argv(tmp_path, demo_root, model="padim", *extra):
             "--set", "model.pretrained=false", "--set", "eval.num_figures=0", *extra]
 
 
+PROGRESS_BAR = re.compile(r"\|\s*\d+/\d+ \[")  # tqdm's redraws (a cold feature cache draws one)
+
+
 def _one_error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
     assert len(lines) == 1, lines
     return lines[0]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import sys
 import tempfile
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from anomaly_framework.main import run_experiment  # noqa: E402
 from anomaly_framework.models.model_base import TimmFeatureExtractor  # noqa: E402
+from make_fixtures import _import  # noqa: E402  (the same loader of an official checkout's files)
 
 
 class HookableBackbone(nn.Module):
@@ -45,15 +45,6 @@ class HookableBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor):
         return [getattr(self, name)(feature) for name, feature in zip(self.names, self.extractor(images))]
-
-
-def _import(path: Path, name: str):
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def official_padim(checkout: Path, data_root: Path, category: str, backbone: str) -> dict:
