@@ -28,12 +28,15 @@ def is_main() -> bool:
 
 def init_from_env(device: torch.device) -> tuple[torch.device, bool]:
     """Joins the process group ``torchrun`` describes; returns the device to use and whether this call
-    started the group (and so must end it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    started the group (and so must end it). A group already joined (a sweep joins once for all its runs)
+    is kept, and this rank's GPU is still the one returned."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device, False
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return device, False
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device, True
 

@@ -108,6 +108,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     except Exception as error:
         if is_main():
             write_status(run_dir, "failed", error=one_line(error))
+        error.run_dir = str(run_dir)  # where the failed run's record lies (a sweep's runs.csv names it)
         raise
     if is_main():
         write_status(run_dir, "done")

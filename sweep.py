@@ -56,32 +56,37 @@ def find_done(config: dict) -> dict | None:
 
 def run_sweep(overrides: dict, models: list[str], categories: list[str], seeds: list[int],
               skip_done: bool = False) -> dict:
-    """Runs every combination and writes the sweep summary; returns its rows and folder."""
-    from anomaly_framework.main import run_experiment
+    """Runs every combination and writes the sweep summary; returns its rows and folder.
+
+    Under ``torchrun`` every rank takes part in every run; the process group is joined once for the whole
+    sweep (each run keeps it), rank 0 alone writes the summary, and every rank returns rank 0's record.
+    """
+    import torch
+
+    from anomaly_framework.distributed import init_from_env
+    from anomaly_framework.utils import resolve_device
 
     base = resolve_config({**overrides, "model.name": models[0]})
     categories = expand_categories(base, categories)
-    rows = []
+    _, started_group = init_from_env(resolve_device(base["device"]))
+    try:
+        return _sweep(base, overrides, models, categories, seeds, skip_done)
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+
+
+def _sweep(base: dict, overrides: dict, models: list[str], categories: list[str], seeds: list[int],
+           skip_done: bool) -> dict:
+    from anomaly_framework.distributed import broadcast_object, is_main
+
     combinations = list(itertools.product(models, categories, seeds))
+    rows = []
     for number, (model, category, seed) in enumerate(combinations, start=1):
         print(f"\n##### sweep {number}/{len(combinations)}: {model} / {category} / seed {seed}")
-        run_overrides = {**overrides, "model.name": model, "data.category": category, "seed": seed}
-        row = {"model": model, "category": category, "seed": seed, "status": "ok",
-               **dict.fromkeys(METRICS), **dict.fromkeys(f"{key}_s" for key in TIMINGS), "run_dir": "", "error": ""}
-        try:
-            done = find_done(resolve_config(run_overrides)) if skip_done else None
-            results = done or run_experiment(run_overrides)
-            row["status"] = "skipped (done)" if done else "ok"
-            row["run_dir"] = results["run_dir"]
-            row.update({key: results["metrics"].get(key) for key in METRICS})
-            row.update({f"{key}_s": results["timings"].get(key) for key in TIMINGS})
-        except Exception as error:  # one failing combination must not end the sweep
-            row["status"] = "failed"
-            row["error"] = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            if not isinstance(error, FrameworkError):
-                traceback.print_exc()
-            print(f"sweep: {model} / {category} / seed {seed} failed: {row['error']}")
-        rows.append(row)
+        rows.append(run_one({**overrides, "model.name": model, "data.category": category, "seed": seed}, skip_done))
+    if not is_main():
+        return broadcast_object(None)
     folder = new_output_dir(Path(base["output_dir"]) / "sweeps" / base["data"]["name"])
     summary = summarise(rows)
     write_csv(folder / "runs.csv", rows)
@@ -92,7 +97,40 @@ def run_sweep(overrides: dict, models: list[str], categories: list[str], seeds: 
     failed = sum(row["status"] == "failed" for row in rows)
     if failed:
         print(f"sweep: {failed} of {len(rows)} runs failed; their errors are in {folder / 'runs.csv'}")
-    return {"rows": rows, "summary": summary, "sweep_dir": str(folder)}
+    return broadcast_object({"rows": rows, "summary": summary, "sweep_dir": str(folder)})
+
+
+NO_RUN_DIR = "(failed before its run folder was created)"
+
+
+def run_one(run_overrides: dict, skip_done: bool = False) -> dict:
+    """One sweep run as a runs.csv row. A failed run keeps its folder (its status.json holds the error), or,
+    when it failed before one existed, says so in ``error``."""
+    from anomaly_framework.distributed import broadcast_object, is_main
+    from anomaly_framework.main import run_experiment
+
+    model, category, seed = run_overrides["model.name"], run_overrides["data.category"], run_overrides["seed"]
+    row = {"model": model, "category": category, "seed": seed, "status": "ok",
+           **dict.fromkeys(METRICS), **dict.fromkeys(f"{key}_s" for key in TIMINGS), "run_dir": "", "error": ""}
+    try:
+        config = resolve_config(run_overrides)  # a bad config fails here on every rank alike
+        # Rank 0 decides, so that no rank skips a run the others make (it may be writing that folder).
+        done = broadcast_object(find_done(config) if is_main() else None) if skip_done else None
+        results = done or run_experiment(run_overrides)
+        row["status"] = "skipped (done)" if done else "ok"
+        row["run_dir"] = results["run_dir"]
+        # The other ranks of a torchrun sweep only help to fit: they have no metrics.
+        row.update({key: results.get("metrics", {}).get(key) for key in METRICS})
+        row.update({f"{key}_s": results.get("timings", {}).get(key) for key in TIMINGS})
+    except Exception as error:  # one failing combination must not end the sweep
+        row["status"] = "failed"
+        row["run_dir"] = getattr(error, "run_dir", "")
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        row["error"] = message if row["run_dir"] else f"{message} {NO_RUN_DIR}"
+        if not isinstance(error, FrameworkError):
+            traceback.print_exc()
+        print(f"sweep: {model} / {category} / seed {seed} failed: {row['error']}")
+    return row
 
 
 def summarise(rows: list[dict]) -> list[dict]:
