@@ -62,6 +62,7 @@ def run_experiment(config: dict | None = None) -> dict:
 
     from anomaly_framework.config import resolve_config
     from anomaly_framework.distributed import init_from_env
+    from anomaly_framework.interrupts import ctrl_c_stops_at_next_batch
     from anomaly_framework.utils import resolve_device, seed_everything
 
     start = time.perf_counter()
@@ -69,7 +70,9 @@ def run_experiment(config: dict | None = None) -> dict:
     seed_everything(config["seed"])
     device, started_group = init_from_env(resolve_device(config["device"]))
     try:
-        return _run(config, device, start)
+        with ctrl_c_stops_at_next_batch():
+            results = _run(config, device, start)
+        return results
     finally:
         if started_group:
             torch.distributed.destroy_process_group()

@@ -2,9 +2,12 @@
 what a run leaves on disk, DRAEM's activation memory and a --help that does not load torch."""
 import copy
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +137,52 @@ def test_ctrl_c_of_a_memory_model_says_there_is_nothing_to_resume(tmp_path, demo
     line = _one_error_line(capsys)
     assert line == "interrupted: run interrupted while fitting; nothing to resume for this model: run it again"
     assert read_status(next((tmp_path / "runs").rglob("config.json")).parent)["status"] == "interrupted"
+
+
+def _wait_for(path_glob, parent: Path, process: subprocess.Popen, seconds: float = 120.0) -> Path:
+    """The first file matching ``path_glob`` under ``parent`` once the running ``process`` has written it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = next(parent.rglob(path_glob), None)
+        if found is not None:
+            return found
+        assert process.poll() is None, "the run ended before it was interrupted"
+        time.sleep(0.02)
+    raise AssertionError(f"no {path_glob} under {parent} after {seconds} s")
+
+
+def test_a_real_sigint_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path, demo_root, capsys):
+    # Two DataLoader workers, as on a machine with cores to spare: the terminal's SIGINT reaches them too,
+    # and Python's own handling then printed worker and at-fork tracebacks, or lost the Ctrl-C altogether.
+    argv = ["--model", "ae", "--dataset", "demo", "--data-root", str(demo_root), "--image-size", "32",
+            "--epochs", "10", "--batch-size", "8", "--output-dir", str(tmp_path / "runs"), "--set", "eval.num_figures=0",
+            "--set", "model.base_channels=8", "--set", "data.num_workers=2"]
+    with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
+        process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *argv], cwd=ROOT, stdout=out, stderr=err,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+        try:
+            run_dir = _wait_for("last.pt", tmp_path / "runs", process).parent  # one epoch done: training runs
+            os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the process and its workers
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert code == 130 and "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1].split("\r")[-1]  # after the progress bars' carriage returns
+    assert re.fullmatch(rf"interrupted: run interrupted in epoch \d+/10 after \d+ training steps; last.pt holds "
+                        rf"\d+ completed epochs?; continue it with the same options plus --resume {re.escape(str(run_dir))}",
+                        line), line
+    assert read_status(run_dir)["status"] == "interrupted" and read_status(run_dir)["message"] == line[13:]
+    completed = int(re.search(r"holds (\d+) completed", line).group(1))
+    assert 1 <= completed < 10 and not (run_dir / "results.json").exists()
+
+    capsys.readouterr()
+    assert main(argv + ["--resume", str(run_dir)]) == 0
+    resumed = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert read_status(resumed)["status"] == "done"
+    history = json.loads((resumed / "results.json").read_text())["fit"]["history"]
+    assert [entry["epoch"] for entry in history] == list(range(1, 11))
 
 
 @pytest.fixture(scope="module")

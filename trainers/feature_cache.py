@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from anomaly_framework.dataloaders.image_cache import ArrayStore, cache_root
 from anomaly_framework.distributed import is_main
+from anomaly_framework.interrupts import raise_if_interrupted
 
 
 class CachedFeatures(Dataset):
@@ -210,6 +211,7 @@ class FeatureCacheMixin:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             loader = self.dataloader.make_loader(subset, shuffle=False)
             for batch in tqdm(loader, desc=f"cache {split} features", leave=False, disable=not is_main()):
+                raise_if_interrupted()
                 features = self.modeler.model.extract(self.modeler.images(batch))
                 rows = torch.tensor(indices[start:start + len(features[0])], device=self.device)
                 for stage, feature in zip(stages, features):

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from anomaly_framework.interrupts import raise_if_interrupted
 from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
 from anomaly_framework.models.model_base import upsample_maps, weights_record
 from anomaly_framework.utils import FrameworkError, StageTimer
@@ -216,6 +217,7 @@ class BaseTrainer:
                                   "eval_maps": [], "eval_masks": []}
         seen = 0
         for batch in tqdm(test_loader, desc=desc, leave=False, dynamic_ncols=True):
+            raise_if_interrupted()
             positions = torch.arange(seen, seen + len(batch["label"])) if held_out else None
             seen += len(batch["label"])
             output = self.modeler.evaluate_step(batch, positions)

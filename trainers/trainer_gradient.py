@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from anomaly_framework.dataloaders.anomaly_simulation import SimulatedDefectSet, TextureSource
 from anomaly_framework.distributed import broadcast_object, is_main, mean_over_ranks, world_size
+from anomaly_framework.interrupts import raise_if_interrupted
 from anomaly_framework.metrics.metrics_base import auroc
 from anomaly_framework.modelers.modeler_base import NonFiniteLossError
 from anomaly_framework.registry import TRAINER_REGISTRY
@@ -168,6 +169,7 @@ class GradientTrainer(BaseTrainer):
         desc = f"epoch {epoch}/{num_epochs}" if train else "validate"
         bar = tqdm(data_loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main())
         for step, batch in enumerate(bar):
+            raise_if_interrupted()
             try:
                 report = self.modeler.training_step(batch, self.optimizer) if train else self.modeler.validate_step(batch)
             except NonFiniteLossError as error:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from anomaly_framework.distributed import is_main, shard, world_size
+from anomaly_framework.interrupts import raise_if_interrupted
 from anomaly_framework.registry import TRAINER_REGISTRY
 from anomaly_framework.trainers.feature_cache import FeatureCacheMixin
 from anomaly_framework.trainers.trainer_base import BaseTrainer, Predictions
@@ -31,6 +32,7 @@ class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
         images = 0
         with torch.inference_mode():
             for batch in tqdm(data_loader, desc="fit", leave=False, dynamic_ncols=True, disable=not is_main()):
+                raise_if_interrupted()
                 self.modeler.training_step(batch)
                 images += len(batch["features"][0] if "features" in batch else batch["label"])
         return {"images": images}
