@@ -82,22 +82,35 @@ def _sweep(base: dict, overrides: dict, models: list[str], categories: list[str]
 
     combinations = list(itertools.product(models, categories, seeds))
     rows = []
-    for number, (model, category, seed) in enumerate(combinations, start=1):
-        print(f"\n##### sweep {number}/{len(combinations)}: {model} / {category} / seed {seed}")
-        rows.append(run_one({**overrides, "model.name": model, "data.category": category, "seed": seed}, skip_done))
+    try:
+        for number, (model, category, seed) in enumerate(combinations, start=1):
+            print(f"\n##### sweep {number}/{len(combinations)}: {model} / {category} / seed {seed}")
+            rows.append(run_one({**overrides, "model.name": model, "data.category": category, "seed": seed},
+                                skip_done))
+    except KeyboardInterrupt:  # Ctrl-C: the runs that finished keep their summary
+        if rows and is_main():
+            folder = write_summary(base, rows, models, categories)
+            print(f"sweep interrupted after {len(rows)} of {len(combinations)} runs; they are summarised in {folder}")
+        raise
     if not is_main():
         return broadcast_object(None)
+    folder = write_summary(base, rows, models, categories)
+    print((folder / "summary.md").read_text())
+    failed = sum(row["status"] == "failed" for row in rows)
+    if failed:
+        print(f"sweep: {failed} of {len(rows)} runs failed; their errors are in {folder / 'runs.csv'}")
+    return broadcast_object({"rows": rows, "summary": summarise(rows), "sweep_dir": str(folder)})
+
+
+def write_summary(base: dict, rows: list[dict], models: list[str], categories: list[str]) -> Path:
+    """A new sweep folder with runs.csv, summary.csv, summary.md and summary.png of ``rows``."""
     folder = new_output_dir(Path(base["output_dir"]) / "sweeps" / base["data"]["name"])
     summary = summarise(rows)
     write_csv(folder / "runs.csv", rows)
     write_csv(folder / "summary.csv", summary)
     (folder / "summary.md").write_text(markdown_table(summary, models, categories))
     plot_summary(folder / "summary.png", summary, models, categories)
-    print((folder / "summary.md").read_text())
-    failed = sum(row["status"] == "failed" for row in rows)
-    if failed:
-        print(f"sweep: {failed} of {len(rows)} runs failed; their errors are in {folder / 'runs.csv'}")
-    return broadcast_object({"rows": rows, "summary": summary, "sweep_dir": str(folder)})
+    return folder
 
 
 NO_RUN_DIR = "(failed before its run folder was created)"

@@ -1,6 +1,7 @@
 """What a newcomer meets around the algorithms: one-line errors, Ctrl-C, the run status, failing sweeps,
 what a run leaves on disk, DRAEM's activation memory and a --help that does not load torch."""
 import copy
+import csv
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from anomaly_framework.config import resolve_config
 from anomaly_framework.main import main, run_experiment
 from anomaly_framework.models.model_draem import DraemModel
 from anomaly_framework.models.model_padim import PACKED_KEY, PadimModel
-from anomaly_framework.sweep import find_done, markdown_table, plot_summary, summarise
+from anomaly_framework.sweep import NO_RUN_DIR, find_done, markdown_table, plot_summary, run_sweep, summarise
 from anomaly_framework.trainers.trainer_gradient import GradientTrainer
 from anomaly_framework.trainers.trainer_memory import MemoryTrainer
 from anomaly_framework.utils import read_status
@@ -234,6 +235,49 @@ def test_a_sweep_whose_runs_fail_exits_non_zero_and_says_how_many(tmp_path, demo
         f"error: 2 of 2 sweep runs failed (their errors are in {sweep_dir / 'runs.csv'})")
     assert (sweep_dir / "summary.png").stat().st_size > 0
     assert "| nowhere | failed | failed | failed | failed |" in (sweep_dir / "summary.md").read_text()
+
+
+def test_a_failed_sweep_run_names_its_folder_or_says_it_had_none(tmp_path, demo_root, monkeypatch):
+    original = MemoryTrainer.fit
+
+    def fail_patchcore(self, *args, **kwargs):
+        if self.config["model"]["name"] == "patchcore":
+            raise RuntimeError("boom")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryTrainer, "fit", fail_patchcore)
+    overrides = {"data.name": "demo", "data.root": str(demo_root), "model.backbone": "resnet18",
+                 "model.pretrained": False, "data.image_size": 64, "eval.num_figures": 0,
+                 "output_dir": str(tmp_path / "runs")}
+    sweep = run_sweep(overrides, ["padim", "patchcore"], ["fabric", "nowhere"], [0])
+    with open(Path(sweep["sweep_dir"]) / "runs.csv") as handle:
+        rows = {(row["model"], row["category"]): row for row in csv.DictReader(handle)}
+    assert rows[("padim", "fabric")]["status"] == "ok"
+    failed = rows[("patchcore", "fabric")]
+    assert (failed["status"], failed["error"]) == ("failed", "boom")
+    assert Path(failed["run_dir"]).parent == tmp_path / "runs" / "demo" / "fabric" / "patchcore"
+    assert read_status(failed["run_dir"])["status"] == "failed" and read_status(failed["run_dir"])["error"] == "boom"
+    for model in ("padim", "patchcore"):  # no such category: the run failed while reading its data
+        row = rows[(model, "nowhere")]
+        assert row["status"] == "failed" and row["run_dir"] == "" and row["error"].endswith(NO_RUN_DIR)
+
+
+def test_ctrl_c_in_a_sweep_keeps_the_summary_of_the_runs_that_finished(tmp_path, demo_root, monkeypatch, capsys):
+    original, calls = MemoryTrainer.fit, []
+
+    def interrupt_second_run(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MemoryTrainer, "fit", interrupt_second_run)
+    assert main(_argv(tmp_path, demo_root) + ["--category", "fabric", "--seeds", "0,1,2"]) == 130
+    sweeps = list((tmp_path / "runs" / "sweeps" / "demo").iterdir())
+    with open(sweeps[0] / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(sweeps) == 1 and [(row["seed"], row["status"]) for row in rows] == [("0", "ok")]
+    assert f"sweep interrupted after 1 of 3 runs; they are summarised in {sweeps[0]}" in capsys.readouterr().out
 
 
 def test_failed_runs_are_marked_in_the_table_and_on_the_chart(tmp_path):
