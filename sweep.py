@@ -6,7 +6,8 @@ The summary folder ``<output_dir>/sweeps/<dataset>/<timestamp>/`` holds ``runs.c
 ``summary.csv`` (one row per model × category: mean and std over seeds of every metric and timing, the
 run folders, errors), ``summary.md`` (mean ± std per category and model, with a mean row) and
 ``summary.png`` (metrics per category per model). A failing combination is recorded with its error and
-the sweep goes on; ``skip_done`` reuses any earlier run whose resolved config is identical.
+its run folder and the sweep goes on; Ctrl-C summarises the runs that finished; ``skip_done`` reuses any
+earlier run whose resolved config is identical.
 """
 from __future__ import annotations
 
