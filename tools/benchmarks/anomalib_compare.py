@@ -7,6 +7,14 @@ Runs in anomalib's own virtualenv and never imports anomaly_framework::
     ... patchcore --output-dir /tmp/al_patchcore
     ... sweep --output-dir /tmp/al_sweep          # padim and patchcore x seeds 0,1,2 in one process
 
+Time both sides the same way, with the same thread setting, e.g. ``OMP_NUM_THREADS=1 /usr/bin/time -v``.
+Our side (system python, repository root; a cold run gets an empty feature and image cache)::
+
+    C=$(mktemp -d); ANOMALY_FRAMEWORK_CACHE=$C python3 main.py --model padim --dataset mvtec --category bottle \
+        --data-root /work/data --backbone efficientnet_lite0 --seed 0 --output-dir /tmp/ours_padim
+    ... --model patchcore ... --output-dir /tmp/ours_patchcore
+    ... --model padim,patchcore --seeds 0,1,2 ... --output-dir /tmp/ours_sweep   (a fresh $C: cold sweep)
+
 ``--quick`` validates the whole path in about a minute (a copied subset of 8 train and 8 test images,
 coreset 1%); its numbers mean nothing. Each run is what a user scripts: ``seed_everything(seed)``,
 ``MVTecAD(...)``, ``Padim(...)`` / ``Patchcore(...)``, ``Engine(...).fit()`` then ``.test()``, with
@@ -30,7 +38,8 @@ What is patched, and only this:
    ImageNet-normalised input to the statistics the weights expect (mean 0.498, std 0.502 per channel):
    ``x * (0.229.. / 0.502) + (0.485.. - 0.498) / 0.502``, exactly our extractor's ``input_scale`` /
    ``input_shift``. Any other ``create_model`` call passes through unchanged.
-2. The network: before anomalib is imported, ``HF_HUB_OFFLINE=1`` is set and ``socket.connect`` refuses
+2. The network: before anomalib is imported, ``HF_HUB_OFFLINE=1`` is set and ``socket.connect`` (and
+   ``connect_ex``) refuses
    any address but loopback and Unix sockets (DataLoader workers use those); refused attempts are listed
    in the JSON (``network_attempts``), so a silent download would show there instead of happening.
 3. The memory-bank model's ``fit`` (Gaussian / coreset selection) is wrapped by a timer; nothing else in
@@ -39,6 +48,21 @@ anomalib's own extras are left as a user gets them: the checkpoint callback, the
 (writes one figure per test image; ``--no-visualizer`` turns it off), the default PostProcessor (F1-adaptive
 thresholds and min-max normalisation learnt on the validation split, which MVTecAD's default
 ``val_split_mode=same_as_test`` makes the test set: ``fit`` scores the whole test set once, ``test`` again).
+
+Not matched, because they are anomalib's design (say so beside any timing):
+- fit also scores the whole test set (validation = test by default) for its thresholds and min-max
+  statistics, and every pass decodes and resizes the PNGs again (no image or feature cache);
+- timm's ``features_only`` Lite0 runs the blocks after the last requested stage (ours stops there);
+- PaDiM: the same 176-d Gaussian per position on the 56 x 56 grid, fitted in a Python loop over positions
+  with an extra 1e-5 I; the checkpoint holds the full float32 inverse covariances (about 390 MB);
+- PatchCore: 3 x 3 average pooling and concatenation give a 152-d embedding (ours: the official aggregation
+  to 1024-d), so its coreset and nearest-neighbour searches work on far shorter vectors; the coreset
+  projection is SparseRandomProjection(eps=0.9) (296-d for bottle's 163,856 patches; ours 128-d);
+- PaDiM interpolation: bilinear with antialiasing on tensors (ours LANCZOS on PIL images, xia's
+  protocol; ``--set data.interpolation=bilinear`` on our side matches it);
+- DataLoader workers: anomalib's default 8 (``--num-workers``; ours: 0 on 1-2 cores, else min(8, cores-1));
+- outputs: one figure per test image and a Lightning checkpoint (ours: 8 figures, ROC curve, histogram,
+  scores.csv, checkpoint.pt); metrics: AUROC and F1 (ours adds AUPR, AUPRO, F1-max, separation).
 
 Output: a JSON (``--json``, default ``<output-dir>/anomalib_<mode>.json``) with per-run wall times (total,
 fit split into the training feature pass, the model fit and the validation pass; test), image and pixel
@@ -53,6 +77,7 @@ import time
 PROCESS_START = time.perf_counter()  # before the heavy imports: torch, Lightning and anomalib take seconds
 
 import argparse
+import errno
 import gc
 import json
 import os
@@ -78,7 +103,16 @@ def _local_only_connect(self: socket.socket, address) -> None:
     _connect(self, address)
 
 
+def _local_only_connect_ex(self: socket.socket, address) -> int:
+    try:
+        _local_only_connect(self, address)
+    except OSError as error:
+        return error.errno or errno.ECONNREFUSED
+    return 0
+
+
 socket.socket.connect = _local_only_connect
+socket.socket.connect_ex = _local_only_connect_ex
 
 import torch  # noqa: E402  (after the network guard)
 import timm  # noqa: E402
