@@ -182,7 +182,8 @@ MODEL_CONFIGS: dict[str, dict] = {
     },
     # FastFlow (Yu et al., 2021) as gathierry/FastFlow: 256 px, Adam 1e-3 / wd 1e-5, batch 32, 500 epochs,
     # every train/good image trained on and the last epoch kept (resnet18: its timm's torchvision weights).
-    # Transformers as the paper: --backbone deit_base_distilled_patch16_384 --image-size 384 (or cait_m48_448, 448).
+    # Transformers as the paper: --backbone deit_base_distilled_patch16_384.fb_in1k --image-size 384 (or
+    # cait_m48_448.fb_dist_in1k, 448); WR50 as the official code's timm 0.5.4: wide_resnet50_2.racm_in1k.
     "fastflow": {
         "model": {"backbone": "resnet18.tv_in1k", "layers": [1, 2, 3], "pretrained": True, "weights": None,
                   "flow_steps": None, "hidden_ratio": None, "conv3x3_only": None, "clamp": 2.0,

@@ -5,9 +5,10 @@
 
 The file and its sidecar (``model.onnx.json``, written by ``export.py``) are all it needs: neither torch
 nor this framework's training code is imported. It writes what ``predict.py`` writes for a run
-(``predictions.csv``, ``skipped.txt``, ``<name>_overlay.png``; the overlays without predict's score
-banner, which is drawn by the torch-importing ``figures.py``), so the two paths can be compared file by file. Images are resized and centre-cropped as the run's dataset did (Pillow, on uint8), then
-handed to the graph as uint8 RGB [B, H, W, 3]; the graph normalises, scores and thresholds.
+(``predictions.csv``, ``skipped.txt``, ``<name>_overlay.png`` with the score banner), through the same
+overlay code, so the two paths can be compared file by file. Images are resized and centre-cropped as the
+run's dataset did (Pillow, on uint8), then handed to the graph as uint8 RGB [B, H, W, 3]; the graph
+normalises, scores and thresholds.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # as dataloaders.dataloader_base
 _INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
@@ -71,12 +72,60 @@ def jet(values: np.ndarray) -> np.ndarray:
     return table[np.clip((values * 256).astype(np.int64), 0, 255)]
 
 
-def save_overlay(path: Path, image: Image.Image, heat: np.ndarray, low: float, high: float) -> None:
-    """The image with a jet heat map blended over it (45 %), at the image's own resolution."""
+def label_text(label: int) -> str:
+    return "anomalous" if label else "normal"
+
+
+def short_verdicts(score: float, threshold: float | None) -> list[str]:
+    """The score and predicted label, longest first (``score 3.2: anomalous (threshold 2.9)``, then
+    ``3.2 anomalous``), for the band across an image of any width."""
+    if threshold is None:
+        return [f"score {score:.4g} (no threshold)", f"{score:.3g}"]
+    label = label_text(int(score >= threshold))
+    return [f"score {score:.4g}: {label} (threshold {threshold:.4g})", f"{score:.3g} {label}"]
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size only
+        return ImageFont.load_default()
+
+
+def banner(image: Image.Image, texts: list[str], anomalous: bool | None) -> Image.Image:
+    """``image`` with text on a dark translucent band across its top (red when predicted anomalous, green
+    when normal); the size stays the image's own, so the overlay keeps its pixel grid.
+
+    Letters are 1/28 of the image width high (at least 12 px), made smaller (down to 9 px) where a text
+    would not fit the width; the first of ``texts`` (longest first) that fits is written."""
+    for text in texts:
+        size = max(12, image.width // 28)
+        while size > 9 and _font(size).getlength(text) > image.width - size:
+            size -= 1
+        if _font(size).getlength(text) <= image.width - size:
+            break
+    font = _font(size)
+    height = min(int(size * 1.8), image.height)
+    framed = image.convert("RGB")
+    band = np.asarray(framed.crop((0, 0, image.width, height)), dtype=np.float32) * 0.25 + 0.75 * 20
+    framed.paste(Image.fromarray(band.round().astype(np.uint8)), (0, 0))
+    colour = (255, 255, 255) if anomalous is None else (255, 90, 90) if anomalous else (120, 230, 120)
+    ImageDraw.Draw(framed).text((size // 2, (height - size) // 2), text, fill=colour, font=font)
+    return framed
+
+
+def save_overlay(path: Path, image: Image.Image, heat: np.ndarray, low: float, high: float,
+                 score: float | None = None, threshold: float | None = None) -> None:
+    """The image with a jet heat map blended over it (45 %), at the image's own resolution; with ``score``,
+    a band across its top carries the score and the label predicted at ``threshold``."""
     scaled = np.clip((heat - low) / max(high - low, 1e-12), 0, 1)
     colours = (jet(scaled) * 255).astype(np.float32)
     blended = 0.55 * np.asarray(image, dtype=np.float32) + 0.45 * colours
-    Image.fromarray(blended.round().clip(0, 255).astype(np.uint8)).save(path)
+    overlay = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+    if score is not None:
+        anomalous = None if threshold is None else score >= threshold
+        overlay = banner(overlay, short_verdicts(score, threshold), anomalous)
+    overlay.save(path)
 
 
 def write_predictions(folder: Path, rows: list[dict], skipped: list[tuple[str, str]]) -> None:
@@ -178,11 +227,11 @@ def predict_onnx(model_file: str | Path, input_path: str | Path, output_dir: str
     if overlays:
         low, high = float(maps.min()), float(maps.max())
         root = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
-        for path, anomaly_map in zip(readable, maps):
+        for path, anomaly_map, row in zip(readable, maps, rows):
             image = open_rgb(path)
             heat = detector.map_to_original(anomaly_map, image.size)
             name = "__".join(path.relative_to(root).with_suffix("").parts)
-            save_overlay(folder / f"{name}_overlay.png", image, heat, low, high)
+            save_overlay(folder / f"{name}_overlay.png", image, heat, low, high, row["score"], detector.info["threshold"])
     return {"rows": rows, "skipped": skipped, "threshold": detector.info["threshold"], "output_dir": str(folder)}
 
 

@@ -1,5 +1,5 @@
-"""What a researcher looks at after a run: heat-map panels, the score histogram, training curves, and the
-score banner of prediction overlays.
+"""What a researcher looks at after a run: heat-map panels, the score histogram and training curves (the
+score banner of prediction overlays is in the torch-free ``deploy_onnx``, shared with the deployment runner).
 
 Figures are written at a size meant to be read as written (about 100 px per inch, 11 pt text), so a
 panel can be opened and judged without zooming.
@@ -17,16 +17,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
+from anomaly_framework.deploy_onnx import label_text  # noqa: E402
 from anomaly_framework.utils import denormalize  # noqa: E402
 
 NORMAL_COLOUR, ANOMALY_COLOUR = "#1f77b4", "#d62728"
 DPI = 100
-
-
-def label_text(label: int) -> str:
-    return "anomalous" if label else "normal"
 
 
 def verdict(score: float, threshold: float | None) -> str:
@@ -34,15 +30,6 @@ def verdict(score: float, threshold: float | None) -> str:
     if threshold is None:
         return "no threshold"
     return f"predicted {label_text(int(score >= threshold))} (threshold {threshold:.4g})"
-
-
-def short_verdicts(score: float, threshold: float | None) -> list[str]:
-    """The score and predicted label, longest first (``score 3.2: anomalous (threshold 2.9)``, then
-    ``3.2 anomalous``), for the band across an image of any width."""
-    if threshold is None:
-        return [f"score {score:.4g} (no threshold)", f"{score:.3g}"]
-    label = label_text(int(score >= threshold))
-    return [f"score {score:.4g}: {label} (threshold {threshold:.4g})", f"{score:.3g} {label}"]
 
 
 def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | None, pixel_threshold: float | None,
@@ -163,32 +150,3 @@ def save_training_curves(path: Path, rows: list[dict]) -> Path | None:
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
     return path
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size only
-        return ImageFont.load_default()
-
-
-def banner(image: Image.Image, texts: list[str], anomalous: bool | None) -> Image.Image:
-    """``image`` with text on a dark translucent band across its top (red when predicted anomalous, green
-    when normal); the size stays the image's own, so the overlay keeps its pixel grid.
-
-    Letters are 1/28 of the image width high (at least 12 px), made smaller (down to 9 px) where a text
-    would not fit the width; the first of ``texts`` (longest first) that fits is written."""
-    for text in texts:
-        size = max(12, image.width // 28)
-        while size > 9 and _font(size).getlength(text) > image.width - size:
-            size -= 1
-        if _font(size).getlength(text) <= image.width - size:
-            break
-    font = _font(size)
-    height = min(int(size * 1.8), image.height)
-    framed = image.convert("RGB")
-    band = np.asarray(framed.crop((0, 0, image.width, height)), dtype=np.float32) * 0.25 + 0.75 * 20
-    framed.paste(Image.fromarray(band.round().astype(np.uint8)), (0, 0))
-    colour = (255, 255, 255) if anomalous is None else (255, 90, 90) if anomalous else (120, 230, 120)
-    ImageDraw.Draw(framed).text((size // 2, (height - size) // 2), text, fill=colour, font=font)
-    return framed

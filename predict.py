@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
@@ -49,24 +48,6 @@ def map_to_original(anomaly_map: torch.Tensor, dataset: AnomalyDataset, size: tu
     canvas[0, 0, offset:offset + dataset.image_size, offset:offset + dataset.image_size] = anomaly_map
     width, height = size
     return F.interpolate(canvas, size=(height, width), mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
-def save_overlay(path: Path, image: Image.Image, heat: np.ndarray, low: float, high: float,
-                 score: float | None = None, threshold: float | None = None) -> None:
-    """The image with a jet heat map blended over it (45 %), at the image's own resolution; with ``score``,
-    a band across its top carries the score and the label predicted at ``threshold``."""
-    from matplotlib import colormaps
-
-    from anomaly_framework.figures import banner, short_verdicts
-
-    scaled = np.clip((heat - low) / max(high - low, 1e-12), 0, 1)
-    colours = (colormaps["jet"](scaled)[..., :3] * 255).astype(np.float32)
-    blended = 0.55 * np.asarray(image, dtype=np.float32) + 0.45 * colours
-    overlay = Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
-    if score is not None:
-        anomalous = None if threshold is None else score >= threshold
-        overlay = banner(overlay, short_verdicts(score, threshold), anomalous)
-    overlay.save(path)
 
 
 def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Path | None = None,
@@ -126,5 +107,5 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
             image = open_image(paths[index], "RGB")
             heat = map_to_original(maps_all[position, 0], dataset, image.size)
             name = "__".join(paths[index].relative_to(root).with_suffix("").parts)
-            save_overlay(folder / f"{name}_overlay.png", image, heat, low, high, rows[position]["score"], threshold)
+            deploy_onnx.save_overlay(folder / f"{name}_overlay.png", image, heat, low, high, rows[position]["score"], threshold)
     return {"rows": rows, "skipped": skipped, "threshold": threshold, "output_dir": str(folder)}

@@ -136,8 +136,10 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         covariance = self._scatter / (self._count - 1)
         self._scatter = None
         covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
-        inverse = torch.linalg.inv(covariance)
-        # Exactly symmetric (inv leaves rounding-level asymmetry) and row-major as a loaded checkpoint is,
+        # Symmetric positive definite (scatter + ε·I): a Cholesky inverse is as accurate and 1.8× faster than LU
+        # (3136 inverses of 176² for Lite0 at 224 px: 1.7 s instead of 3.0 s on one core).
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(covariance))
+        # Exactly symmetric (rounding-level asymmetry otherwise) and row-major as a loaded checkpoint is,
         # so that storing one triangle is lossless and a reloaded model scores bit for bit the same.
         self.inv_covariance = ((inverse + inverse.mT) / 2).contiguous()
         self.mean = self.mean.clone()

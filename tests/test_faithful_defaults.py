@@ -37,6 +37,18 @@ def test_every_default_backbone_resolves_to_the_official_weights():
     assert hub_tag("resnet18") == "resnet18.a1_in1k"  # what the untagged name would have fetched
 
 
+# FastFlow's other official backbones, as its pinned timm 0.5.4 served them (the file each default_cfg named);
+# the README gives these tags for the WR50 and transformer settings.
+FASTFLOW_OFFICIAL_FILES = {"wide_resnet50_2.racm_in1k": "wide_resnet50_racm-8234f177.pth",
+                           "deit_base_distilled_patch16_384.fb_in1k": "deit_base_distilled_patch16_384-d0272ac0.pth",
+                           "cait_m48_448.fb_dist_in1k": "M48_448.pth"}
+
+
+def test_fastflow_documented_tags_name_the_files_its_pinned_timm_loaded():
+    for tag, file_name in FASTFLOW_OFFICIAL_FILES.items():
+        assert timm.models.get_pretrained_cfg(tag).url.rsplit("/", 1)[-1] == file_name, tag
+
+
 def test_hub_is_asked_for_the_tag_and_it_is_recorded(tmp_path, monkeypatch):
     """No download: the hub call is intercepted, the name it receives and the recorded source are checked."""
     requested = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly_framework.figures import banner
+from anomaly_framework.deploy_onnx import banner
 from anomaly_framework.main import run_experiment
 from anomaly_framework.metrics.metrics_base import separation
 from anomaly_framework.predict import predict

@@ -9,6 +9,11 @@ channels, as the official random subset cannot index a 176-channel embedding; Pa
 
     python tools/parity/end_to_end.py padim --official DIR --data-root /work/data --category bottle
     python tools/parity/end_to_end.py patchcore --official DIR --data-root /work/data --category bottle
+    python tools/parity/end_to_end.py patchcore --official DIR --coreset-ratio 1.0 --official-batchnorm-pass
+
+``--official-batchnorm-pass`` runs ours with ``model.official_batchnorm_pass=true`` (the official code's
+batch-norm side effect replayed); with the whole bank (``--coreset-ratio 1.0``) nothing random is left, so
+the two should then agree per image to float rounding.
 """
 from __future__ import annotations
 
@@ -79,7 +84,7 @@ def official_padim(checkout: Path, data_root: Path, category: str, backbone: str
             "pixel_auroc": captured["auc"][1]}
 
 
-def official_patchcore(checkout: Path, data_root: Path, category: str, backbone: str) -> dict:
+def official_patchcore(checkout: Path, data_root: Path, category: str, backbone: str, coreset_ratio: float) -> dict:
     """PatchCore.load/fit/predict as bin/run_patchcore.py configures it (IM224: resize 256, crop 224,
     layer2+3, 1024/1024, patch 3, approximate greedy coreset 10 %, faiss exact 1-NN)."""
     sys.path.insert(0, str(checkout / "src"))
@@ -94,7 +99,8 @@ def official_patchcore(checkout: Path, data_root: Path, category: str, backbone:
     stub = HookableBackbone(backbone, [2, 3], ["layer2", "layer3"])
     model = patchcore.patchcore.PatchCore(device)
     model.load(stub, ["layer2", "layer3"], device, (3, 224, 224), 1024, 1024, patchsize=3,
-               featuresampler=patchcore.sampler.ApproximateGreedyCoresetSampler(0.1, device),
+               featuresampler=(patchcore.sampler.IdentitySampler() if coreset_ratio >= 1.0
+                               else patchcore.sampler.ApproximateGreedyCoresetSampler(coreset_ratio, device)),
                nn_method=patchcore.common.FaissNN(False, 2))
     train = mvtec.MVTecDataset(str(data_root), classname=category, resize=256, imagesize=224,
                                split=mvtec.DatasetSplit.TRAIN)
@@ -107,13 +113,17 @@ def official_patchcore(checkout: Path, data_root: Path, category: str, backbone:
             "image_auroc": roc_auc_score(labels, scores), "pixel_auroc": roc_auc_score(masks, np.asarray(maps).ravel())}
 
 
-def ours(model: str, data_root: Path, category: str, backbone: str, output: Path) -> dict:
+def ours(model: str, data_root: Path, category: str, backbone: str, output: Path, coreset_ratio: float,
+         batchnorm_pass: bool) -> dict:
     overrides = {"padim": {"layers": [1, 2, 3], "n_features": None},
-                 "patchcore": {"layers": [2, 3], "score_mode": "max", "coreset_ratio": 0.1}}[model]
+                 "patchcore": {"layers": [2, 3], "score_mode": "max", "coreset_ratio": coreset_ratio,
+                               "official_batchnorm_pass": batchnorm_pass}}[model]
     results = run_experiment({
         "model": {"name": model, "backbone": backbone, **overrides},
         "data": {"name": "mvtec", "root": str(data_root), "category": category},
-        "output_dir": str(output), "eval": {"num_figures": 0},
+        "output_dir": str(output),
+        # No threshold pass: the comparison needs scores and AUROCs only.
+        "eval": {"num_figures": 0, "threshold_strategy": "manual", "threshold_value": 0.0},
     })
     with open(Path(results["run_dir"]) / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -135,16 +145,25 @@ def main() -> None:
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "parity_end_to_end")
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore: 1.0 = the whole bank on both sides")
+    parser.add_argument("--official-batchnorm-pass", action="store_true",
+                        help="PatchCore: ours replays the official batch-norm side effect")
     args = parser.parse_args()
-    run = official_padim if args.model == "padim" else official_patchcore
-    official = run(args.official.resolve(), args.data_root.resolve(), args.category, args.backbone)
-    mine = ours(args.model, args.data_root.resolve(), args.category, args.backbone, args.output)
+    if args.model == "padim":
+        official = official_padim(args.official.resolve(), args.data_root.resolve(), args.category, args.backbone)
+    else:
+        official = official_patchcore(args.official.resolve(), args.data_root.resolve(), args.category, args.backbone,
+                                      args.coreset_ratio)
+    mine = ours(args.model, args.data_root.resolve(), args.category, args.backbone, args.output, args.coreset_ratio,
+                args.official_batchnorm_pass)
     theirs = dict(zip(map(_key, official["paths"]), official["scores"]))
     keys = [_key(p) for p in mine["paths"]]
     paired = np.array([[s, theirs[k]] for k, s in zip(keys, mine["scores"])])
     summary = {
         "model": args.model, "backbone": args.backbone, "category": args.category, "images": len(paired),
         "pearson": float(pearsonr(paired[:, 0], paired[:, 1])[0]),
+        "median_relative_difference": float(np.median(np.abs(paired[:, 0] - paired[:, 1]) / np.abs(paired[:, 1]))),
+        "max_relative_difference": float(np.max(np.abs(paired[:, 0] - paired[:, 1]) / np.abs(paired[:, 1]))),
         "spearman": float(spearmanr(paired[:, 0], paired[:, 1])[0]),
         "official": {"image_auroc": official["image_auroc"], "pixel_auroc": official["pixel_auroc"]},
         "ours": {"image_auroc": mine["image_auroc"], "pixel_auroc": mine["pixel_auroc"]},
