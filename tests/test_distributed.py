@@ -44,16 +44,20 @@ def _single(tmp_path, demo_root, model, backbone="resnet18", **extra):
                            "data.image_size": 64, "eval.num_figures": 0, "output_dir": str(tmp_path / "one"), **extra})
 
 
-def test_padim_statistics_from_two_processes_equal_one(tmp_path, demo_root):
-    single = _single(tmp_path, demo_root, "padim")
-    run_dir = _torchrun(_flags(tmp_path, demo_root, "padim"))
+# resnet18: a random subset of 100 channels; Lite0: all 176, whose covariance from the 40 demo images is of
+# rank at most 39 plus PaDiM's 0.01·I, so its inverse amplifies float32 rounding tenfold (its scores do not).
+@pytest.mark.parametrize("backbone, inverse_tolerance", [("resnet18", 1e-4), ("efficientnet_lite0", 1e-3)])
+def test_padim_statistics_from_two_processes_equal_one(tmp_path, demo_root, backbone, inverse_tolerance):
+    single = _single(tmp_path, demo_root, "padim", backbone=backbone)
+    run_dir = _torchrun(_flags(tmp_path, demo_root, "padim", backbone=backbone))
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["world_size"] == 2 and results["fit"]["train_images"] == single["fit"]["train_images"]
+    assert results["world_size"] == 2 and results["backbone"] == backbone
+    assert results["fit"]["train_images"] == single["fit"]["train_images"]
     one = torch.load(Path(single["run_dir"]) / "checkpoint.pt", weights_only=True)["model"]
     two = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
     assert torch.allclose(one["mean"], two["mean"], atol=1e-5)
     scale = one[PACKED_KEY].abs().max()  # the stored triangles of the inverse covariances
-    assert torch.allclose(one[PACKED_KEY] / scale, two[PACKED_KEY] / scale, atol=1e-4)
+    assert torch.allclose(one[PACKED_KEY] / scale, two[PACKED_KEY] / scale, atol=inverse_tolerance)
     expected, got = _scores(single["run_dir"]), _scores(run_dir)
     assert expected.keys() == got.keys()
     assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
