@@ -5,8 +5,9 @@ hook (a DataLoader starting its workers), a ``__del__`` or a half-built DataLoad
 as an ignored exception with its traceback and the run goes on; the DataLoader workers, which get the
 terminal's SIGINT too, stop on their own and the main process then fails on a vanished worker. While
 ``ctrl_c_stops_at_next_batch`` is active, the first Ctrl-C only records the request and every batch loop
-of the trainers calls ``raise_if_interrupted``; a second Ctrl-C raises at once; forked workers ignore it
-(the main process shuts them down).
+of the trainers calls ``raise_if_interrupted``; a second Ctrl-C raises at once (not under ``torchrun``,
+whose launcher passes the terminal's Ctrl-C on to every rank again); forked workers ignore it (the main
+process shuts them down).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def _on_sigint(signum, frame) -> None:
     if os.getpid() != _state["owner"]:  # a forked DataLoader worker inherits this handler
         return
     if _state["requested"]:
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun forwards the terminal's Ctrl-C: the same press
+            return
         raise KeyboardInterrupt
     _state["requested"] = True
     print("\nCtrl-C: stopping at the next batch (press it again to stop at once)", file=sys.stderr, flush=True)
