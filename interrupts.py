@@ -27,6 +27,7 @@ def _on_sigint(signum, frame) -> None:
     if _state["requested"]:
         if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun forwards the terminal's Ctrl-C: the same press
             return
+        _state["requested"] = False
         raise KeyboardInterrupt
     _state["requested"] = True
     print("\nCtrl-C: stopping at the next batch (press it again to stop at once)", file=sys.stderr, flush=True)

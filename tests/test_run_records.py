@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from anomaly_framework.config import resolve_config
+from anomaly_framework.interrupts import ctrl_c_stops_at_next_batch, raise_if_interrupted
 from anomaly_framework.main import main, run_experiment
 from anomaly_framework.models.model_draem import DraemModel
 from anomaly_framework.models.model_padim import PACKED_KEY, PadimModel
@@ -184,6 +185,31 @@ def test_a_real_sigint_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path
     assert read_status(resumed)["status"] == "done"
     history = json.loads((resumed / "results.json").read_text())["fit"]["history"]
     assert [entry["epoch"] for entry in history] == list(range(1, 11))
+
+
+def test_ctrl_c_is_raised_between_batches_a_second_one_at_once_and_a_late_one_at_the_end(monkeypatch, capsys):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in `python main.py`
+    try:
+        _interrupt_in_every_way()
+    finally:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, previous)
+    assert capsys.readouterr().err.count("Ctrl-C: stopping at the next batch") == 3
+
+
+def _interrupt_in_every_way() -> None:
+    with pytest.raises(KeyboardInterrupt) as late:
+        with ctrl_c_stops_at_next_batch():
+            signal.raise_signal(signal.SIGINT)  # recorded, not raised inside whatever was running
+            with pytest.raises(KeyboardInterrupt):
+                raise_if_interrupted()
+            raise_if_interrupted()  # raised once only
+            signal.raise_signal(signal.SIGINT)
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)  # the second press stops at once
+            signal.raise_signal(signal.SIGINT)  # after the last batch loop: raised when the run ends
+    assert "its results are complete" in str(late.value)
 
 
 @pytest.fixture(scope="module")
