@@ -64,14 +64,16 @@ def run_sweep(overrides: dict, models: list[str], categories: list[str], seeds: 
     """
     import torch
 
-    from anomaly_framework.distributed import init_from_env
+    from anomaly_framework.distributed import barrier, init_from_env
     from anomaly_framework.utils import resolve_device
 
     base = resolve_config({**overrides, "model.name": models[0]})
     categories = expand_categories(base, categories)
     _, started_group = init_from_env(resolve_device(base["device"]))
     try:
-        return _sweep(base, overrides, models, categories, seeds, skip_done)
+        result = _sweep(base, overrides, models, categories, seeds, skip_done)
+        barrier()  # every rank past its last collective before the group goes (else rank 0 aborted at exit, 2 in 14)
+        return result
     finally:
         if started_group:
             torch.distributed.destroy_process_group()
