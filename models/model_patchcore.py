@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anomaly_framework.distributed import gather_rows
+from anomaly_framework.interrupts import raise_if_interrupted
 from anomaly_framework.models.model_base import FittedBuffersMixin, TimmFeatureExtractor
 from anomaly_framework.models.nearest_neighbors import bank_chunked_topk_nearest, chunked_nearest, chunked_topk_nearest
 from anomaly_framework.registry import MODEL_REGISTRY
@@ -375,6 +376,7 @@ def greedy_select(
     selected = torch.empty(count, dtype=torch.long, device=features.device)
     distance = torch.empty_like(min_sq)
     for step in tqdm(range(count), desc="coreset", leave=False, disable=not progress, dynamic_ncols=True):
+        raise_if_interrupted()  # minutes of greedy steps: a first Ctrl-C stops here too
         index = torch.argmax(min_sq)
         selected[step] = index
         centre = projected[index]

@@ -212,6 +212,22 @@ def _interrupt_in_every_way() -> None:
     assert "its results are complete" in str(late.value)
 
 
+def test_a_first_ctrl_c_stops_patchcore_s_coreset_loop(monkeypatch, capsys):
+    # The greedy loop runs for minutes without a batch boundary; it checks for a requested stop every step.
+    from anomaly_framework.models.model_patchcore import greedy_select
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    features = torch.randn(50, 8)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="^$"):
+            with ctrl_c_stops_at_next_batch():
+                signal.raise_signal(signal.SIGINT)
+                greedy_select(features, torch.eye(8), torch.tensor([0]), count=10, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "stopping at the next batch" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def padim_done(tmp_path_factory, demo_root):
     """Overrides and results of one finished PaDiM run in a folder of its own."""
