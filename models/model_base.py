@@ -264,12 +264,14 @@ class TimmFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def official_patchcore_batchnorm_pass(self, image_size: int) -> None:
-        """Replays patchcore-inspection's ``feature_dimensions()`` side effect: one all-ones image, as the
-        raw network input, through the backbone in training mode, which moves every batch-norm running
-        statistic up to the last extracted layer one momentum step towards that image's statistics."""
+        """Replays patchcore-inspection's ``feature_dimensions()`` side effect: one all-ones image, in the
+        space the official code feeds its (normalised) images in, through the backbone in training mode,
+        which moves every batch-norm running statistic up to the last extracted layer one momentum step
+        towards that image's statistics. Weights with their own input statistics (the Lite0 package) see
+        it through the same input map as every image, as the official code would feed it."""
         self.model.train(True)
         try:
-            self.model(torch.ones(1, 3, image_size, image_size, device=self.input_scale.device))
+            self(torch.ones(1, 3, image_size, image_size, device=self.input_scale.device))
         finally:
             self.model.train(False)
 

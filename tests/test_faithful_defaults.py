@@ -176,6 +176,21 @@ def test_patchcore_official_batchnorm_pass_moves_the_statistics_as_a_train_mode_
     assert all(torch.equal(untouched[key], before[key]) for key in before)
 
 
+def test_official_batchnorm_pass_feeds_the_ones_through_the_weights_input_map():
+    # The official code feeds its all-ones image where it feeds normalised images; the Lite0 package
+    # weights see every image through an input map (their own statistics), so the ones go through it too.
+    import copy
+    model = PatchcoreModel("efficientnet_lite0", official_batchnorm_pass=True, coreset_ratio=1.0)
+    extractor = model.extractor
+    assert not torch.equal(extractor.input_scale, torch.ones_like(extractor.input_scale))
+    reference = copy.deepcopy(extractor.model).train()
+    with torch.no_grad():
+        reference(torch.ones(1, 3, 64, 64) * extractor.input_scale + extractor.input_shift)
+    model.prepare_extractor(64)
+    after, expected = extractor.model.state_dict(), reference.state_dict()
+    assert all(torch.equal(after[key], expected[key]) for key in expected)
+
+
 def test_dtd_is_read_from_any_level_of_its_distributed_layout(tmp_path):
     images = tmp_path / "dtd" / "images"
     for texture_class in ("banded", "zigzagged"):

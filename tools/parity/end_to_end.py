@@ -5,7 +5,8 @@ torchvision backbone is replaced by our frozen timm extractor (``--backbone``, E
 whose weights are the only real ones on this machine), exposed under the layer names the official code
 hooks. Ours runs through ``run_experiment`` with the same backbone, layers and protocol (PaDiM: all
 channels, as the official random subset cannot index a 176-channel embedding; PatchCore: the official
-``max`` image score). Prints per-image score correlations and image / pixel AUROC side by side.
+``max`` image score). Prints per-image score correlations and differences (PatchCore: our Euclidean
+scores squared, as faiss scores) and image / pixel AUROC side by side.
 
     python tools/parity/end_to_end.py padim --official DIR --data-root /work/data --category bottle
     python tools/parity/end_to_end.py patchcore --official DIR --data-root /work/data --category bottle
@@ -159,6 +160,8 @@ def main() -> None:
     theirs = dict(zip(map(_key, official["paths"]), official["scores"]))
     keys = [_key(p) for p in mine["paths"]]
     paired = np.array([[s, theirs[k]] for k, s in zip(keys, mine["scores"])])
+    if args.model == "patchcore":  # the official scores are faiss's squared L2 distances, ours Euclidean
+        paired[:, 0] = paired[:, 0] ** 2
     summary = {
         "model": args.model, "backbone": args.backbone, "category": args.category, "images": len(paired),
         "pearson": float(pearsonr(paired[:, 0], paired[:, 1])[0]),
