@@ -45,6 +45,11 @@ class HookableBackbone(nn.Module):
     def __init__(self, backbone: str, layers: list[int], names: list[str]) -> None:
         super().__init__()
         self.extractor = TimmFeatureExtractor(backbone, layers, pretrained=True)
+        # As a torchvision model fresh from its constructor: in training mode and following train()/eval(),
+        # so the official code's own mode switches (and PatchCore's train-mode feature_dimensions() pass,
+        # which moves batch-norm statistics) act on it as on its usual backbone.
+        self.extractor.frozen = False
+        self.extractor.train()
         self.names = names
         for name in names:
             setattr(self, name, nn.Sequential(nn.Identity()))
