@@ -34,6 +34,28 @@ def demo_root(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """``interrupt_training(n)`` makes the gradient trainer raise KeyboardInterrupt (what Ctrl-C raises) as
+    its n-th training epoch starts; ``interrupt_training(None)`` lets it train normally again."""
+    from anomaly_framework.trainers.trainer_gradient import GradientTrainer
+
+    original = GradientTrainer.run_epoch
+
+    def at(epoch: int | None) -> None:
+        calls = {"train": 0}
+
+        def run_epoch(self, loader, number, num_epochs, mode):
+            calls["train"] += mode == "train"
+            if mode == "train" and calls["train"] == epoch:
+                raise KeyboardInterrupt
+            return original(self, loader, number, num_epochs, mode)
+
+        monkeypatch.setattr(GradientTrainer, "run_epoch", original if epoch is None else run_epoch)
+
+    return at
+
+
 @pytest.fixture(scope="session")
 def scores_auroc():
     """Image AUROC recomputed with scikit-learn from a run's scores.csv: a run's reported metric must equal it."""

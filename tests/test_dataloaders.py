@@ -1,5 +1,4 @@
 """Each dataset reader on generated trees in its real layout, the protocol, splits, and bad inputs."""
-import warnings
 
 import numpy as np
 import pytest

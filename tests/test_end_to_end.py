@@ -8,7 +8,6 @@ import torch
 
 from anomaly_framework.main import load_checkpoint, main, run_experiment
 from anomaly_framework.registry import build_dataloader
-from anomaly_framework.utils import FrameworkError
 
 FAST_DATA = {"image_size": 64, "batch_size": 16}
 

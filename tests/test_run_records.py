@@ -20,7 +20,6 @@ from anomaly_framework.main import main, run_experiment
 from anomaly_framework.models.model_draem import DraemModel
 from anomaly_framework.models.model_padim import PACKED_KEY, PadimModel
 from anomaly_framework.sweep import NO_RUN_DIR, find_done, markdown_table, plot_summary, run_sweep, summarise
-from anomaly_framework.trainers.trainer_gradient import GradientTrainer
 from anomaly_framework.trainers.trainer_memory import MemoryTrainer
 from anomaly_framework.utils import read_status
 
@@ -98,18 +97,8 @@ def test_truncated_or_empty_last_pt_for_resume_is_one_line_and_a_failed_status(t
 
 # -- Ctrl-C, status, resume, what stays on disk ---------------------------------------------------------
 def test_ctrl_c_says_where_and_how_to_resume_and_the_resumed_run_keeps_one_copy_of_the_weights(
-        tmp_path, demo_root, capsys, monkeypatch):
-    original = GradientTrainer.run_epoch
-    calls = {"train": 0}
-
-    def interrupt_second_epoch(self, loader, epoch, num_epochs, mode):
-        if mode == "train":
-            calls["train"] += 1
-            if calls["train"] == 2:
-                raise KeyboardInterrupt
-        return original(self, loader, epoch, num_epochs, mode)
-
-    monkeypatch.setattr(GradientTrainer, "run_epoch", interrupt_second_epoch)
+        tmp_path, demo_root, capsys, interrupt_training):
+    interrupt_training(2)
     argv = _argv(tmp_path, demo_root, "stfpm", "--epochs", "2", "--set", "data.val_fraction=0.25")
     assert main(argv) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
@@ -119,7 +108,7 @@ def test_ctrl_c_says_where_and_how_to_resume_and_the_resumed_run_keeps_one_copy_
     assert read_status(interrupted) == {**read_status(interrupted), "status": "interrupted", "message": line[13:]}
     assert (interrupted / "last.pt").is_file() and not (interrupted / "results.json").exists()
 
-    monkeypatch.setattr(GradientTrainer, "run_epoch", original)
+    interrupt_training(None)
     assert main(argv + ["--resume", str(interrupted)]) == 0
     resumed = Path(capsys.readouterr().out.strip().splitlines()[-1])
     assert read_status(resumed)["status"] == "done"

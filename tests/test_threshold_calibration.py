@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from anomaly_framework.main import run_experiment
-from anomaly_framework.metrics.metrics_base import normal_threshold
 from anomaly_framework.models.model_padim import COVARIANCE_EPS, PadimModel
 from anomaly_framework.models.model_patchcore import PatchcoreModel
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from anomaly_framework.main import load_checkpoint, run_experiment
 from anomaly_framework.modelers.modeler_stfpm import STFPMModeler
 from anomaly_framework.registry import build_dataloader
-from anomaly_framework.trainers.trainer_gradient import GradientTrainer
 from anomaly_framework.utils import FrameworkError
 
 
@@ -64,22 +63,12 @@ def test_early_stopping_triggers_on_a_plateau(tmp_path, demo_root):
     assert results["fit"]["epochs"] == 3  # the first epoch sets the best, two more without improvement
 
 
-def test_resume_equals_uninterrupted_training(tmp_path, demo_root, monkeypatch):
+def test_resume_equals_uninterrupted_training(tmp_path, demo_root, interrupt_training):
     uninterrupted = run_experiment(_config(tmp_path / "a", demo_root))
-    original = GradientTrainer.run_epoch
-    calls = {"train": 0}
-
-    def interrupt_after_two_epochs(self, loader, epoch, num_epochs, mode):
-        if mode == "train":
-            calls["train"] += 1
-            if calls["train"] == 3:
-                raise KeyboardInterrupt
-        return original(self, loader, epoch, num_epochs, mode)
-
-    monkeypatch.setattr(GradientTrainer, "run_epoch", interrupt_after_two_epochs)
+    interrupt_training(3)  # after two completed epochs
     with pytest.raises(KeyboardInterrupt):
         run_experiment(_config(tmp_path / "b", demo_root))
-    monkeypatch.setattr(GradientTrainer, "run_epoch", original)
+    interrupt_training(None)
     interrupted_dir = next((tmp_path / "b" / "runs").rglob("last.pt")).parent
     resumed = run_experiment(_config(tmp_path / "b", demo_root, resume=str(interrupted_dir)))
     assert resumed["fit"]["epochs"] == 3

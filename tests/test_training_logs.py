@@ -9,7 +9,6 @@ from PIL import Image
 
 from anomaly_framework.config import resolve_config
 from anomaly_framework.main import run_experiment
-from anomaly_framework.trainers.trainer_gradient import GradientTrainer
 from anomaly_framework.trainers.training_log import HISTORY_NAME, TrainingLog, read_history
 from anomaly_framework.utils import FrameworkError
 
@@ -24,21 +23,13 @@ def _config(output, demo_root, **extra):
             "eval.num_figures": 0, **extra}
 
 
-def test_history_is_written_as_epochs_end_and_continued_on_resume(tmp_path, demo_root, monkeypatch):
-    original, calls = GradientTrainer.run_epoch, {"train": 0}
-
-    def interrupt_in_the_third_epoch(self, loader, epoch, num_epochs, mode):
-        calls["train"] += mode == "train"
-        if calls["train"] == 3:
-            raise KeyboardInterrupt
-        return original(self, loader, epoch, num_epochs, mode)
-
-    monkeypatch.setattr(GradientTrainer, "run_epoch", interrupt_in_the_third_epoch)
+def test_history_is_written_as_epochs_end_and_continued_on_resume(tmp_path, demo_root, interrupt_training):
+    interrupt_training(3)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(_config(tmp_path, demo_root))
     interrupted = next(tmp_path.rglob(HISTORY_NAME)).parent
     assert [row["epoch"] for row in read_history(interrupted / HISTORY_NAME)] == [1, 2]
-    monkeypatch.setattr(GradientTrainer, "run_epoch", original)
+    interrupt_training(None)
 
     results = run_experiment(_config(tmp_path, demo_root, **{"train.resume": str(interrupted)}))
     run_dir, history = Path(results["run_dir"]), results["fit"]["history"]
