@@ -182,7 +182,8 @@ class FeatureCacheMixin:
         store, keys = self._store(dataset)
         missing = list(range(len(dataset)))
         if store is not None:
-            missing = []
+            # Stored rows are gathered on the host and moved to the device once per stage, not per image.
+            found, stored_rows, missing = [], [], []
             for index, key in enumerate(keys):
                 stored = store.read(key)
                 if stored is None or stored.size != sum(sizes):
@@ -190,14 +191,19 @@ class FeatureCacheMixin:
                     continue
                 with contextlib.suppress(OSError):  # evicted meanwhile, or a read-only cache
                     os.utime(store.path(key))  # recently used: kept longest by the eviction
-                for stage, part in zip(stages, np.split(stored, np.cumsum(sizes)[:-1])):
-                    stage[index] = torch.from_numpy(np.array(part)).view(stage.shape[1:])
+                found.append(index)
+                stored_rows.append(stored)
+            if found:
+                rows = torch.from_numpy(np.stack(stored_rows))
+                for stage, part in zip(stages, rows.split(sizes, dim=1)):
+                    stage[found] = part.reshape(len(found), *stage.shape[1:]).to(self.device)
         targets: dict[str, list] = {}
         if missing:
             self._run_backbone(Subset(dataset, missing), missing, stages, split, targets if with_targets else None)
             if store is not None:
-                for index in missing:
-                    store.write(keys[index], torch.cat([stage[index].flatten() for stage in stages]).cpu().numpy())
+                computed = torch.cat([stage[missing].flatten(1) for stage in stages], dim=1).cpu().numpy()
+                for row, index in enumerate(missing):
+                    store.write(keys[index], computed[row])
                 evict(store.folder.parent, self.config["train"]["feature_disk_cache_mb"])
         if with_targets and item_keys(dataset) is not None:
             return CachedFeatures(stages, self._targets(dataset))
