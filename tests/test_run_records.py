@@ -150,7 +150,10 @@ def test_a_real_sigint_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path
             "--set", "model.base_channels=8", "--set", "data.num_workers=2"]
     with open(tmp_path / "stdout", "w") as out, open(tmp_path / "stderr", "w") as err:
         process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *argv], cwd=ROOT, stdout=out, stderr=err,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                                   # As started from a terminal: a shell's background job (CI's, say) would
+                                   # hand it an ignored SIGINT, which the run rightly keeps ignoring.
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             run_dir = _wait_for("last.pt", tmp_path / "runs", process).parent  # one epoch done: training runs
             os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the process and its workers
