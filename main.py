@@ -474,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as interrupt:
         print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
         return 130
-    print(folder)
+    if int(os.environ.get("RANK", "0")) == 0:  # torchrun's other ranks (their group already left) print nothing
+        print(folder)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
