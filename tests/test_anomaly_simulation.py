@@ -11,7 +11,7 @@ from anomaly_framework.dataloaders.anomaly_simulation import (TEXTURE_AUGMENTATI
                                             augment_texture, perlin_mask, perlin_noise_2d, perlin_texture,
                                             simulate_anomaly)
 from anomaly_framework.dataloaders.dataloader_base import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset, Sample
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.errors import FrameworkError
 
 SIZE = 64
 

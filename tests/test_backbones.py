@@ -9,11 +9,12 @@ import timm
 import torch
 from scipy import ndimage
 
-import anomaly_framework.models.model_base as model_base
+import anomaly_framework.backbones.weights as weights
 from anomaly_framework.main import run_experiment
-from anomaly_framework.models.model_base import TimmFeatureExtractor, gaussian_blur2d
-from anomaly_framework.predict import predict
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.backbones.extractors import TimmFeatureExtractor
+from anomaly_framework.ops.filters import gaussian_blur2d
+from anomaly_framework.inference.predict import predict
+from anomaly_framework.errors import FrameworkError
 
 
 def test_lite0_package_weights_load_into_timm_with_their_input_statistics():
@@ -48,18 +49,18 @@ def test_resolution_order_explicit_file_then_backbones_folder(tmp_path, monkeypa
     extractor = TimmFeatureExtractor("resnet18", [1], weights=str(explicit))
     assert extractor.weights_source == str(explicit)
     assert torch.equal(extractor.model.conv1.weight, source.conv1.weight)
-    folder = tmp_path / "backbones"
+    folder = tmp_path / "weights"
     folder.mkdir()
     torch.save(source.state_dict(), folder / "resnet18.pth")
-    monkeypatch.setattr(model_base, "BACKBONES_DIR", folder)
+    monkeypatch.setenv("ANOMALY_FRAMEWORK_WEIGHTS", str(folder))
     assert TimmFeatureExtractor("resnet18", [1]).weights_source == str(folder / "resnet18.pth")
 
 
 def test_unavailable_weights_fail_fast_naming_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(model_base, "BACKBONES_DIR", tmp_path)
-    monkeypatch.setattr(model_base, "_hub_reachable", lambda: False)
+    monkeypatch.setenv("ANOMALY_FRAMEWORK_WEIGHTS", str(tmp_path))
+    monkeypatch.setattr(weights, "hub_reachable", lambda: False)
     start = time.perf_counter()
-    with pytest.raises(FrameworkError, match=r"backbones/resnet18\.pth.*model\.pretrained=false"):
+    with pytest.raises(FrameworkError, match=rf"{tmp_path}/resnet18\.pth.*ANOMALY_FRAMEWORK_WEIGHTS.*model\.pretrained=false"):
         TimmFeatureExtractor("resnet18", [1])
     assert time.perf_counter() - start < 10
     with pytest.raises(FrameworkError, match="not a timm architecture"):

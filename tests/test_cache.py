@@ -11,9 +11,9 @@ from PIL import Image
 from anomaly_framework.config import resolve_config
 from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample
 from anomaly_framework.dataloaders.image_cache import ArrayStore, cache_root, default_cache_root
-from anomaly_framework.registry import build_dataloader, build_model, build_modeler, build_trainer
+from anomaly_framework.factories import build_dataloader, build_model, build_modeler, build_trainer
 from anomaly_framework.trainers.feature_cache import evict, extractor_key
-from anomaly_framework.models.model_base import TimmFeatureExtractor
+from anomaly_framework.backbones.extractors import TimmFeatureExtractor
 
 
 def _fitted(demo_root, tmp_path, name, **overrides):

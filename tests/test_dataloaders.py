@@ -10,7 +10,7 @@ from anomaly_framework.dataloaders.dataloader_demo import DEMO_CATEGORIES, ensur
 from anomaly_framework.dataloaders.dataloader_mvtec import MVTecDataloader
 from anomaly_framework.dataloaders.dataloader_visa import VisADataloader
 from anomaly_framework.config import resolve_config
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.errors import FrameworkError
 
 
 def _save(path, array, fmt=None):

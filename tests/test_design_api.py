@@ -11,10 +11,10 @@ from anomaly_framework.main import run_experiment
 from anomaly_framework.models import model_vae
 from anomaly_framework.models.model_vae import reparameterize
 from anomaly_framework.modelers.modeler_base import BaseModeler
-from anomaly_framework.registry import MODELER_REGISTRY, build_dataloader, build_model, build_modeler, build_trainer, import_all
-from anomaly_framework.utils import FrameworkError, resolve_device, seed_everything, show_results
-
-import_all()
+from anomaly_framework.factories import build_dataloader, build_model, build_modeler, build_trainer
+from anomaly_framework.registry import MODELER_REGISTRY
+from anomaly_framework.errors import FrameworkError
+from anomaly_framework.utils import resolve_device, seed_everything, show_results
 
 
 def _vae(name):

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from anomaly_framework.config import resolve_config
-from anomaly_framework.main import load_checkpoint, run_experiment
+from anomaly_framework.inference.checkpoint import load_checkpoint
+from anomaly_framework.main import run_experiment
 from anomaly_framework.models.model_draem import DiscriminativeNetwork, DraemModel, ReconstructiveNetwork, focal_loss
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.errors import FrameworkError
 
 
 def test_networks_have_the_official_shapes_and_widths():

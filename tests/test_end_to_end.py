@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from anomaly_framework.main import load_checkpoint, main, run_experiment
-from anomaly_framework.registry import build_dataloader
+from anomaly_framework.inference.checkpoint import load_checkpoint
+from anomaly_framework.cli import main
+from anomaly_framework.main import run_experiment
+from anomaly_framework.factories import build_dataloader
 
 FAST_DATA = {"image_size": 64, "batch_size": 16}
 
@@ -133,7 +135,7 @@ def test_cli_smoke_prints_run_folder_last(tmp_path, demo_root, capsys):
         (["--set", "model.nosuch=1"], "model.nosuch"),
         (["--set", "data.batch_size=big"], "data.batch_size"),
         (["--dataset", "mvtec", "--data-root", "/nonexistent/mvtec"], "/nonexistent/mvtec"),
-        (["--set", "model.pretrained=true", "--backbone", "resnet18"], "backbones/resnet18.pth"),
+        (["--set", "model.pretrained=true", "--backbone", "resnet18"], "weights/resnet18.pth"),
     ],
 )
 def test_cli_bad_inputs_fail_with_one_line_and_touch_no_run(tmp_path, demo_root, capsys, argv, fragment, padim_run):

@@ -17,13 +17,17 @@ import torch
 from PIL import Image
 
 from anomaly_framework.config import resolve_config
-from anomaly_framework.deploy_onnx import DeploymentError, OnnxDetector, jet, short_verdicts
-from anomaly_framework.export import export
-from anomaly_framework.main import main, run_experiment
+from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample
+from anomaly_framework.deploy.onnx_runner import OnnxDetector, predict_onnx
+from anomaly_framework.reporting.predictions import jet, short_verdicts
+from anomaly_framework.deploy.export import export
+from anomaly_framework.cli import main
+from anomaly_framework.main import run_experiment
 from anomaly_framework.models.nearest_neighbors import bank_chunked_topk_nearest
-from anomaly_framework.predict import predict
-from anomaly_framework.registry import MODEL_REGISTRY, build_dataloader, build_model, build_modeler
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.inference.predict import predict
+from anomaly_framework.factories import build_dataloader, build_model, build_modeler
+from anomaly_framework.registry import MODEL_REGISTRY
+from anomaly_framework.errors import FrameworkError
 
 ROOT = Path(__file__).resolve().parents[1]
 RELATIVE_TOLERANCE = 1e-4
@@ -74,7 +78,7 @@ def tiny_run(request, demo_root, tmp_path_factory):
 
 @pytest.mark.parametrize("format", FORMATS)
 def test_every_model_exports_with_parity(tiny_run, format):
-    from anomaly_framework.export import load_artifact
+    from anomaly_framework.deploy.export import load_artifact
 
     path = export(tiny_run["run_dir"], format)
     maps, scores, labels = load_artifact(path, format)(tiny_run["images"])  # 6 images; the trace used 2
@@ -124,10 +128,10 @@ def _read_csv(path: Path) -> dict:
 def test_onnx_predict_imports_no_torch_and_matches_predict(padim_export, demo_root, tmp_path):
     run_dir, model_file = padim_export
     inputs = demo_root / "fabric" / "test"
-    script = ("import sys, deploy_onnx; code = deploy_onnx.main(sys.argv[1:]); "
-              "loaded = [m for m in sys.modules if m.split('.')[0] in ('torch', 'main', 'export', 'trainers', 'models') "
-              "or m.startswith(('anomaly_framework.main', 'anomaly_framework.export', 'anomaly_framework.trainers', "
-              "'anomaly_framework.models'))]; "
+    script = ("import sys; from anomaly_framework.deploy import onnx_runner; code = onnx_runner.main(sys.argv[1:]); "
+              "loaded = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'timm') "
+              "or m.startswith(('anomaly_framework.main', 'anomaly_framework.deploy.export', 'anomaly_framework.trainers', "
+              "'anomaly_framework.models', 'anomaly_framework.utils', 'anomaly_framework.dataloaders'))]; "
               "assert not loaded, loaded; sys.exit(code)")
     deployed_dir, torch_dir = tmp_path / "onnx", tmp_path / "torch"
     done = subprocess.run([sys.executable, "-c", script, "--model-file", str(model_file), "--input", str(inputs),
@@ -141,8 +145,9 @@ def test_onnx_predict_imports_no_torch_and_matches_predict(padim_export, demo_ro
     assert [deployed[k][1] for k in reference] == [reference[k][1] for k in reference]
     overlays = sorted(p.name for p in torch_dir.glob("*_overlay.png"))
     assert overlays == sorted(p.name for p in deployed_dir.glob("*_overlay.png")) and overlays
-    # OpenCV's and torch's bilinear resize are the same formula, rounding apart; a heat value on a colour-table
-    # boundary may take the next of jet's 256 colours: at most 1/64 per channel × 0.45 × 255 ≈ 2 grey levels.
+    # Both map back with the same code (images.geometry); the ONNX and eager maps differ by float rounding, so a
+    # heat value on a colour-table boundary may take the next of jet's 256 colours: at most 1/64 per channel
+    # × 0.45 × 255 ≈ 2 grey levels.
     # Both draw the score banner across the top with the same code: where the two scores print alike the
     # whole overlay matches, band included (its text is drawn over the same heat map, dimmed).
     threshold = json.loads(Path(f"{model_file}.json").read_text())["threshold"]
@@ -164,8 +169,48 @@ def test_onnx_predict_resizes_odd_images_and_refuses_wrong_arrays(padim_export, 
     assert Image.open(out_dir / "gray_overlay.png").size == (90, 70)
     detector = OnnxDetector(model_file)
     for wrong in (np.zeros((1, 63, 64, 3), np.uint8), np.zeros((1, 64, 64, 1), np.uint8), np.zeros((1, 64, 64, 3))):
-        with pytest.raises(DeploymentError, match=r"takes uint8 RGB images \[B, 64, 64, 3\]"):
+        with pytest.raises(FrameworkError, match=r"takes uint8 RGB images \[B, 64, 64, 3\]"):
             detector.run(wrong)
+
+
+def _odd_files(folder: Path) -> tuple[dict[str, Path], np.ndarray]:
+    """A 16-bit grey gradient, a palette image, grey + alpha and an EXIF-rotated PNG, each 80 × 60 as shown;
+    and the RGB array the rotated file shows."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    files = {name: folder / f"{name}.png" for name in ("gray16", "palette", "gray_alpha", "exif_rotated")}
+    Image.fromarray(np.linspace(0, 65535, 60 * 80).round().astype(np.uint16).reshape(60, 80)).save(files["gray16"])
+    rgb = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    rgb.reshape(-1, 3)[: 60 * 40] = (200, 30, 30)  # a block of one colour, so the palette keeps it exactly
+    Image.fromarray(rgb).quantize(colors=64, dither=Image.Dither.NONE).save(files["palette"])
+    Image.fromarray(np.stack([rgb[..., 0], rgb[..., 1]], -1), "LA").save(files["gray_alpha"])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 60 × 80, shown rotated 90° clockwise: 80 × 60
+    Image.fromarray(np.ascontiguousarray(np.rot90(rgb, k=1))).save(files["exif_rotated"], exif=exif)
+    return files, rgb
+
+
+def test_odd_files_reach_the_model_alike_through_training_predict_and_the_onnx_runner(padim_export, tmp_path):
+    """One decoder: 16-bit grey, palette, grey + alpha and EXIF-rotated files give the same model input to the
+    dataset (training, evaluation and ``predict``) and to the ONNX runner, and the same scores."""
+    run_dir, model_file = padim_export
+    files, upright = _odd_files(tmp_path / "odd")
+    data_cfg = json.loads((run_dir / "config.json").read_text())["data"]
+    dataset = AnomalyDataset([Sample(path, 0, "odd") for path in files.values()], data_cfg)
+    detector = OnnxDetector(model_file)
+    for index, (name, path) in enumerate(files.items()):
+        trained_on = dataset.load_image(index).permute(1, 2, 0).numpy()
+        assert np.array_equal(detector.load(path), trained_on), name
+    gray16 = dataset.load_image(0).float().mean().item()
+    assert abs(gray16 - np.linspace(0, 255, 100).mean()) < 8  # the gradient's grey, not Pillow's clipped white
+    assert np.array_equal(detector.load(files["exif_rotated"]), detector.preprocess(Image.fromarray(upright)))
+    deployed = predict_onnx(model_file, tmp_path / "odd", tmp_path / "onnx")
+    reference = predict(run_dir, tmp_path / "odd", tmp_path / "torch")
+    assert not deployed["skipped"] and not reference["skipped"]
+    np.testing.assert_allclose([row["score"] for row in deployed["rows"]], [row["score"] for row in reference["rows"]],
+                               rtol=RELATIVE_TOLERANCE)
+    for folder in ("onnx", "torch"):
+        assert Image.open(tmp_path / folder / "exif_rotated_overlay.png").size == (80, 60)
 
 
 # -- bad input: one line each ---------------------------------------------------------------------------

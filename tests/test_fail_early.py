@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 from anomaly_framework.dataloaders.dataloader_demo import ensure_demo
-from anomaly_framework.main import main
+from anomaly_framework.cli import main
 from anomaly_framework.models.model_ae import UNetAE
 from anomaly_framework.models.model_base import check_image_size
 from anomaly_framework.models.model_padim import PadimModel
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.errors import FrameworkError
 
 
 def _cli(tmp_path, data_root, *extra):

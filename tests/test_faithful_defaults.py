@@ -12,16 +12,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import anomaly_framework.models.model_base as model_base
+import anomaly_framework.backbones.weights as weights
 from anomaly_framework.config import MODEL_CONFIGS, resolve_config
 from anomaly_framework.dataloaders.anomaly_simulation import TextureSource
 from anomaly_framework.dataloaders.dataloader_mvtec import MVTecDataloader
 from anomaly_framework.main import run_experiment
-from anomaly_framework.models.model_base import TimmFeatureExtractor, hub_tag
+from anomaly_framework.backbones.extractors import TimmFeatureExtractor
+from anomaly_framework.backbones.weights import hub_tag
 from anomaly_framework.models.model_patchcore import PatchcoreModel
 from anomaly_framework.models.model_stfpm import STFPMModel
 from anomaly_framework.trainers.trainer_base import BaseTrainer
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.errors import FrameworkError
 
 # The weights each official code loads: torchvision's ImageNet V1 (PaDiM, PatchCore, STFPM; FastFlow's
 # resnet18 through its pinned timm, whose resnet18 was torchvision's).
@@ -38,7 +39,7 @@ def test_every_default_backbone_resolves_to_the_official_weights():
 
 
 # FastFlow's other official backbones, as its pinned timm 0.5.4 served them (the file each default_cfg named);
-# the README gives these tags for the WR50 and transformer settings.
+# docs/usage.md gives these tags for the WR50 and transformer settings.
 FASTFLOW_OFFICIAL_FILES = {"wide_resnet50_2.racm_in1k": "wide_resnet50_racm-8234f177.pth",
                            "deit_base_distilled_patch16_384.fb_in1k": "deit_base_distilled_patch16_384-d0272ac0.pth",
                            "cait_m48_448.fb_dist_in1k": "M48_448.pth"}
@@ -59,8 +60,8 @@ def test_hub_is_asked_for_the_tag_and_it_is_recorded(tmp_path, monkeypatch):
             requested.append(name)
         return create(name, pretrained=False, **kwargs)
 
-    monkeypatch.setattr(model_base, "BACKBONES_DIR", tmp_path)
-    monkeypatch.setattr(model_base, "_hub_reachable", lambda: True)
+    monkeypatch.setenv("ANOMALY_FRAMEWORK_WEIGHTS", str(tmp_path))
+    monkeypatch.setattr(weights, "hub_reachable", lambda: True)
     monkeypatch.setattr(timm, "create_model", offline_create)
     extractor = TimmFeatureExtractor(resolve_config({"model.name": "stfpm"})["model"]["backbone"], [1])
     assert requested == ["resnet18.tv_in1k"]
@@ -71,7 +72,7 @@ def test_tagged_local_file_is_used_and_its_sha256_recorded(tmp_path, monkeypatch
     state = timm.create_model("resnet18", pretrained=False).state_dict()
     path = tmp_path / "resnet18.tv_in1k.pth"
     torch.save(state, path)
-    monkeypatch.setattr(model_base, "BACKBONES_DIR", tmp_path)
+    monkeypatch.setenv("ANOMALY_FRAMEWORK_WEIGHTS", str(tmp_path))
     extractor = TimmFeatureExtractor("resnet18.tv_in1k", [1])
     assert extractor.weights_source == str(path)
     assert extractor.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -84,7 +85,7 @@ def test_results_and_checkpoint_name_the_weights_file(tmp_path, monkeypatch):
     path = tmp_path / "resnet18.tv_in1k.pth"
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    monkeypatch.setattr(model_base, "BACKBONES_DIR", tmp_path)
+    monkeypatch.setenv("ANOMALY_FRAMEWORK_WEIGHTS", str(tmp_path))
     _thin_defect_dataset(tmp_path)
     results = run_experiment({"model.name": "padim", "model.backbone": "resnet18.tv_in1k", "data.name": "mvtec",
                               "data.root": str(tmp_path), "data.category": "lines", "data.image_size": 32,

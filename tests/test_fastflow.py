@@ -5,7 +5,7 @@ import torch
 from anomaly_framework.main import run_experiment
 from anomaly_framework.models.flow_components import AllInOneCoupling, SequentialFlow
 from anomaly_framework.models.model_fastflow import FastFlowModel
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.errors import FrameworkError
 
 
 def _perturbed(block):

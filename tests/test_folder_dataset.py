@@ -11,8 +11,9 @@ from PIL import Image
 
 from anomaly_framework.config import resolve_config
 from anomaly_framework.dataloaders.dataloader_folder import FolderDataloader
-from anomaly_framework.main import main, run_experiment
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.cli import main
+from anomaly_framework.main import run_experiment
+from anomaly_framework.errors import FrameworkError
 
 BOTTLE = Path("/work/data/bottle")
 TINY = {"model.name": "padim", "model.backbone": "resnet18", "model.pretrained": False, "data.image_size": 32,

@@ -2,7 +2,8 @@
 import numpy as np
 from PIL import Image
 
-from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample, open_image, open_mask
+from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample
+from anomaly_framework.images.decode import open_image, open_mask
 
 DATA_CFG = {"image_size": 8, "crop_ratio": 1.0, "interpolation": "bilinear", "normalize": "none", "cache": False}
 

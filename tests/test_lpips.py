@@ -9,7 +9,8 @@ import torchvision
 import anomaly_framework.metrics.lpips as lpips_module
 from anomaly_framework.metrics.lpips import CHANNELS, LPIPS, load_lpips, to_lpips_range
 from anomaly_framework.metrics.metrics_gradient import GradientMetrics
-from anomaly_framework.utils import FrameworkError, denormalize
+from anomaly_framework.errors import FrameworkError
+from anomaly_framework.ops.normalize import denormalize
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +26,13 @@ def weights():
 def offline(monkeypatch, tmp_path):
     """No weight files anywhere, an unreachable hub and an empty torch hub cache.
 
-    Returns the (empty) backbones folder and the list of hosts the reachability check was asked about.
+    Returns the (empty) weights folder and the list of hosts the reachability check was asked about.
     """
-    backbones = tmp_path / "backbones"
+    backbones = tmp_path / "weights"
     backbones.mkdir()
     calls = []
-    monkeypatch.setattr(lpips_module, "BACKBONES_DIR", backbones)
-    monkeypatch.setattr(lpips_module, "_hub_reachable", lambda host: calls.append(host) or False)
+    monkeypatch.setenv("ANOMALY_FRAMEWORK_WEIGHTS", str(backbones))
+    monkeypatch.setattr(lpips_module, "hub_reachable", lambda host: calls.append(host) or False)
     monkeypatch.setattr(lpips_module, "_package_head_file", lambda: None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     return backbones, calls

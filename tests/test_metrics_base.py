@@ -14,7 +14,7 @@ from anomaly_framework.metrics.metrics_base import (
     normal_threshold,
     threshold_metrics,
 )
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.errors import FrameworkError
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -4,7 +4,7 @@ import torch
 
 from anomaly_framework.models.model_patchcore import PatchcoreModel, greedy_coreset
 from anomaly_framework.models.nearest_neighbors import chunked_nearest, chunked_topk_nearest
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.errors import FrameworkError
 
 
 def _max_min_distance(points, selected):

@@ -10,9 +10,12 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from anomaly_framework import config
-from anomaly_framework.main import load_checkpoint, main, run_experiment
-from anomaly_framework.registry import MODEL_REGISTRY, MODELER_REGISTRY, build_dataloader, import_all
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.inference.checkpoint import load_checkpoint
+from anomaly_framework.cli import main
+from anomaly_framework.main import run_experiment
+from anomaly_framework.factories import build_dataloader
+from anomaly_framework.registry import MODEL_REGISTRY, MODELER_REGISTRY
+from anomaly_framework.errors import FrameworkError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -26,7 +29,6 @@ def readme_example() -> str:
 @pytest.fixture
 def plugin_file(tmp_path, monkeypatch):
     """The example as ``knn_detector.py``; registrations and the imported module are undone afterwards."""
-    import_all()
     for registry in (MODEL_REGISTRY, MODELER_REGISTRY):
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
     monkeypatch.setattr(config, "MODEL_CONFIGS", dict(config.MODEL_CONFIGS))

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from anomaly_framework.config import resolve_config
-from anomaly_framework.interrupts import ctrl_c_stops_at_next_batch, raise_if_interrupted
-from anomaly_framework.main import main, run_experiment
+from anomaly_framework.execution.interrupts import ctrl_c_stops_at_next_batch, raise_if_interrupted
+from anomaly_framework.cli import main
+from anomaly_framework.main import run_experiment
 from anomaly_framework.models.model_draem import DraemModel
 from anomaly_framework.models.model_padim import PACKED_KEY, PadimModel
-from anomaly_framework.sweep import NO_RUN_DIR, find_done, markdown_table, plot_summary, run_sweep, summarise
+from anomaly_framework.sweeps.sweep import NO_RUN_DIR, find_done, markdown_table, plot_summary, run_sweep, summarise
 from anomaly_framework.trainers.trainer_memory import MemoryTrainer
 from anomaly_framework.utils import read_status
 

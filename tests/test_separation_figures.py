@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomaly_framework.deploy_onnx import banner
+from anomaly_framework.reporting.predictions import banner
 from anomaly_framework.main import run_experiment
 from anomaly_framework.metrics.metrics_base import separation
-from anomaly_framework.predict import predict
-from anomaly_framework.sweep import markdown_table
+from anomaly_framework.inference.predict import predict
+from anomaly_framework.sweeps.sweep import markdown_table
 
 
 def test_separation_equals_a_hand_computation():

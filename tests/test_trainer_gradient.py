@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomaly_framework.main import load_checkpoint, run_experiment
+from anomaly_framework.inference.checkpoint import load_checkpoint
+from anomaly_framework.main import run_experiment
 from anomaly_framework.modelers.modeler_stfpm import STFPMModeler
-from anomaly_framework.registry import build_dataloader
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.factories import build_dataloader
+from anomaly_framework.errors import FrameworkError
 
 
 def _config(tmp_path, demo_root, **train):

@@ -10,7 +10,7 @@ from PIL import Image
 from anomaly_framework.config import resolve_config
 from anomaly_framework.main import run_experiment
 from anomaly_framework.trainers.training_log import HISTORY_NAME, TrainingLog, read_history
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.errors import FrameworkError
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 

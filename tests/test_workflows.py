@@ -10,12 +10,14 @@ import pytest
 from PIL import Image
 
 from anomaly_framework.config import resolve_config
-from anomaly_framework.main import main, run_benchmark, run_experiment
+from anomaly_framework.cli import main
+from anomaly_framework.benchmarks.floors import run_benchmark
+from anomaly_framework.main import run_experiment
 from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold
-from anomaly_framework.predict import predict
-from anomaly_framework.registry import build_dataloader
-from anomaly_framework.sweep import run_sweep
-from anomaly_framework.utils import FrameworkError
+from anomaly_framework.inference.predict import predict
+from anomaly_framework.factories import build_dataloader
+from anomaly_framework.sweeps.sweep import run_sweep
+from anomaly_framework.errors import FrameworkError
 
 TINY = {"model.backbone": "resnet18", "model.pretrained": False, "data.image_size": 64, "data.batch_size": 16,
         "eval.num_figures": 0}

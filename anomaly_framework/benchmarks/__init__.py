@@ -1,0 +1,1 @@
+"""Measuring the framework against the machine's floors and its exported runtimes."""

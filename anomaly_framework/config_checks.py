@@ -1,0 +1,115 @@
+"""Checks of a config that its defaults cannot express: the type a set value must have, values that are
+well typed but meaningless, and keys that do not apply to the chosen model."""
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from anomaly_framework.errors import FrameworkError
+
+MONITORS = ("loss", "synthetic_pixel_auroc", "normal_map_mean")
+KEEPS = ("best", "last")
+THRESHOLD_STRATEGIES = ("normal_quantile", "f1_adaptive", "manual")
+
+# Keys whose default is None, with the type a set value must have.
+NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
+    "data.category": (str,),
+    "data.root": (str,),
+    "data.mask_size": (int, str),
+    "data.num_workers": (int,),
+    "data.cache_dir": (str,),
+    "model.weights": (str,),
+    "model.n_features": (int,),
+    "train.resume": (str,),
+    "model.flow_steps": (int,),
+    "model.hidden_ratio": (float, int),
+    "model.conv3x3_only": (bool,),
+    "model.vit_block_index": (int,),
+    "train.texture_root": (str,),
+    "eval.threshold_value": (float, int),
+    "model.feature_seed": (int,),
+    "model.coreset_seed": (int,),
+    "model.recompute_activations": (bool,),
+    **{f"data.{key}": (str,) for key in ("train_dir", "test_normal_dir", "test_abnormal_dir", "mask_dir", "valid_dir")},
+}
+
+
+def check_value(path: str, default: Any, value: Any) -> Any:
+    """Returns ``value`` (ints widened to float where a float is expected) or refuses it naming the key."""
+    if default is None:
+        allowed = NULLABLE_TYPES.get(path)
+        if value is None or allowed is None:
+            return value
+        if isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool)):
+            return float(value) if float in allowed and not isinstance(value, bool) else value
+        expected = " or ".join(t.__name__ for t in allowed)
+        raise FrameworkError(f"Config key '{path}' must be {expected} or null, got {type(value).__name__} {value!r}")
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise FrameworkError(
+            f"Config key '{path}' must be {type(default).__name__} (default {default!r}), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def refuse_epoch_keys_of_one_pass_models(config: dict, train: dict) -> None:
+    """``--resume`` or ``--epochs`` for PaDiM or PatchCore: say why, rather than 'Unknown config key'."""
+    for key in ("resume", "epochs", "keep_training_state"):
+        if key in train and key not in config["train"]:
+            why = ("memory models have nothing to resume: run it again without --resume" if key == "resume"
+                   else f"it has no epochs and no training state, so train.{key} does not apply")
+            raise FrameworkError(f"{config['model']['name']} is fitted in one pass over the training images "
+                                 f"({config['train']['trainer']} trainer): {why}")
+
+
+def check_consistency(config: dict) -> None:
+    """Refuses values that are individually well typed but meaningless."""
+    data = config["data"]
+    if not 0.0 < data["crop_ratio"] <= 1.0:
+        raise FrameworkError(f"Config key 'data.crop_ratio' must be in (0, 1], got {data['crop_ratio']}")
+    if not 0.0 <= data["val_fraction"] < 1.0:
+        raise FrameworkError(f"Config key 'data.val_fraction' must be in [0, 1), got {data['val_fraction']}")
+    if isinstance(data["mask_size"], str) and data["mask_size"] != "native":
+        raise FrameworkError(f"Config key 'data.mask_size' must be an int, \"native\" or null, got {data['mask_size']!r}")
+    if isinstance(data["mask_size"], int) and data["mask_size"] <= 0:
+        raise FrameworkError(f"Config key 'data.mask_size' must be positive, got {data['mask_size']}")
+    for key in ("image_size", "batch_size"):
+        if data[key] <= 0:
+            raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
+    if data["num_workers"] is not None and data["num_workers"] < 0:
+        raise FrameworkError(f"Config key 'data.num_workers' must be >= 0 or null (auto), got {data['num_workers']}")
+    if config["device"] not in ("auto", "cpu", "cuda"):
+        raise FrameworkError(f"Config key 'device' must be auto, cpu or cuda, got {config['device']!r}")
+    if "epochs" in config["train"] and config["train"]["epochs"] < 1:
+        raise FrameworkError(f"Config key 'train.epochs' (--epochs) must be at least 1, got {config['train']['epochs']}")
+    monitor = config["train"].get("monitor", "loss")
+    if monitor not in MONITORS:
+        raise FrameworkError(f"Config key 'train.monitor' must be one of {', '.join(MONITORS)}, got {monitor!r}")
+    keep = config["train"].get("keep", "best")
+    if keep not in KEEPS:
+        raise FrameworkError(f"Config key 'train.keep' must be one of {', '.join(KEEPS)}, got {keep!r}")
+    if config["train"].get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
+        raise FrameworkError("train.tensorboard=true needs the tensorboard package: "
+                             "pip install 'anomaly-framework[tensorboard]'")
+    evaluation = config["eval"]
+    if not 0.0 <= evaluation["threshold_quantile"] <= 1.0:
+        raise FrameworkError("Config key 'eval.threshold_quantile' must be in [0, 1]")
+    if evaluation["threshold_strategy"] not in THRESHOLD_STRATEGIES:
+        raise FrameworkError(f"Config key 'eval.threshold_strategy' must be one of {', '.join(THRESHOLD_STRATEGIES)}, "
+                             f"got {evaluation['threshold_strategy']!r}")
+    if evaluation["threshold_strategy"] == "manual" and evaluation["threshold_value"] is None:
+        raise FrameworkError("eval.threshold_strategy=manual needs eval.threshold_value (e.g. --set eval.threshold_value=0.5)")
+    if not 0.0 <= data["labelled_val_fraction"] < 1.0:
+        raise FrameworkError(f"Config key 'data.labelled_val_fraction' must be in [0, 1), got {data['labelled_val_fraction']}")

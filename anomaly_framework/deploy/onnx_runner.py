@@ -1,0 +1,130 @@
+"""Scoring images with an exported ONNX file on a deployment machine: numpy, Pillow, OpenCV and onnxruntime only.
+
+    pip install --no-deps anomaly_framework-<version>-py3-none-any.whl   # the wheel: pip wheel --no-deps .
+    pip install onnxruntime numpy pillow opencv-python-headless
+    python -m anomaly_framework.deploy.onnx_runner --model-file model.onnx --input new_images/
+
+The file and its sidecar (``model.onnx.json``, written by ``export``) are all it needs: neither torch nor
+the framework's training code is imported (the package's torch-free parts: ``errors``, ``images``,
+``reporting.predictions``). It writes what ``predict`` writes for a run (``predictions.csv``, ``skipped.txt``,
+``<name>_overlay.png`` with the score banner) through the same decoder, geometry and overlay code, so the
+two paths can be compared file by file. Images are resized and centre-cropped as the run's dataset did,
+then handed to the graph as uint8 RGB [B, H, W, 3]; the graph normalises, scores and thresholds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from anomaly_framework.reporting.predictions import new_output_dir, save_overlay, write_predictions
+from anomaly_framework.errors import FrameworkError
+from anomaly_framework.images.decode import find_images, open_image
+from anomaly_framework.images.geometry import interpolation_code, map_to_original, resize_and_crop
+
+
+class OnnxDetector:
+    """An exported model in an onnxruntime session, with the preprocessing its sidecar describes.
+
+    ``run(images)`` takes uint8 RGB [B, H, W, 3] at the model's input size and returns the anomaly maps
+    [B, H, W], scores [B] and labels [B] (1 anomalous) the graph computes.
+    """
+
+    def __init__(self, model_file: str | Path, threads: int = 0) -> None:
+        import onnxruntime
+
+        model_file = Path(model_file)
+        sidecar = Path(f"{model_file}.json")
+        if not model_file.is_file():
+            raise FrameworkError(f"Model file '{model_file}' not found (export one with: python main.py export ...)")
+        if not sidecar.is_file():
+            raise FrameworkError(f"Sidecar '{sidecar}' not found: keep the .json written by the export next to the model")
+        self.info = json.loads(sidecar.read_text())
+        if self.info.get("format") != "onnx":
+            raise FrameworkError(f"'{model_file}' is a {self.info.get('format')} export; this runner takes ONNX files")
+        contract = self.info["input"]
+        self.image_size, self.resize = contract["image_size"], contract["resize"]
+        self.interpolation = interpolation_code(contract["interpolation"])
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """Resize to the run's square side, centre-crop its input size: uint8 [H, W, 3], as the run's dataset."""
+        return np.asarray(resize_and_crop(image, self.resize, self.image_size, self.interpolation))
+
+    def load(self, path: Path) -> np.ndarray:
+        """An image file as the graph's input: the framework's decoder, then ``preprocess``."""
+        return self.preprocess(open_image(path, "RGB"))
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        expected = (self.image_size, self.image_size, 3)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
+            raise FrameworkError(f"The model takes uint8 RGB images [B, {', '.join(map(str, expected))}]; "
+                                 f"got {images.dtype} {list(images.shape)} (resize with preprocess() first)")
+        maps, scores, labels = self.session.run(None, {"images": images})
+        return maps, scores, labels
+
+
+def predict_onnx(model_file: str | Path, input_path: str | Path, output_dir: str | Path | None = None,
+                 overlays: bool = True, batch_size: int = 8) -> dict:
+    """Scores an image or a folder with an exported ONNX file; the outputs of ``predict.predict``.
+
+    Returns:
+        ``rows`` (image_path, score, label), ``skipped`` (path, reason), ``threshold``, ``output_dir``.
+    """
+    detector = OnnxDetector(model_file)
+    paths = find_images(Path(input_path).expanduser())
+    readable, inputs, skipped = [], [], []
+    for path in paths:
+        try:
+            inputs.append(detector.load(path))
+            readable.append(path)
+        except FrameworkError as error:
+            skipped.append((str(path), str(error)))
+    if not readable:
+        raise FrameworkError(f"None of the {len(paths)} images under '{input_path}' could be read")
+    outputs = [detector.run(np.stack(inputs[start:start + batch_size])) for start in range(0, len(inputs), batch_size)]
+    maps, scores, labels = (np.concatenate(part) for part in zip(*outputs))
+
+    folder = Path(output_dir) if output_dir else new_output_dir(Path(model_file).parent / "predictions")
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"image_path": str(path), "score": float(score), "label": int(label)}
+            for path, score, label in zip(readable, scores, labels)]
+    write_predictions(folder, rows, skipped)
+    if overlays:
+        low, high = float(maps.min()), float(maps.max())
+        root = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
+        for path, anomaly_map, row in zip(readable, maps, rows):
+            image = open_image(path, "RGB")
+            heat = map_to_original(anomaly_map, detector.resize, detector.image_size, image.size)
+            name = "__".join(path.relative_to(root).with_suffix("").parts)
+            save_overlay(folder / f"{name}_overlay.png", image, heat, low, high, row["score"], detector.info["threshold"])
+    return {"rows": rows, "skipped": skipped, "threshold": detector.info["threshold"], "output_dir": str(folder)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Score images with an exported ONNX anomaly model.")
+    parser.add_argument("--model-file", required=True, help="the .onnx file (its .onnx.json sidecar beside it)")
+    parser.add_argument("--input", required=True, help="an image or a folder of images")
+    parser.add_argument("--output-dir", help="where to write (default <model folder>/predictions/<timestamp>)")
+    parser.add_argument("--no-overlays", action="store_true", help="write the CSV only")
+    args = parser.parse_args(argv)
+    try:
+        result = predict_onnx(args.model_file, args.input, args.output_dir, overlays=not args.no_overlays)
+    except FrameworkError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for _, reason in result["skipped"]:
+        print(f"skipped: {reason}", file=sys.stderr)
+    print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
+    print(result["output_dir"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

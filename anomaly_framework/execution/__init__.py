@@ -1,0 +1,1 @@
+"""How a run executes: torchrun process groups and Ctrl-C handling."""

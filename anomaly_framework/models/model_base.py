@@ -1,0 +1,59 @@
+"""What several models share: input-size checks, buffers sized by fitting, and reconstruction-error maps."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from anomaly_framework.backbones.extractors import TimmFeatureExtractor
+from anomaly_framework.errors import FrameworkError
+from anomaly_framework.metrics.ssim import ssim_map
+from anomaly_framework.ops.filters import gaussian_blur2d
+
+
+def check_image_size(model: nn.Module, image_size: int) -> None:
+    """Refuses an input side the model's grid cannot support, before any long work.
+
+    Below the coarsest feature map's stride that map has no cell computed from the image rather than
+    the padding around it: the run would finish and its numbers would mean nothing. A U-Net's skip
+    connections need a multiple of 2^depth.
+    """
+    for module in model.modules():
+        if isinstance(module, TimmFeatureExtractor) and image_size < max(module.reductions):
+            minimum = max(module.reductions)
+            raise FrameworkError(f"data.image_size={image_size} is too small for {module.backbone_name} layers "
+                                 f"{module.layers} (stride {minimum}): the minimum is {minimum}")
+        multiple = getattr(module, "size_multiple", None)
+        if multiple and image_size % multiple:
+            raise FrameworkError(f"data.image_size={image_size} does not suit the U-Net's {multiple.bit_length() - 1} "
+                                 f"poolings: use a multiple of {multiple} (the minimum is {multiple})")
+
+
+class FittedBuffersMixin:
+    """Lets buffers whose shape is only known after fitting (covariances, memory banks) load from a state dict.
+
+    Such buffers start empty; loading a checkpoint resizes them to the saved shape first, so that the
+    checkpoint alone rebuilds a model that scores new images.
+    """
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 (torch hook)
+        for name, buffer in self._buffers.items():
+            key = prefix + name
+            if buffer is not None and key in state_dict and state_dict[key].shape != buffer.shape:
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buffer.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def reconstruction_error_map(images: torch.Tensor, reconstruction: torch.Tensor, kind: str = "l2",
+                             sigma: float = 4.0, data_range: float = 1.0) -> torch.Tensor:
+    """Per-pixel reconstruction error [B, 1, H, W], Gaussian-smoothed.
+
+    ``l2``: squared error summed over channels; ``ssim``: 1 − SSIM map averaged over channels
+    (Bergmann et al., VISAPP 2019).
+    """
+    if kind == "l2":
+        error = (images - reconstruction).square().sum(dim=1, keepdim=True)
+    elif kind == "ssim":
+        error = 1 - ssim_map(reconstruction, images, data_range).mean(dim=1, keepdim=True)
+    else:
+        raise FrameworkError(f"model.map_kind must be 'l2' or 'ssim', got {kind!r}")
+    return gaussian_blur2d(error, sigma)

@@ -1,0 +1,1 @@
+"""Tensor operations that models and metrics share: Gaussian smoothing and map upsampling."""

@@ -1,0 +1,1 @@
+"""What a researcher reads after a run: heat-map panels, score histograms."""

@@ -1,0 +1,1 @@
+"""Sweeps: many runs (models × categories × seeds) and their summary tables."""

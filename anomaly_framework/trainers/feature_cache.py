@@ -1,0 +1,229 @@
+"""Frozen-backbone features computed once: per split within a run, and per image across runs.
+
+A frozen backbone in eval mode gives an image the same features on every pass, so a trainer that runs
+it more than once over a split (PaDiM's and PatchCore's fit, threshold and evaluation passes, FastFlow's
+epochs, a leave-one-out calibration over the training features) asks ``split_features`` instead: the
+first call computes the split's per-stage features and keeps them on the device (``train.feature_cache_mb``),
+later calls hand back the same tensors. Across runs, each image's features are also stored in
+``<data.cache_dir>/features/<extractor key>/`` (``train.feature_disk_cache_mb``, least recently used entries
+evicted), so a seed sweep or a rerun with the same backbone, weights, layers and preprocessing pays
+the backbone once per image. The extractor key hashes every weight and buffer of the extractor, its
+layers, the device type and the torch/timm versions; the image key is the decoded-image cache's (file,
+preprocessing, normalisation). Stored features are float32 as computed, so results are unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from tqdm.auto import tqdm
+
+from anomaly_framework.dataloaders.image_cache import ArrayStore, cache_root
+from anomaly_framework.execution.distributed import is_main
+from anomaly_framework.execution.interrupts import raise_if_interrupted
+
+
+class CachedFeatures(Dataset):
+    """One split's per-stage backbone features [N, C_i, h_i, w_i] and, when kept, the rest of each item
+    (label, mask, path...): items are ``{"features": [...], **targets}``. ``images``: the image dataset
+    they were computed from, which evaluation asks for the original masks (``ground_truth``)."""
+
+    def __init__(self, stages: list[torch.Tensor], targets: dict[str, torch.Tensor | list],
+                 images: Dataset | None = None) -> None:
+        self.stages, self.targets, self.images = stages, targets, images
+        self.on_device = stages[0].device.type != "cpu"  # a loader must not pin these
+
+    def __len__(self) -> int:
+        return len(self.stages[0])
+
+    def __getitem__(self, index: int) -> dict:
+        return {"features": [stage[index] for stage in self.stages],
+                **{key: values[index] for key, values in self.targets.items()}}
+
+
+def _concatenated(parts: list) -> torch.Tensor | list:
+    """Batches of one item field joined again: tensors concatenated, lists (paths, types) chained."""
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else [value for part in parts for value in part]
+
+
+def _source(dataset: Dataset, index: int) -> tuple[Dataset, int]:
+    """The image dataset and index behind item ``index`` (through a torchrun shard's Subset)."""
+    if isinstance(dataset, Subset):
+        return dataset.dataset, dataset.indices[index]
+    return dataset, index
+
+
+def item_keys(dataset: Dataset) -> list[str] | None:
+    """Per-item keys of the model input (file, preprocessing, normalisation), or None for datasets whose
+    items are not plain files (simulated defects), which are never stored across runs."""
+    keys = []
+    for index in range(len(dataset)):
+        source, inner = _source(dataset, index)
+        if not hasattr(source, "cache_key"):
+            return None
+        keys.append(source.cache_key(inner))
+    return keys
+
+
+def extractor_key(extractor: nn.Module, device: torch.device) -> str:
+    """Identifies what a frozen extractor computes: class, layers, every weight and buffer, device type, versions."""
+    import timm
+
+    digest = hashlib.sha1()
+    facts = (type(extractor).__name__, getattr(extractor, "backbone_name", ""), getattr(extractor, "layers", ""),
+             getattr(extractor, "block_index", ""), device.type, torch.__version__, timm.__version__)
+    digest.update(repr(facts).encode())
+    for name, tensor in extractor.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def evict(folder: Path, budget_mb: float) -> None:
+    """Deletes the least recently used feature files under ``folder`` until the rest fits ``budget_mb``."""
+    files = []
+    for path in folder.rglob("*.npy"):
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # evicted by another process meanwhile
+            continue
+        files.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= budget_mb * 2**20:
+            break
+        path.unlink(missing_ok=True)
+        total -= size
+
+
+class FeatureCacheMixin:
+    """For trainers of models with a frozen extractor (``model.extract(images)``): loaders of a split
+    iterate its cached features, ``{"features": [...], label, mask...}``, which ``BaseModeler.inputs``
+    hands to the model. Needs ``config``, ``modeler``, ``dataloader`` and ``device`` (a BaseTrainer)."""
+
+    def split_dataset(self, dataset: Dataset, split: str, with_targets: bool = False) -> tuple[Dataset, int | None]:
+        """The split's cached features, iterated in this process (workers would only copy them); the images
+        for a model without a frozen extractor (``extract`` and ``extractor``, e.g. a plugin's)."""
+        model = self.modeler.model
+        if not (hasattr(model, "extract") and hasattr(model, "extractor")):
+            return dataset, None
+        cache = self.split_features(dataset, split, with_targets)
+        return (dataset, None) if cache is None else (cache, 0)
+
+    def feature_shapes(self) -> list[tuple[int, ...]]:
+        """Per-stage feature shape [C, h, w] of one image, from one probe through the extractor per run."""
+        if "_feature_shapes" not in self.__dict__:
+            size = self.config["data"]["image_size"]
+            with torch.no_grad():
+                probe = torch.zeros(1, 3, size, size, device=self.device)
+                self._feature_shapes = [tuple(feature.shape[1:]) for feature in self.modeler.model.extract(probe)]
+        return self._feature_shapes
+
+    def cache_size_mb(self, num_images: int) -> float:
+        """Memory the cached features of ``num_images`` images take (float32)."""
+        return num_images * sum(int(np.prod(shape)) for shape in self.feature_shapes()) * 4 / 2**20
+
+    def split_features(self, dataset: Dataset, split: str, with_targets: bool = False) -> CachedFeatures | None:
+        """The split's features (and targets when asked), computed or read once per run; None when they
+        exceed ``train.feature_cache_mb`` (then every pass runs the backbone)."""
+        memo = self.__dict__.setdefault("_split_features", {})
+        known = memo.get(id(dataset))
+        if known is None or known[0] is not dataset:
+            budget = self.config["train"]["feature_cache_mb"]
+            needed = self.cache_size_mb(len(dataset))
+            cached = None
+            if needed > budget:
+                if is_main():
+                    tqdm.write(f"Backbone features of the {split} split need {needed:.0f} MB > train.feature_cache_mb="
+                               f"{budget}: recomputing them on every pass instead (raise the key to cache them)")
+            else:
+                with self.modeler.timer("cache_features"):
+                    cached = self._compute(dataset, split, with_targets)
+            known = memo[id(dataset)] = (dataset, cached)
+        cached = known[1]
+        if cached is None:
+            return None
+        if with_targets and not cached.targets:
+            if item_keys(dataset) is None:  # targets only come from the images' pass: run it again
+                del memo[id(dataset)]
+                return self.split_features(dataset, split, with_targets)
+            cached.targets = self._targets(dataset)
+        return CachedFeatures(cached.stages, cached.targets, dataset) if with_targets else CachedFeatures(cached.stages, {})
+
+    @staticmethod
+    def _targets(dataset: Dataset) -> dict[str, torch.Tensor | list]:
+        """Labels, masks, paths and defect types of an image split, without decoding its images."""
+        items = [source.targets(inner) for source, inner in (_source(dataset, i) for i in range(len(dataset)))]
+        return {key: torch.stack([item[key] for item in items]) if isinstance(items[0][key], torch.Tensor)
+                else [item[key] for item in items] for key in items[0]}
+
+    def _store(self, dataset: Dataset) -> tuple[ArrayStore | None, list[str] | None]:
+        """The cross-run store for this split and its items' keys, or (None, None) when not stored."""
+        budget = self.config["train"]["feature_disk_cache_mb"]
+        keys = item_keys(dataset) if budget > 0 and self.config["data"]["cache"] else None
+        if keys is None or self.cache_size_mb(len(dataset)) > budget:
+            return None, None
+        if "_extractor_key" not in self.__dict__:  # hashing every weight once per run
+            self._extractor_key = extractor_key(self.modeler.model.extractor, self.device)
+        return ArrayStore(cache_root(self.config["data"]["cache_dir"]) / "features" / self._extractor_key), keys
+
+    def _compute(self, dataset: Dataset, split: str, with_targets: bool) -> CachedFeatures:
+        """Reads the stored images' features, runs the backbone over the others (storing them)."""
+        shapes = self.feature_shapes()
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        stages = [torch.empty((len(dataset), *shape), device=self.device) for shape in shapes]
+        store, keys = self._store(dataset)
+        missing = list(range(len(dataset)))
+        if store is not None:
+            # Stored rows are gathered on the host and moved to the device once per stage, not per image.
+            found, stored_rows, missing = [], [], []
+            for index, key in enumerate(keys):
+                stored = store.read(key)
+                if stored is None or stored.size != sum(sizes):
+                    missing.append(index)
+                    continue
+                with contextlib.suppress(OSError):  # evicted meanwhile, or a read-only cache
+                    os.utime(store.path(key))  # recently used: kept longest by the eviction
+                found.append(index)
+                stored_rows.append(stored)
+            if found:
+                rows = torch.from_numpy(np.stack(stored_rows))
+                for stage, part in zip(stages, rows.split(sizes, dim=1)):
+                    stage[found] = part.reshape(len(found), *stage.shape[1:]).to(self.device)
+        targets: dict[str, list] = {}
+        if missing:
+            self._run_backbone(Subset(dataset, missing), missing, stages, split, targets if with_targets else None)
+            if store is not None:
+                computed = torch.cat([stage[missing].flatten(1) for stage in stages], dim=1).cpu().numpy()
+                for row, index in enumerate(missing):
+                    store.write(keys[index], computed[row])
+                evict(store.folder.parent, self.config["train"]["feature_disk_cache_mb"])
+        if with_targets and item_keys(dataset) is not None:
+            return CachedFeatures(stages, self._targets(dataset))
+        return CachedFeatures(stages, {key: _concatenated(parts) for key, parts in targets.items()})
+
+    def _run_backbone(self, subset: Subset, indices: list[int], stages: list[torch.Tensor], split: str,
+                      targets: dict[str, list] | None) -> None:
+        """Fills ``stages`` at ``indices`` with the extractor's features; collects the batches' targets."""
+        start = 0
+        # fork_rng: iterating a loader draws a seed, which would change every later shuffle.
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            loader = self.dataloader.make_loader(subset, shuffle=False)
+            for batch in tqdm(loader, desc=f"cache {split} features", leave=False, disable=not is_main()):
+                raise_if_interrupted()
+                features = self.modeler.model.extract(self.modeler.images(batch))
+                rows = torch.tensor(indices[start:start + len(features[0])], device=self.device)
+                for stage, feature in zip(stages, features):
+                    stage[rows] = feature.float()
+                start += len(features[0])
+                if targets is not None:
+                    for key, value in batch.items():
+                        if key != "image":
+                            targets.setdefault(key, []).append(value)
