@@ -72,7 +72,7 @@ def test_a_plugin_that_cannot_be_imported_is_one_line(tmp_path, capsys):
     assert error.count("\n") == 0 and "Cannot import plugin 'no_such_module_xyz'" in error
     assert "ModuleNotFoundError" in error
     broken = tmp_path / "broken_plugin.py"
-    broken.write_text("from config import register_model_config\nregister_model_config('padim', {})\n")
+    broken.write_text("from anomaly_framework.config import register_model_config\nregister_model_config('padim', {})\n")
     assert main(["--plugin", str(broken), "--model", "padim"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "Model 'padim' is built in" in error and "broken_plugin.py" in error
