@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="a module of yours (importable name or .py path) registering models; repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any config key, dotted (repeatable): --set train.lr=0.1")
+                        help="any config key, dotted (repeatable): --set train.lr=0.1; MODEL:KEY=VALUE sets "
+                             "it for that model's runs only: --set patchcore:model.coreset_ratio=0.01")
     parser.add_argument("--seeds", help="comma list of seeds (0,1,2): repeats every run; tables show mean ± std")
     parser.add_argument("--skip-done", action="store_true",
                         help="in a sweep, reuse runs whose resolved config already has results")
@@ -137,10 +138,12 @@ def run_command(kind: str, args: argparse.Namespace) -> tuple[str, str | None]:
             print(f"skipped: {reason}", file=sys.stderr)
         print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
         return result["output_dir"], None
+    from anomaly_framework.config import check_scopes, split_scoped
     from anomaly_framework.sweeps.sweep import run_sweep, split_list
 
     overrides = overrides_from_args(args)
     models = split_list(args.model) or [overrides.get("model.name", "padim")]
+    check_scopes(split_scoped(overrides)[1], models)
     categories = split_list(args.category) or [overrides.get("data.category")]
     seeds = [int(seed) for seed in split_list(args.seeds)] if args.seeds else [overrides.get("seed", 0)]
     if len(models) > 1 or len(categories) > 1 or categories == ["all"] or len(seeds) > 1 or args.skip_done:

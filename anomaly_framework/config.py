@@ -222,6 +222,7 @@ def register_model_config(name: str, defaults: dict) -> None:
     MODEL_CONFIGS[name] = copy.deepcopy(defaults)
 
 
+SCOPE_SEPARATOR = ":"  # MODEL:KEY, a key for one model's runs only
 # Model seeds that follow the run's seed unless set, so that --seeds 0,1,2 varies every random choice.
 DERIVED_SEEDS = ("feature_seed", "coreset_seed")
 
@@ -256,6 +257,31 @@ def expand_dotted(overrides: dict) -> dict:
     return nested
 
 
+def split_scoped(overrides: dict) -> tuple[dict, dict[str, dict]]:
+    """The plain overrides, and per model the ones scoped to it: ``{"patchcore:model.coreset_ratio": 0.01}``
+    applies to PatchCore runs only, so one sweep can set a key that only some of its models have."""
+    plain, scoped = {}, {}
+    for key, value in overrides.items():
+        scope, separator, rest = str(key).partition(SCOPE_SEPARATOR)
+        if not separator:
+            plain[key] = value
+        elif not scope or not rest:
+            raise FrameworkError(f"Config key '{key}': a per-model key reads MODEL{SCOPE_SEPARATOR}KEY, "
+                                 f"e.g. 'patchcore{SCOPE_SEPARATOR}model.coreset_ratio'")
+        else:
+            scoped.setdefault(scope, {})[rest] = value
+    return plain, scoped
+
+
+def check_scopes(scoped: dict[str, dict], models: list[str]) -> None:
+    """Refuses a per-model key whose model is not among the ``models`` being run (a typo would be ignored)."""
+    for scope, keys in scoped.items():
+        if scope not in models:
+            example = next(iter(keys))
+            raise FrameworkError(f"Config key '{scope}{SCOPE_SEPARATOR}{example}' is scoped to model '{scope}', "
+                                 f"which is not run here (models: {', '.join(models)})")
+
+
 def _pick(table: dict[str, dict], name: str, what: str, key: str) -> dict:
     if name not in table:
         raise FrameworkError(f"Unknown {what} '{name}' ({key}): known are {', '.join(sorted(table))}")
@@ -288,14 +314,19 @@ def _apply(config: dict, overrides: dict, prefix: str = "") -> None:
 
 
 def resolve_config(overrides: dict | None = None) -> dict:
-    """The complete run config: defaults for the chosen model and dataset, then the checked overrides."""
-    overrides = expand_dotted(overrides or {})
+    """The complete run config: defaults for the chosen model and dataset, then the checked overrides
+    (plain keys, then the keys scoped to this model, see ``split_scoped``)."""
+    plain, scoped = split_scoped(overrides or {})
+    overrides = expand_dotted(plain)
     if "plugins" in overrides:  # before the defaults: a plugin brings its model's own
         overrides["plugins"] = load_plugins(overrides["plugins"])
     for section in ("model", "data", "train", "eval"):
         if not isinstance(overrides.get(section, {}), dict):
             raise FrameworkError(f"Config key '{section}' is a section; give a dict or dotted keys like '{section}.x'")
     model = overrides.get("model", {}).get("name", BASE_CONFIGS["model"]["name"])
+    for scope in scoped:
+        _pick(MODEL_CONFIGS, scope, "model", f"{scope}{SCOPE_SEPARATOR}...")
+    overrides = deep_merge(overrides, expand_dotted(scoped.get(model, {})))
     dataset = overrides.get("data", {}).get("name", BASE_CONFIGS["data"]["name"])
     trainer = overrides.get("train", {}).get("trainer")
     config = default_config(model, dataset, trainer)

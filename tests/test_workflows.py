@@ -94,11 +94,39 @@ def test_a_failing_combination_is_recorded_and_the_sweep_goes_on(tmp_path, demo_
 def test_cli_model_list_runs_a_sweep(tmp_path, demo_root, capsys):
     argv = ["--model", "padim,patchcore", "--dataset", "demo", "--category", "fabric", "--data-root", str(demo_root),
             "--backbone", "resnet18", "--image-size", "64", "--output-dir", str(tmp_path / "runs"),
-            "--set", "model.pretrained=false", "--set", "eval.num_figures=0"]
+            "--set", "model.pretrained=false", "--set", "eval.num_figures=0",
+            "--set", "patchcore:model.coreset_ratio=0.5", "--set", "padim:model.n_features=7"]
     assert main(argv) == 0
     sweep_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
     with open(sweep_dir / "runs.csv") as handle:
-        assert [row["model"] for row in csv.DictReader(handle)] == ["padim", "patchcore"]
+        rows = list(csv.DictReader(handle))
+    assert [row["model"] for row in rows] == ["padim", "patchcore"]
+    configs = [json.loads((Path(row["run_dir"]) / "config.json").read_text())["model"] for row in rows]
+    assert configs[0]["n_features"] == 7 and "coreset_ratio" not in configs[0]
+    assert configs[1]["coreset_ratio"] == 0.5 and "n_features" not in configs[1]
+
+
+@pytest.mark.parametrize("scoped, fragment", [
+    ("stfpm:train.lr=0.1", "scoped to model 'stfpm', which is not run here (models: padim, patchcore)"),
+    ("nosuch:model.x=1", "scoped to model 'nosuch', which is not run here"),
+    (":model.x=1", "a per-model key reads MODEL:KEY"),
+    ("patchcore:model.nosuch=1", "model.nosuch"),
+])
+def test_per_model_keys_that_fit_no_run_are_one_line(tmp_path, demo_root, capsys, scoped, fragment):
+    argv = ["--model", "padim,patchcore", "--dataset", "demo", "--data-root", str(demo_root),
+            "--output-dir", str(tmp_path / "runs"), "--set", scoped]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and fragment in error[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_per_model_key_wins_over_the_plain_one():
+    config = resolve_config({"model.name": "padim", "model.n_features": 9, "padim:model.n_features": 4,
+                             "patchcore:model.coreset_ratio": 0.5})
+    assert config["model"]["n_features"] == 4 and "coreset_ratio" not in config["model"]
+    with pytest.raises(FrameworkError, match=r"Unknown model 'nosuch' \(nosuch:\.\.\.\)"):
+        resolve_config({"model.name": "padim", "nosuch:model.x": 1})
 
 
 # -- benchmark -----------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def run_sweep(overrides: dict, models: list[str], categories: list[str], seeds: 
     from anomaly_framework.execution.distributed import barrier, init_from_env
     from anomaly_framework.utils import resolve_device
 
-    base = resolve_config({**overrides, "model.name": models[0]})
+    base, *_ = [resolve_config({**overrides, "model.name": model}) for model in models]  # every config error first
     categories = expand_categories(base, categories)
     _, started_group = init_from_env(resolve_device(base["device"]))
     try:
