@@ -106,6 +106,16 @@ def test_cli_model_list_runs_a_sweep(tmp_path, demo_root, capsys):
     assert configs[1]["coreset_ratio"] == 0.5 and "n_features" not in configs[1]
 
 
+def test_category_all_over_a_root_without_categories_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    argv = ["--model", "padim", "--dataset", "mvtec", "--category", "all", "--data-root", str(tmp_path / "empty"),
+            "--output-dir", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "found no category folder under" in error[0] and str(tmp_path / "empty") in error[0]
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("scoped, fragment", [
     ("stfpm:train.lr=0.1", "scoped to model 'stfpm', which is not run here (models: padim, patchcore)"),
     ("nosuch:model.x=1", "scoped to model 'nosuch', which is not run here"),

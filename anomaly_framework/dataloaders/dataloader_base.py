@@ -192,7 +192,11 @@ class BaseDataloader:
             raise FrameworkError(f"Dataset root '{root}' not found: expected {cls.layout} (set data.root or {cls.env_var})")
         folders = sorted(p.name for p in Path(root).expanduser().iterdir() if p.is_dir())
         known = [name for name in cls.known_categories if name in folders]
-        return known or [name for name in folders if not name.startswith((".", "_")) and name != "split_csv"]
+        found = known or [name for name in folders if not name.startswith((".", "_")) and name != "split_csv"]
+        if not found:
+            raise FrameworkError(f"--category all found no category folder under '{root}': give the dataset's "
+                                 f"root, whose sub-folders are its categories ({cls.layout})")
+        return found
 
     def __init__(self, data_cfg: dict, seed: int) -> None:
         self.cfg = data_cfg
