@@ -1,0 +1,105 @@
+"""Regenerates tests/fixtures/parity/e2e_*.npz: each model's whole official inference path, image tensor in,
+anomaly map and image score out, on the fixed images and seeded weights of tests/parity_inputs.py.
+
+The official code runs unchanged; only what it would download (ImageNet backbones) is replaced by the
+same architecture with seeded random weights (``seeded_state``), and its datasets by lists of the fixed
+images. Run it in a separate virtualenv holding the official dependencies (faiss-cpu, FrEIA, opencv...),
+with the checkouts at the commits of ``make_fixtures.OFFICIAL``:
+
+    OMP_NUM_THREADS=1 python tools/parity/make_end_to_end_fixtures.py --padim DIR --patchcore DIR \
+        --stfpm DIR --fastflow DIR --draem DIR [--only padim,...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tools" / "parity")]
+from make_fixtures import OFFICIAL, _import  # noqa: E402
+from parity_inputs import parity_images, seeded_state, to_tensor  # noqa: E402
+
+OUT = ROOT / "tests" / "fixtures" / "parity"
+
+
+def save(name: str, key: str, functions: str, **arrays) -> None:
+    """One fixture with its ``source`` (repository, commit, functions)."""
+    repo, commit = OFFICIAL[key]
+    source = json.dumps({"repository": repo, "commit": commit, "functions": functions})
+    np.savez_compressed(OUT / f"e2e_{name}.npz", source=np.array(source), **arrays)
+    print(f"e2e_{name}.npz: {(OUT / f'e2e_{name}.npz').stat().st_size / 1024:.0f} KB")
+
+
+def seeded_resnet18(seed: int = 0) -> torch.nn.Module:
+    """torchvision's resnet18 with the seeded weights (what the official code would download)."""
+    model = torchvision.models.resnet18()
+    model.load_state_dict(seeded_state(model, seed))
+    return model
+
+
+# -- PaDiM ----------------------------------------------------------------------------------------------
+def padim(checkout: Path) -> None:
+    """main.main (resnet18 branch) on 96 training and 4 test 32-pixel images (enough training images for a
+    well-conditioned covariance, so that float32 and float64 agree closely): hooks on layer1..3,
+    embedding_concat, random.sample(448, 100) under seed 1024, np.cov + 0.01 I, scipy mahalanobis,
+    bilinear upsampling to the input, gaussian_filter σ=4, min-max normalisation, image score = max."""
+    main = _import(checkout / "main.py", "padim_official_main_e2e")
+    size = 32
+    train, test = to_tensor(parity_images(96, size, seed=1)), to_tensor(parity_images(4, size, seed=2))
+    labels = torch.tensor([0, 1, 0, 1])
+    masks = torch.zeros(4, 1, size, size)
+    masks[1, :, 4:20, 4:20] = 1
+    masks[3, :, 10:25, 10:25] = 1
+    main.mvtec.CLASS_NAMES = ["stub"]
+    main.mvtec.MVTecDataset = lambda root, class_name, is_train: (
+        [(x, 0, torch.zeros(1, size, size)) for x in train] if is_train
+        else [(x, int(y), m) for x, y, m in zip(test, labels, masks)])
+    main.resnet18 = lambda pretrained, progress: seeded_resnet18()
+    records: dict = {"smoothed": []}
+    real_filter = main.gaussian_filter
+
+    def recording_filter(array, sigma):
+        records["smoothed"].append(real_filter(array, sigma=sigma))
+        return records["smoothed"][-1]
+
+    main.gaussian_filter = recording_filter
+    main.plot_fig = lambda test_img, scores, *rest: records.__setitem__("scores", scores.copy())
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.argv = ["main.py", "--data_path", tmp, "--save_path", tmp, "--arch", "resnet18"]
+        main.main()
+    import random
+
+    random.seed(1024)
+    idx = np.array(random.sample(range(0, 448), 100))
+    smoothed = np.stack(records["smoothed"]).astype(np.float32)
+    save("padim", "padim", "main.main (resnet18 branch, end to end on seeded weights): forward hooks, "
+         "embedding_concat, random.sample channel draw, np.cov + 0.01*I, scipy mahalanobis, F.interpolate "
+         "bilinear, gaussian_filter sigma=4, min-max normalisation, img_scores = max",
+         feature_index=idx, maps=smoothed, scores=smoothed.reshape(4, -1).max(1),
+         normalised_scores=records["scores"].reshape(4, -1).max(1).astype(np.float32))
+
+
+MODELS = {"padim": lambda a: padim(a.padim)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("padim", "patchcore", "stfpm", "fastflow", "freia", "draem"):
+        parser.add_argument(f"--{name}", type=Path)
+    parser.add_argument("--only", default=",".join(MODELS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for name in args.only.split(","):
+        MODELS[name](args)
+
+
+if __name__ == "__main__":
+    main()
