@@ -71,3 +71,24 @@ def test_padim_end_to_end_equals_official_main():
     scores = outputs["anomaly_maps"]
     normalised = ((scores - scores.min()) / (scores.max() - scores.min())).amax(dim=(1, 2, 3))
     np.testing.assert_allclose(normalised.numpy(), official["normalised_scores"], rtol=1e-4)
+
+
+# -- PatchCore ------------------------------------------------------------------------------------------
+def test_patchcore_end_to_end_equals_official_predict():
+    """The official run (backbone handed over in training mode: ``official_batchnorm_pass``), whole
+    bank, one neighbour, image score = max patch score. Documented deviation: faiss returns squared
+    distances, so the official scores are ours squared and the official maps are the smoothed squared
+    distances; ours smooth the Euclidean ones, which the official RescaleSegmentor gives on the square
+    roots of its patch scores (``euclidean_maps``). rtol 1e-4: float32 distances summed in another order."""
+    official = fixture("patchcore")
+    modeler = modeler_for("patchcore", 64, backbone="resnet18", pretrained=False, coreset_ratio=1.0,
+                          score_mode="max", num_neighbors=1, official_batchnorm_pass=True)
+    load_backbone(modeler.model.extractor)
+    fit_one_pass(modeler, to_tensor(parity_images(8, 64, seed=3)))
+    test = to_tensor(parity_images(4, 64, seed=4))
+    outputs = modeler.evaluate_step(test)
+    np.testing.assert_allclose(outputs["anomaly_scores"].square().numpy(), official["scores"], rtol=1e-4)
+    np.testing.assert_allclose(outputs["anomaly_maps"][:, 0].numpy(), official["euclidean_maps"], rtol=1e-4)
+    np.testing.assert_allclose(modeler.compute_anomaly_scores(test).square().numpy(), official["scores"], rtol=1e-4)
+    # The deviation's size: the official (squared) maps are not our maps squared once smoothed.
+    assert not np.allclose(outputs["anomaly_maps"][:, 0].square().numpy(), official["maps"], rtol=1e-3)

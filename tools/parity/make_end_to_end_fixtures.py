@@ -87,7 +87,38 @@ def padim(checkout: Path) -> None:
          normalised_scores=records["scores"].reshape(4, -1).max(1).astype(np.float32))
 
 
-MODELS = {"padim": lambda a: padim(a.padim)}
+# -- PatchCore ------------------------------------------------------------------------------------------
+def patchcore(checkout: Path) -> None:
+    """PatchCore.load (as its run script: backbone handed over in training mode, so feature_dimensions'
+    all-ones pass moves the batch-norm statistics), fit and predict with IdentitySampler (whole bank),
+    FaissNN with 1 neighbour, layers 2+3, 1024/1024, patch 3, on 8 training and 4 test 64-pixel images.
+    Also records the official RescaleSegmentor applied to the square roots of the official patch scores
+    (faiss returns squared distances; ours are Euclidean: the documented deviation)."""
+    sys.path.insert(0, str(checkout / "src"))
+    import patchcore.common
+    import patchcore.patchcore
+    import patchcore.sampler
+
+    size = 64
+    train, test = to_tensor(parity_images(8, size, seed=3)), to_tensor(parity_images(4, size, seed=4))
+    model = patchcore.patchcore.PatchCore(torch.device("cpu"))
+    model.load(seeded_resnet18(), ["layer2", "layer3"], torch.device("cpu"), (3, size, size), 1024, 1024,
+               patchsize=3, anomaly_score_num_nn=1, featuresampler=patchcore.sampler.IdentitySampler(),
+               nn_method=patchcore.common.FaissNN(False, 1))
+    model.fit([train])
+    segmentor, recorded = model.anomaly_segmentor, []
+    convert = segmentor.convert_to_segmentation
+    segmentor.convert_to_segmentation = lambda scores: recorded.append(scores) or convert(scores)
+    scores, maps = model.predict(test)
+    euclidean = convert(np.sqrt(np.asarray(recorded[0])))
+    save("patchcore", "patchcore", "patchcore.patchcore.PatchCore.load/fit/predict (_embed, IdentitySampler, "
+         "NearestNeighbourScorer + FaissNN(1), PatchMaker.score, RescaleSegmentor sigma=4); "
+         "RescaleSegmentor.convert_to_segmentation on the square roots of the patch scores",
+         maps=np.stack(maps).astype(np.float32), scores=np.asarray(scores, dtype=np.float32),
+         euclidean_maps=np.stack(euclidean).astype(np.float32))
+
+
+MODELS = {"padim": lambda a: padim(a.padim), "patchcore": lambda a: patchcore(a.patchcore)}
 
 
 def main() -> None:
