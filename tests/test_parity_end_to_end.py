@@ -92,3 +92,20 @@ def test_patchcore_end_to_end_equals_official_predict():
     np.testing.assert_allclose(modeler.compute_anomaly_scores(test).square().numpy(), official["scores"], rtol=1e-4)
     # The deviation's size: the official (squared) maps are not our maps squared once smoothed.
     assert not np.allclose(outputs["anomaly_maps"][:, 0].square().numpy(), official["maps"], rtol=1e-3)
+
+
+# -- STFPM ----------------------------------------------------------------------------------------------
+def test_stfpm_end_to_end_equals_official_test():
+    """Teacher and student with the official run's seeded weights (the student standing in for a trained
+    one), 256-pixel inputs (the official test hard-codes the 64×64 product grid). rtol 1e-4: cv2's float
+    resize and torch's bilinear interpolation round differently; maps compared on a subsampled grid."""
+    official = fixture("stfpm")
+    modeler = modeler_for("stfpm", 256, backbone="resnet18", pretrained=False)
+    load_backbone(modeler.model.teacher, seed=0)
+    load_backbone(modeler.model.student, seed=1)
+    with torch.no_grad():  # as the trainers evaluate
+        outputs = modeler.evaluate_step(to_tensor(parity_images(2, 256, seed=5)))
+    grid = official["grid"]
+    maps = outputs["anomaly_maps"][:, 0][:, grid][:, :, grid]
+    np.testing.assert_allclose(maps.numpy(), official["maps_on_grid"], rtol=1e-4)
+    np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), official["scores"], rtol=1e-4)

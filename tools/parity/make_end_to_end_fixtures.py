@@ -40,7 +40,7 @@ def save(name: str, key: str, functions: str, **arrays) -> None:
 
 def seeded_resnet18(seed: int = 0) -> torch.nn.Module:
     """torchvision's resnet18 with the seeded weights (what the official code would download)."""
-    model = torchvision.models.resnet18()
+    model = torchvision.models.resnet.resnet18()  # the module attribute, which a harness may patch
     model.load_state_dict(seeded_state(model, seed))
     return model
 
@@ -118,7 +118,36 @@ def patchcore(checkout: Path) -> None:
          euclidean_maps=np.stack(euclidean).astype(np.float32))
 
 
-MODELS = {"padim": lambda a: padim(a.padim), "patchcore": lambda a: patchcore(a.patchcore)}
+# -- STFPM ----------------------------------------------------------------------------------------------
+STFPM_GRID = np.r_[0:256:5, 255]
+
+
+def stfpm(checkout: Path) -> None:
+    """main.test on two 256-pixel images (ResNet18_MS3 teacher with the seeded weights of seed 0, student
+    with those of seed 1, standing in for a trained one), then main's cv2.resize to 256 and image score =
+    the map's maximum (its Image-AUC). Maps are kept on a subsampled grid (``grid``)."""
+    main = _import(checkout / "main.py", "stfpm_official_main_e2e")
+    import cv2
+
+    main.models.resnet18 = lambda pretrained: seeded_resnet18(0 if pretrained else 1)
+    teacher, student = main.ResNet18_MS3(pretrained=True), main.ResNet18_MS3(pretrained=False)
+    images = to_tensor(parity_images(2, 256, seed=5))
+    loader = torch.utils.data.DataLoader([("x", image) for image in images], batch_size=2, shuffle=False)
+    cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        maps64 = main.test(teacher, student, loader)
+    finally:
+        torch.Tensor.cuda = cuda
+    maps = np.stack([cv2.resize(m, (256, 256)) for m in maps64])
+    save("stfpm", "stfpm", "main.ResNet18_MS3, main.test (normalised distances, bilinear 64x64, product), "
+         "main's cv2.resize to 256 and scores.max(-1).max(-1)",
+         grid=STFPM_GRID, maps_on_grid=maps[:, STFPM_GRID][:, :, STFPM_GRID].astype(np.float32),
+         scores=maps.reshape(2, -1).max(1).astype(np.float32))
+
+
+MODELS = {"padim": lambda a: padim(a.padim), "patchcore": lambda a: patchcore(a.patchcore),
+          "stfpm": lambda a: stfpm(a.stfpm)}
 
 
 def main() -> None:
