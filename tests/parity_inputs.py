@@ -6,6 +6,7 @@ Both generators are version-stable: numpy's PCG64 stream and a torch.Generator s
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -41,12 +42,18 @@ def to_tensor(images: np.ndarray, normalize: bool = True) -> torch.Tensor:
 
 
 def seeded_state(module: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights for every tensor of ``module``'s state dict, drawn per tensor name (so a truncated
+    """``seeded_tensors`` for every tensor of ``module``'s state dict."""
+    return seeded_tensors(module.state_dict(), seed)
+
+
+def seeded_tensors(tensors: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random values for every named tensor, drawn per tensor name (so a truncated
     copy of the architecture gets the same values for the names it has): convolution / linear weights
-    He-scaled, batch-norm affine parameters and running statistics away from their identity values (so
-    that train and eval mode give different outputs), biases small."""
+    He-scaled, batch- and layer-norm affine parameters and running statistics away from their identity values (so
+    that train and eval mode give different outputs), biases small,
+    flow blocks' global scales about their identity value. Only names and shapes are read."""
     state = {}
-    for name, tensor in module.state_dict().items():
+    for name, tensor in tensors.items():
         generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         if not tensor.is_floating_point():
             state[name] = tensor.clone()
@@ -56,7 +63,9 @@ def seeded_state(module: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
             value = 0.5 + noise.abs()
         elif name.endswith("running_mean"):
             value = 0.2 * noise
-        elif tensor.dim() >= 2:
+        elif name.endswith("global_scale"):  # a flow block's scale, about FrEIA's identity init (1.0)
+            value = 2 * math.log(math.exp(5.0) - 1.0) + 0.3 * noise
+        elif tensor.dim() >= 2 and not name.startswith("norms."):  # LayerNorms [C, H, W]: scales below
             value = noise * (2.0 / tensor[0].numel()) ** 0.5
         elif name.endswith("weight"):  # batch / layer norm scale
             value = 1.0 + 0.2 * noise

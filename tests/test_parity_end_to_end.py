@@ -14,7 +14,7 @@ import torch
 
 from anomaly_framework.config import resolve_config
 from anomaly_framework.factories import build_model, build_modeler
-from parity_inputs import parity_images, seeded_state, to_tensor
+from parity_inputs import parity_images, seeded_state, seeded_tensors, to_tensor
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 
@@ -109,3 +109,27 @@ def test_stfpm_end_to_end_equals_official_test():
     maps = outputs["anomaly_maps"][:, 0][:, grid][:, :, grid]
     np.testing.assert_allclose(maps.numpy(), official["maps_on_grid"], rtol=1e-4)
     np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), official["scores"], rtol=1e-4)
+
+
+# -- FastFlow -------------------------------------------------------------------------------------------
+def test_fastflow_end_to_end_equals_official_forward():
+    """The official resnet18 setting (8 steps, 3×3 only, hidden ratio 1) at 64 px with the official run's
+    seeded backbone, LayerNorms and flows and its recorded channel permutations. rtol 1e-5 (abs 1e-7
+    where the map is −exp of a large energy, i.e. near 0)."""
+    official = fixture("fastflow")
+    modeler = modeler_for("fastflow", 64, backbone="resnet18", pretrained=False)
+    model = modeler.model
+    load_backbone(model.extractor)
+    state = model.state_dict()
+    named = {k: v for k, v in state.items() if k.startswith(("norms", "flows")) and "permutation" not in k}
+    values = seeded_tensors(named)
+    for stage, flow in enumerate(model.flows):
+        for step, block in enumerate(flow.blocks):
+            permutation = torch.from_numpy(official[f"permutation_{stage}_{step}"])
+            values[f"flows.{stage}.blocks.{step}.permutation"] = permutation
+            values[f"flows.{stage}.blocks.{step}.inverse_permutation"] = permutation.argsort()
+    model.load_state_dict({**state, **values})
+    with torch.no_grad():
+        outputs = modeler.evaluate_step(to_tensor(parity_images(4, 64, seed=6)))
+    np.testing.assert_allclose(outputs["anomaly_maps"][:, 0].numpy(), official["maps"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), official["scores"], rtol=1e-5, atol=1e-7)

@@ -25,7 +25,7 @@ import torchvision
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tools" / "parity")]
 from make_fixtures import OFFICIAL, _import  # noqa: E402
-from parity_inputs import parity_images, seeded_state, to_tensor  # noqa: E402
+from parity_inputs import parity_images, seeded_state, seeded_tensors, to_tensor  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "parity"
 
@@ -146,8 +146,44 @@ def stfpm(checkout: Path) -> None:
          scores=maps.reshape(2, -1).max(1).astype(np.float32))
 
 
+# -- FastFlow -------------------------------------------------------------------------------------------
+def fastflow_flow_name(official: str) -> str:
+    """Our name of an official flow tensor: nf_flows.i.module_list.j.* -> flows.i.blocks.j.*."""
+    return official.replace("nf_flows.", "flows.").replace(".module_list.", ".blocks.")
+
+
+def fastflow(checkout: Path, freia: Path) -> None:
+    """fastflow.FastFlow (configs/resnet18.yaml: 8 flow steps, 3x3 convolutions only, hidden ratio 1) at a
+    64-pixel input, eval-mode forward's anomaly_map on 4 images; backbone, LayerNorms and flows carry
+    the seeded values (flows seeded under our tensor names); the flows' random channel permutations
+    are recorded. The official code reports no image score: ours is the map's maximum (recorded)."""
+    sys.path[:0] = [str(freia), str(checkout)]
+    import fastflow as official
+
+    create = official.timm.create_model
+    official.timm.create_model = lambda *args, **kwargs: create(*args, **{**kwargs, "pretrained": False})
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = official.FastFlow("resnet18", flow_steps=8, input_size=64, conv3x3_only=True, hidden_ratio=1.0)
+    state = model.state_dict()
+    flows = {fastflow_flow_name(k): v for k, v in state.items() if k.startswith("nf_flows") and "w_perm" not in k}
+    seeded = {**seeded_state(model.feature_extractor), **seeded_tensors(
+        {k: v for k, v in state.items() if k.startswith("norms")}), **seeded_tensors(flows)}
+    model.feature_extractor.load_state_dict({k: seeded[k] for k in model.feature_extractor.state_dict()})
+    model.load_state_dict({**state, **{k: seeded[k] for k in state if k.startswith("norms")},
+                           **{k: seeded[fastflow_flow_name(k)] for k in state if fastflow_flow_name(k) in flows}})
+    permutations = {f"permutation_{i}_{j}": block.w_perm.detach()[:, :, 0, 0].argmax(1).numpy()
+                    for i, flow in enumerate(model.nf_flows) for j, block in enumerate(flow.module_list)}
+    model.eval()
+    with torch.no_grad():
+        maps = model(to_tensor(parity_images(4, 64, seed=6)))["anomaly_map"][:, 0].numpy()
+    save("fastflow", "fastflow", "fastflow.FastFlow.__init__ (nf_fast_flow, FrEIA AllInOneBlock at the "
+         "FrEIA commit make_fixtures names) and FastFlow.forward in eval mode (anomaly_map); score = max",
+         maps=maps, scores=maps.reshape(4, -1).max(1), **permutations)
+
+
 MODELS = {"padim": lambda a: padim(a.padim), "patchcore": lambda a: patchcore(a.patchcore),
-          "stfpm": lambda a: stfpm(a.stfpm)}
+          "stfpm": lambda a: stfpm(a.stfpm), "fastflow": lambda a: fastflow(a.fastflow, a.freia)}
 
 
 def main() -> None:
