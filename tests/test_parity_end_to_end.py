@@ -133,3 +133,21 @@ def test_fastflow_end_to_end_equals_official_forward():
         outputs = modeler.evaluate_step(to_tensor(parity_images(4, 64, seed=6)))
     np.testing.assert_allclose(outputs["anomaly_maps"][:, 0].numpy(), official["maps"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), official["scores"], rtol=1e-5, atol=1e-7)
+
+
+# -- DRAEM ----------------------------------------------------------------------------------------------
+def test_draem_end_to_end_equals_official_test():
+    """Both networks at width 8 (the official path is width-independent; 128 / 64 would only be slower)
+    with the seeded values, 256-pixel [0, 1] images as the official test feeds them. Map = softmax
+    anomaly channel, score = max of its 21×21 average (zero padding counted). rtol 1e-5; maps compared
+    on a subsampled grid."""
+    official = fixture("draem")
+    modeler = modeler_for("draem", 256, reconstructive_width=8, discriminative_width=8)
+    modeler.model.load_state_dict(seeded_state(modeler.model))
+    images = to_tensor(parity_images(4, 256, seed=7), normalize=False)
+    with torch.no_grad():
+        outputs = modeler.evaluate_step(images)
+    grid = official["grid"]
+    maps = outputs["anomaly_maps"][:, 0][:, grid][:, :, grid]
+    np.testing.assert_allclose(maps.numpy(), official["maps_on_grid"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), official["scores"], rtol=1e-5)

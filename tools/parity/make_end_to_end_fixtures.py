@@ -182,8 +182,80 @@ def fastflow(checkout: Path, freia: Path) -> None:
          maps=maps, scores=maps.reshape(4, -1).max(1), **permutations)
 
 
+# -- DRAEM ----------------------------------------------------------------------------------------------
+DRAEM_WIDTH = 8
+
+
+def draem_names(ours: list[str], official: list[str], discriminative: bool) -> dict[str, str]:
+    """Official tensor name -> ours: the reconstructive networks list their tensors in the same order;
+    the discriminative decoders interleave differently (official up_b, db_b, up1, db1...; ours ups.*,
+    merges.*), so those are renamed."""
+    if not discriminative:
+        return dict(zip(official, ours))
+    renamed = {}
+    for name in official:
+        new = name.replace("encoder_segment.block", "encoder.blocks.").replace("decoder_segment.fin_out.0", "head")
+        for k, tag in enumerate(("_b", "1", "2", "3", "4")):
+            new = new.replace(f"decoder_segment.up{tag}.", f"ups.{k}.").replace(f"decoder_segment.db{tag}.", f"merges.{k}.")
+        if new.startswith("encoder.blocks."):
+            number, rest = new[len("encoder.blocks."):].split(".", 1)
+            new = f"encoder.blocks.{int(number) - 1}.{rest}"
+        renamed[name] = new
+    return renamed
+
+
+def draem(checkout: Path) -> None:
+    """test_DRAEM.test on four 256-pixel images (two with masks), the official networks at width 8 (the
+    official 128 / 64 would only slow the test) carrying the seeded values of our tensors of the same
+    role; image scores and flattened maps are what test passes to roc_auc_score."""
+    sys.path.insert(0, str(ROOT))
+    from anomaly_framework.models.model_draem import DraemModel
+
+    np.sctypes = {"float": [np.float16, np.float32, np.float64], "int": [np.int8, np.int16, np.int32, np.int64],
+                  "uint": [np.uint8, np.uint16, np.uint32, np.uint64], "complex": [np.complex64, np.complex128],
+                  "others": [bool, object, bytes, str, np.void]}  # imgaug 0.4 (data_loader) predates numpy 2
+    official = _import(checkout / "test_DRAEM.py", "draem_official_test_e2e")
+    ours = seeded_state(DraemModel(DRAEM_WIDTH, DRAEM_WIDTH, image_size=256))
+    rec = official.ReconstructiveSubNetwork
+    seg = official.DiscriminativeSubNetwork
+    official.ReconstructiveSubNetwork = lambda **kw: rec(**kw, base_width=DRAEM_WIDTH)
+    official.DiscriminativeSubNetwork = lambda **kw: seg(**kw, base_channels=DRAEM_WIDTH)
+
+    def load(path, map_location=None):
+        discriminative = path.endswith("_seg.pckl")
+        net = official.DiscriminativeSubNetwork(in_channels=6, out_channels=2) if discriminative else \
+            official.ReconstructiveSubNetwork(in_channels=3, out_channels=3)
+        prefix = "discriminative." if discriminative else "reconstructive."
+        names = draem_names([k[len(prefix):] for k in ours if k.startswith(prefix)], list(net.state_dict()), discriminative)
+        return {name: ours[prefix + mine] for name, mine in names.items()}
+
+    images = to_tensor(parity_images(4, 256, seed=7), normalize=False)
+    masks = torch.zeros(4, 1, 256, 256)
+    masks[1, :, 32:96, 32:96] = masks[3, :, 100:180, 40:120] = 1
+    samples = [{"image": x, "has_anomaly": np.array([float(m.max())], dtype=np.float32), "mask": m}
+               for x, m in zip(images, masks)]
+    recorded = []
+    official.torch.load = load
+    official.MVTecDRAEMTestDataset = lambda root, resize_shape: samples
+    official.roc_auc_score = lambda truth, scores: recorded.append(np.asarray(scores).copy()) or 0.5
+    official.write_results_to_file = lambda *args: None
+    cuda = torch.Tensor.cuda, torch.nn.Module.cuda
+    torch.Tensor.cuda = torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    try:
+        with torch.no_grad():
+            official.test(["stub"], "", "", "seeded")
+    finally:
+        torch.Tensor.cuda, torch.nn.Module.cuda = cuda
+    maps = recorded[1].reshape(4, 256, 256)
+    save("draem", "draem", "test_DRAEM.test (ReconstructiveSubNetwork, DiscriminativeSubNetwork at width 8, "
+         "softmax, out_mask_sm[:, 1] map, avg_pool2d(21, stride 1, padding 10) max image score)",
+         grid=STFPM_GRID, maps_on_grid=maps[:, STFPM_GRID][:, :, STFPM_GRID].astype(np.float32),
+         scores=recorded[0].astype(np.float32))
+
+
 MODELS = {"padim": lambda a: padim(a.padim), "patchcore": lambda a: patchcore(a.patchcore),
-          "stfpm": lambda a: stfpm(a.stfpm), "fastflow": lambda a: fastflow(a.fastflow, a.freia)}
+          "stfpm": lambda a: stfpm(a.stfpm), "fastflow": lambda a: fastflow(a.fastflow, a.freia),
+          "draem": lambda a: draem(a.draem)}
 
 
 def main() -> None:
