@@ -184,3 +184,48 @@ def test_autoencoder_end_to_end_equals_float64_reference(name):
     np.testing.assert_allclose(outputs["anomaly_maps"][:, 0].numpy(), maps, rtol=1e-5, atol=0)
     np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), maps.reshape(4, -1).max(1), rtol=1e-5)
     np.testing.assert_allclose(modeler.compute_anomaly_scores(images).detach().numpy(), maps.reshape(4, -1).max(1), rtol=1e-5)
+
+
+# -- run_experiment on a folder of the same images ------------------------------------------------------
+def write_folder(root: Path, train: np.ndarray, test: np.ndarray) -> dict[str, str]:
+    """The images as PNG files (lossless) in the folder dataset's layout; odd test images are the anomalous."""
+    from PIL import Image
+
+    for index, image in enumerate(train):
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "train" / f"{index:03d}.png")
+    for index, image in enumerate(test):
+        folder = root / "test" / ("bad" if index % 2 else "ok")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index:03d}.png")
+    return {"data.name": "folder", "data.root": str(root), "data.train_dir": "train",
+            "data.test_normal_dir": "test/ok", "data.test_abnormal_dir": "test/bad"}
+
+
+def run_scores(results: dict, tmp_path: Path) -> np.ndarray:
+    """The run's per-image scores (scores.csv), in the fixture's image order (file stem = index)."""
+    import csv
+
+    run_dir = next((tmp_path / "runs").rglob("scores.csv")).parent
+    with (run_dir / "scores.csv").open() as handle:
+        rows = {Path(row["image_path"]).stem: float(row["score"]) for row in csv.DictReader(handle)}
+    return np.array([rows[f"{index:03d}"] for index in range(len(rows))])
+
+
+def test_patchcore_run_experiment_on_a_folder_equals_official_predict(tmp_path):
+    """run_experiment from PNG files (64 px, no resize or crop, ImageNet normalisation) with the seeded
+    weights as a weights file: its scores.csv equals the official scores (squared, see above)."""
+    import timm
+
+    from anomaly_framework.main import run_experiment
+
+    official = fixture("patchcore")
+    weights = tmp_path / "resnet18_seeded.pth"
+    torch.save(seeded_state(timm.create_model("resnet18")), weights)
+    data = write_folder(tmp_path / "data", parity_images(8, 64, seed=3), parity_images(4, 64, seed=4))
+    results = run_experiment({**data, "data.image_size": 64, "data.crop_ratio": 1.0, "data.num_workers": 0,
+                              "model.name": "patchcore", "model.backbone": "resnet18", "model.weights": str(weights),
+                              "model.coreset_ratio": 1.0, "model.score_mode": "max", "model.num_neighbors": 1,
+                              "model.official_batchnorm_pass": True, "eval.num_figures": 0, "device": "cpu",
+                              "output_dir": str(tmp_path / "runs")})
+    np.testing.assert_allclose(np.square(run_scores(results, tmp_path)), official["scores"], rtol=1e-4)
