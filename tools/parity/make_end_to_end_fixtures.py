@@ -31,11 +31,18 @@ OUT = ROOT / "tests" / "fixtures" / "parity"
 
 
 def save(name: str, key: str, functions: str, **arrays) -> None:
-    """One fixture with its ``source`` (repository, commit, functions)."""
-    repo, commit = OFFICIAL[key]
+    """One fixture with its ``source`` (repository, commit, functions); ``key`` may list several, comma-separated."""
+    repo, commit = (", ".join(OFFICIAL[k][i] for k in key.split(",")) for i in (0, 1))
     source = json.dumps({"repository": repo, "commit": commit, "functions": functions})
     np.savez_compressed(OUT / f"e2e_{name}.npz", source=np.array(source), **arrays)
     print(f"e2e_{name}.npz: {(OUT / f'e2e_{name}.npz').stat().st_size / 1024:.0f} KB")
+
+
+def numpy2_for_imgaug() -> None:
+    """imgaug 0.4, which DRAEM's data_loader imports, reads np.sctypes (removed in numpy 2)."""
+    np.sctypes = {"float": [np.float16, np.float32, np.float64], "int": [np.int8, np.int16, np.int32, np.int64],
+                  "uint": [np.uint8, np.uint16, np.uint32, np.uint64], "complex": [np.complex64, np.complex128],
+                  "others": [bool, object, bytes, str, np.void]}
 
 
 def seeded_resnet18(seed: int = 0) -> torch.nn.Module:
@@ -211,9 +218,7 @@ def draem(checkout: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from anomaly_framework.models.model_draem import DraemModel
 
-    np.sctypes = {"float": [np.float16, np.float32, np.float64], "int": [np.int8, np.int16, np.int32, np.int64],
-                  "uint": [np.uint8, np.uint16, np.uint32, np.uint64], "complex": [np.complex64, np.complex128],
-                  "others": [bool, object, bytes, str, np.void]}  # imgaug 0.4 (data_loader) predates numpy 2
+    numpy2_for_imgaug()
     official = _import(checkout / "test_DRAEM.py", "draem_official_test_e2e")
     ours = seeded_state(DraemModel(DRAEM_WIDTH, DRAEM_WIDTH, image_size=256))
     rec = official.ReconstructiveSubNetwork
@@ -255,7 +260,19 @@ def draem(checkout: Path) -> None:
 
 MODELS = {"padim": lambda a: padim(a.padim), "patchcore": lambda a: patchcore(a.patchcore),
           "stfpm": lambda a: stfpm(a.stfpm), "fastflow": lambda a: fastflow(a.fastflow, a.freia),
-          "draem": lambda a: draem(a.draem)}
+          "draem": lambda a: draem(a.draem), "preprocessing": lambda a: preprocessing(a)}
+
+
+def preprocessing(args: argparse.Namespace) -> None:
+    """Every official dataset transform on two PNG files (preprocessing_fixtures.py)."""
+    from preprocessing_fixtures import official_preprocessing
+
+    numpy2_for_imgaug()
+    arrays = official_preprocessing({name: getattr(args, name) for name in ("padim", "patchcore", "stfpm", "fastflow", "draem")})
+    save("preprocessing", "padim,patchcore,stfpm,fastflow,draem", "per model, its dataset's transform on two PNG files: PaDiM datasets/mvtec.py "
+         "MVTecDataset (616004b); PatchCore patchcore.datasets.mvtec.MVTecDataset (fcaa92f); STFPM main.MVTecDataset "
+         "+ main's transform (2598a5e); FastFlow dataset.MVTecDataset (2cf1f2f); DRAEM "
+         "data_loader.MVTecDRAEMTestDataset (2dbf673)", **arrays)
 
 
 def main() -> None:
