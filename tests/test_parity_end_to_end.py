@@ -49,7 +49,9 @@ def check_outputs(outputs: dict, maps: np.ndarray, scores: np.ndarray, rtol: flo
 
 
 def fit_one_pass(modeler, images: torch.Tensor) -> None:
-    """A memory model's fit as the memory trainer does it: begin_fit, one training_step, fit."""
+    """A memory model's fit as the memory trainer does it: begin_fit, one training_step, fit; the model
+    first put in training mode, as a trainer may (its frozen backbone must stay in eval mode)."""
+    modeler.model.train()
     modeler.begin_fit(len(images))
     modeler.training_step(images)
     modeler.fit()
@@ -279,3 +281,16 @@ def test_draem_preprocessing_deviates_from_the_official_cv2_path_by_its_measured
     difference = np.abs(ours[:, [2, 1, 0], ::3, ::3].numpy() - official["draem_grid"])
     assert difference.max() <= 24.5 / 255 and difference.mean() <= 2.5 / 255
     assert np.abs(ours[:, :, ::3, ::3].numpy() - official["draem_grid"]).mean() > 0.1
+
+
+@pytest.mark.parametrize("name", ["ae", "vae"])
+def test_autoencoder_preprocessing_equals_torchvision_resize_and_to_tensor(name, tmp_path):
+    """No official code: the reference is torchvision's Resize(256) + ToTensor as the official FastFlow
+    dataset applies them (its fixture tensor with the Normalize undone): [0, 1] RGB, bilinear 256."""
+    official = fixture("preprocessing")
+    mean = np.array([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+    reference = official["fastflow_grid"].astype(np.float64) * std + mean
+    ours = our_preprocessing(name, tmp_path)
+    assert tuple(ours.shape) == tuple(official["fastflow_shape"])
+    np.testing.assert_allclose(ours[:, :, ::3, ::3].numpy(), reference, rtol=0, atol=1e-6)
