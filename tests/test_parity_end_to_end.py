@@ -57,8 +57,29 @@ def fit_one_pass(modeler, images: torch.Tensor) -> None:
     modeler.fit()
 
 
+# -- the user's inference path: PNG files -> `predict` with a saved run --------------------------------
+def predict_scores(modeler, images: np.ndarray, tmp_path: Path, **data: object) -> np.ndarray:
+    """Saves the modeler as a run's checkpoint (the format run_experiment writes: model state, config,
+    threshold), writes the images as PNG files and scores them with ``inference.predict`` (decode,
+    resize / crop per the run's data config, normalisation, evaluate_step); scores in image order."""
+    from PIL import Image
+
+    from anomaly_framework.inference.predict import predict
+
+    config = copy.deepcopy(modeler.config)
+    config["data"].update(data)
+    (tmp_path / "run").mkdir()
+    torch.save({"model": modeler.state_dict(), "config": config, "threshold": 0.0}, tmp_path / "run" / "checkpoint.pt")
+    (tmp_path / "images").mkdir()
+    for index, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / "images" / f"{index:03d}.png")
+    result = predict(tmp_path / "run", tmp_path / "images", output_dir=tmp_path / "out", overlays=False)
+    scores = {Path(row["image_path"]).stem: row["score"] for row in result["rows"]}
+    return np.array([scores[f"{index:03d}"] for index in range(len(images))])
+
+
 # -- PaDiM ----------------------------------------------------------------------------------------------
-def test_padim_end_to_end_equals_official_main():
+def test_padim_end_to_end_equals_official_main(tmp_path):
     """rtol 1e-4: the official Mahalanobis, upsampling and smoothing run in float64, ours in float32.
     The channel subset is the official random.sample draw (ours draws its own by default)."""
     official = fixture("padim")
@@ -74,10 +95,13 @@ def test_padim_end_to_end_equals_official_main():
     scores = outputs["anomaly_maps"]
     normalised = ((scores - scores.min()) / (scores.max() - scores.min())).amax(dim=(1, 2, 3))
     np.testing.assert_allclose(normalised.numpy(), official["normalised_scores"], rtol=1e-4)
+    # From PNG files through a saved run (no crop: the fixture's images are the model input).
+    scores = predict_scores(modeler, parity_images(4, 32, seed=2), tmp_path, crop_ratio=1.0)
+    np.testing.assert_allclose(scores, official["scores"], rtol=1e-4)
 
 
 # -- PatchCore ------------------------------------------------------------------------------------------
-def test_patchcore_end_to_end_equals_official_predict():
+def test_patchcore_end_to_end_equals_official_predict(tmp_path):
     """The official run (backbone handed over in training mode: ``official_batchnorm_pass``), whole
     bank, one neighbour, image score = max patch score. Documented deviation: faiss returns squared
     distances, so the official scores are ours squared and the official maps are the smoothed squared
@@ -95,10 +119,12 @@ def test_patchcore_end_to_end_equals_official_predict():
     np.testing.assert_allclose(modeler.compute_anomaly_scores(test).square().numpy(), official["scores"], rtol=1e-4)
     # The deviation's size: the official (squared) maps are not our maps squared once smoothed.
     assert not np.allclose(outputs["anomaly_maps"][:, 0].square().numpy(), official["maps"], rtol=1e-3)
+    scores = predict_scores(modeler, parity_images(4, 64, seed=4), tmp_path, crop_ratio=1.0)
+    np.testing.assert_allclose(np.square(scores), official["scores"], rtol=1e-4)
 
 
 # -- STFPM ----------------------------------------------------------------------------------------------
-def test_stfpm_end_to_end_equals_official_test():
+def test_stfpm_end_to_end_equals_official_test(tmp_path):
     """Teacher and student with the official run's seeded weights (the student standing in for a trained
     one), 256-pixel inputs (the official test hard-codes the 64×64 product grid). rtol 1e-4: cv2's float
     resize and torch's bilinear interpolation round differently; maps compared on a subsampled grid."""
@@ -112,10 +138,11 @@ def test_stfpm_end_to_end_equals_official_test():
     maps = outputs["anomaly_maps"][:, 0][:, grid][:, :, grid]
     np.testing.assert_allclose(maps.numpy(), official["maps_on_grid"], rtol=1e-4)
     np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), official["scores"], rtol=1e-4)
+    np.testing.assert_allclose(predict_scores(modeler, parity_images(2, 256, seed=5), tmp_path), official["scores"], rtol=1e-4)
 
 
 # -- FastFlow -------------------------------------------------------------------------------------------
-def test_fastflow_end_to_end_equals_official_forward():
+def test_fastflow_end_to_end_equals_official_forward(tmp_path):
     """The official resnet18 setting (8 steps, 3×3 only, hidden ratio 1) at 64 px with the official run's
     seeded backbone, LayerNorms and flows and its recorded channel permutations. rtol 1e-5 (abs 1e-7
     where the map is −exp of a large energy, i.e. near 0)."""
@@ -136,10 +163,12 @@ def test_fastflow_end_to_end_equals_official_forward():
         outputs = modeler.evaluate_step(to_tensor(parity_images(4, 64, seed=6)))
     np.testing.assert_allclose(outputs["anomaly_maps"][:, 0].numpy(), official["maps"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), official["scores"], rtol=1e-5, atol=1e-7)
+    scores = predict_scores(modeler, parity_images(4, 64, seed=6), tmp_path)
+    np.testing.assert_allclose(scores, official["scores"], rtol=1e-5, atol=1e-7)
 
 
 # -- DRAEM ----------------------------------------------------------------------------------------------
-def test_draem_end_to_end_equals_official_test():
+def test_draem_end_to_end_equals_official_test(tmp_path):
     """Both networks at width 8 (the official path is width-independent; 128 / 64 would only be slower)
     with the seeded values, 256-pixel [0, 1] images as the official test feeds them. Map = softmax
     anomaly channel, score = max of its 21×21 average (zero padding counted). rtol 1e-5; maps compared
@@ -154,6 +183,7 @@ def test_draem_end_to_end_equals_official_test():
     maps = outputs["anomaly_maps"][:, 0][:, grid][:, :, grid]
     np.testing.assert_allclose(maps.numpy(), official["maps_on_grid"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), official["scores"], rtol=1e-5)
+    np.testing.assert_allclose(predict_scores(modeler, parity_images(4, 256, seed=7), tmp_path), official["scores"], rtol=1e-5)
 
 
 # -- AE / VAE (no official code: an independent float64 reference from the formulas) -------------------
@@ -167,7 +197,7 @@ def reference_l2_maps(images: torch.Tensor, reconstruction: torch.Tensor, sigma:
 
 
 @pytest.mark.parametrize("name", ["ae", "vae"])
-def test_autoencoder_end_to_end_equals_float64_reference(name):
+def test_autoencoder_end_to_end_equals_float64_reference(name, tmp_path):
     """Our float32 public path against a float64 reference: the network in float64 and eval mode (the
     VAE decoding its posterior mean μ, not a sample), the L2 residual map smoothed by scipy, score = the
     map's maximum. rtol 1e-5 (float32 against float64 on a 32-pixel map)."""
@@ -186,6 +216,8 @@ def test_autoencoder_end_to_end_equals_float64_reference(name):
     np.testing.assert_allclose(outputs["anomaly_maps"][:, 0].numpy(), maps, rtol=1e-5, atol=0)
     np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), maps.reshape(4, -1).max(1), rtol=1e-5)
     np.testing.assert_allclose(modeler.compute_anomaly_scores(images).detach().numpy(), maps.reshape(4, -1).max(1), rtol=1e-5)
+    scores = predict_scores(modeler, parity_images(4, 32, seed=8), tmp_path)
+    np.testing.assert_allclose(scores, maps.reshape(4, -1).max(1), rtol=1e-5)
 
 
 # -- run_experiment on a folder of the same images ------------------------------------------------------
