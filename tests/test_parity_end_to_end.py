@@ -124,14 +124,20 @@ def test_patchcore_end_to_end_equals_official_predict(tmp_path):
 
 
 # -- STFPM ----------------------------------------------------------------------------------------------
+def stfpm_modeler(official: dict):
+    """Our STFPM with the official run's seeded teacher (seed 0) and student (seed 1)."""
+    modeler = modeler_for("stfpm", 256, backbone="resnet18", pretrained=False)
+    load_backbone(modeler.model.teacher, seed=0)
+    load_backbone(modeler.model.student, seed=1)
+    return modeler
+
+
 def test_stfpm_end_to_end_equals_official_test(tmp_path):
     """Teacher and student with the official run's seeded weights (the student standing in for a trained
     one), 256-pixel inputs (the official test hard-codes the 64×64 product grid). rtol 1e-4: cv2's float
     resize and torch's bilinear interpolation round differently; maps compared on a subsampled grid."""
     official = fixture("stfpm")
-    modeler = modeler_for("stfpm", 256, backbone="resnet18", pretrained=False)
-    load_backbone(modeler.model.teacher, seed=0)
-    load_backbone(modeler.model.student, seed=1)
+    modeler = stfpm_modeler(official)
     with torch.no_grad():  # as the trainers evaluate
         outputs = modeler.evaluate_step(to_tensor(parity_images(2, 256, seed=5)))
     grid = official["grid"]
@@ -142,11 +148,8 @@ def test_stfpm_end_to_end_equals_official_test(tmp_path):
 
 
 # -- FastFlow -------------------------------------------------------------------------------------------
-def test_fastflow_end_to_end_equals_official_forward(tmp_path):
-    """The official resnet18 setting (8 steps, 3×3 only, hidden ratio 1) at 64 px with the official run's
-    seeded backbone, LayerNorms and flows and its recorded channel permutations. rtol 1e-5 (abs 1e-7
-    where the map is −exp of a large energy, i.e. near 0)."""
-    official = fixture("fastflow")
+def fastflow_modeler(official: dict):
+    """Our FastFlow with the official run's seeded backbone, LayerNorms, flows and recorded permutations."""
     modeler = modeler_for("fastflow", 64, backbone="resnet18", pretrained=False)
     model = modeler.model
     load_backbone(model.extractor)
@@ -154,11 +157,20 @@ def test_fastflow_end_to_end_equals_official_forward(tmp_path):
     named = {k: v for k, v in state.items() if k.startswith(("norms", "flows")) and "permutation" not in k}
     values = seeded_tensors(named)
     for stage, flow in enumerate(model.flows):
-        for step, block in enumerate(flow.blocks):
+        for step, _ in enumerate(flow.blocks):
             permutation = torch.from_numpy(official[f"permutation_{stage}_{step}"])
             values[f"flows.{stage}.blocks.{step}.permutation"] = permutation
             values[f"flows.{stage}.blocks.{step}.inverse_permutation"] = permutation.argsort()
     model.load_state_dict({**state, **values})
+    return modeler
+
+
+def test_fastflow_end_to_end_equals_official_forward(tmp_path):
+    """The official resnet18 setting (8 steps, 3×3 only, hidden ratio 1) at 64 px with the official run's
+    seeded backbone, LayerNorms and flows and its recorded channel permutations. rtol 1e-5 (abs 1e-7
+    where the map is −exp of a large energy, i.e. near 0)."""
+    official = fixture("fastflow")
+    modeler = fastflow_modeler(official)
     with torch.no_grad():
         outputs = modeler.evaluate_step(to_tensor(parity_images(4, 64, seed=6)))
     np.testing.assert_allclose(outputs["anomaly_maps"][:, 0].numpy(), official["maps"], rtol=1e-5, atol=1e-7)
@@ -168,14 +180,20 @@ def test_fastflow_end_to_end_equals_official_forward(tmp_path):
 
 
 # -- DRAEM ----------------------------------------------------------------------------------------------
+def draem_modeler(official: dict):
+    """Our DRAEM at width 8 with the seeded values the official networks carried."""
+    modeler = modeler_for("draem", 256, reconstructive_width=8, discriminative_width=8)
+    modeler.model.load_state_dict(seeded_state(modeler.model))
+    return modeler
+
+
 def test_draem_end_to_end_equals_official_test(tmp_path):
     """Both networks at width 8 (the official path is width-independent; 128 / 64 would only be slower)
     with the seeded values, 256-pixel [0, 1] images as the official test feeds them. Map = softmax
     anomaly channel, score = max of its 21×21 average (zero padding counted). rtol 1e-5; maps compared
     on a subsampled grid."""
     official = fixture("draem")
-    modeler = modeler_for("draem", 256, reconstructive_width=8, discriminative_width=8)
-    modeler.model.load_state_dict(seeded_state(modeler.model))
+    modeler = draem_modeler(official)
     images = to_tensor(parity_images(4, 256, seed=7), normalize=False)
     with torch.no_grad():
         outputs = modeler.evaluate_step(images)
@@ -326,3 +344,37 @@ def test_autoencoder_preprocessing_equals_torchvision_resize_and_to_tensor(name,
     ours = our_preprocessing(name, tmp_path)
     assert tuple(ours.shape) == tuple(official["fastflow_shape"])
     np.testing.assert_allclose(ours[:, :, ::3, ::3].numpy(), reference, rtol=0, atol=1e-6)
+
+
+TRAINED_FAMILIES = {  # model: (setup, image size, fixture images (count, seed), rtol)
+    "stfpm": (stfpm_modeler, 256, (2, 5), 1e-4),
+    "fastflow": (fastflow_modeler, 64, (4, 6), 1e-5),
+    "draem": (draem_modeler, 256, (4, 7), 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRAINED_FAMILIES))
+def test_trained_families_run_experiment_on_a_folder_equals_official(name, tmp_path):
+    """The gradient (STFPM), flow (FastFlow) and classification (DRAEM) families through run_experiment:
+    training would change the fixture's weights, so a first run of one epoch keeps its training state
+    (``train.keep_training_state``), its saved weights are replaced by the seeded ones, and a second
+    run resumes it (``train.resume``) with nothing left to train, then evaluates the folder's test
+    images as any run does (data loading from PNG files, checkpoint reload, evaluate_step, scores.csv)."""
+    from anomaly_framework.main import run_experiment
+
+    setup, size, (count, seed), rtol = TRAINED_FAMILIES[name]
+    official = fixture(name)
+    seeded = setup(official)
+    images = parity_images(count, size, seed=seed)
+    data = write_folder(tmp_path / "data", images, images)
+    config = {**data, **{f"model.{k}": v for k, v in seeded.config["model"].items() if k != "name"},
+              "model.name": name, "data.image_size": size, "data.num_workers": 0,
+              "train.epochs": 1, "train.keep_training_state": True, "eval.num_figures": 0, "device": "cpu",
+              "output_dir": str(tmp_path / "first")}
+    run_experiment(config)
+    first = next((tmp_path / "first").rglob("last.pt")).parent
+    for name_ in ("last.pt", "checkpoint.pt"):
+        state = torch.load(first / name_, weights_only=False)
+        torch.save({**state, "model": seeded.state_dict()}, first / name_)
+    run_experiment({**config, "train.resume": str(first), "output_dir": str(tmp_path / "runs")})
+    np.testing.assert_allclose(run_scores({}, tmp_path), official["scores"], rtol=rtol, atol=1e-7)
