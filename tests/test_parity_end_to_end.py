@@ -1,8 +1,10 @@
 """End-to-end parity: each model's public scoring path (modeler.evaluate_step / compute_anomaly_maps /
-compute_anomaly_scores) against the official code's whole inference path on the same fixed images and
-seeded weights (tests/parity_inputs.py; fixtures tests/fixtures/parity/e2e_*.npz, made by
-tools/parity/make_end_to_end_fixtures.py). Maps and image scores, relative 1e-5 where both sides compute
-alike, 1e-4 where one side computes in float64 (numpy / scipy) and ours in float32 (stated per test)."""
+compute_anomaly_scores; inference.predict from a saved run; run_experiment on a folder of PNG files)
+against the official code's whole inference path on the same fixed images and seeded weights
+(tests/parity_inputs.py; fixtures tests/fixtures/parity/e2e_*.npz, made by
+tools/parity/make_end_to_end_fixtures.py), and our preprocessing against each official dataset transform.
+Maps and image scores, relative 1e-5 where both sides compute alike, 1e-4 where one side computes in
+float64 (numpy / scipy) or sums in another order (stated per test). docs/parity.md lists the deviations."""
 from __future__ import annotations
 
 import copy
