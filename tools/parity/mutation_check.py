@@ -47,6 +47,7 @@ CASES = [
  ("PatchCore (sigma default)", CONFIG, "\"sigma\": 4.0,\n            \"bank_dtype\"", "\"sigma\": 2.0,\n            \"bank_dtype\"", E2E, "patchcore"),
  ("PatchCore (score from the map)", "anomaly_framework/modelers/modeler_patchcore.py", "return outputs[\"image_scores\"]", "return maps.amax(dim=(1, 2, 3))", E2E, "patchcore"),
  ("STFPM (upsampling mode)", "anomaly_framework/models/model_stfpm.py", "return upsample_maps(self.grid_map(outputs), size)", "return upsample_maps(self.grid_map(outputs), size, mode=\"nearest\")", E2E, "stfpm"),
+ ("STFPM (level upsampling mode)", "anomaly_framework/models/model_stfpm.py", "product = product * upsample_maps(level, grid)", "product = product * upsample_maps(level, grid, mode=\"nearest\")", E2E, "stfpm"),
  ("STFPM (level product)", "anomaly_framework/models/model_stfpm.py", "product = product * upsample_maps(level, grid)", "product = product + upsample_maps(level, grid)", E2E, "stfpm"),
  ("FastFlow (upsampling mode)", "anomaly_framework/models/model_fastflow.py", "keepdim=True)), size) for z", "keepdim=True)), size, mode=\"nearest\") for z", E2E, "fastflow"),
  ("FastFlow (level average)", "anomaly_framework/models/model_fastflow.py", "return torch.stack(maps).mean(dim=0)", "return torch.stack(maps).amax(dim=0)", E2E, "fastflow"),
