@@ -1,36 +1,102 @@
-"""Mutation check: breaks one line of each model's scoring path at a time, runs the parity tests that
-cover it, restores the line, and prints which tests failed (every row must name at least one).
+"""Mutation check: breaks one line of a scoring path at a time, runs the parity tests that cover it,
+restores the line, and prints a Markdown table of which tests failed (every row must name at least one).
 
-    python tools/parity/mutation_check.py
+    python tools/parity/mutation_check.py [--only WORD]
 
+Stage cases break a model's own computation (tests/test_parity.py); glue cases break what turns a
+model's output into the map and score a user reads, and the preprocessing before it
+(tests/test_parity_end_to_end.py): score reductions, every sigma and upsampling mode a modeler passes,
+normalisation constants, the crop, the train/eval mode of frozen parts, the map a score is taken from.
 It edits the working tree while it runs: do not run other tests from the same tree at the same time.
+Exits 1 if a mutation survives.
 """
+from __future__ import annotations
+
+import argparse
 import subprocess
 import sys
 
+STAGE, E2E = "tests/test_parity.py", "tests/test_parity_end_to_end.py"
+MB, FILTERS = "anomaly_framework/modelers/modeler_base.py", "anomaly_framework/ops/filters.py"
+CONFIG = "anomaly_framework/config.py"
+# (model, file, line as it is, line broken, tests file, pytest -k selection)
 CASES = [
- ("PaDiM", "anomaly_framework/models/model_padim.py", "COVARIANCE_EPS = 0.01", "COVARIANCE_EPS = 0.1", "padim"),
- ("PaDiM", "anomaly_framework/models/model_padim.py", "return {\"patch_scores\": self._squared_distance(inputs).sqrt()}", "return {\"patch_scores\": self._squared_distance(inputs)}", "padim"),
- ("PatchCore", "anomaly_framework/models/model_patchcore.py", "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=False)", "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=True)", "patchcore"),
- ("PatchCore", "anomaly_framework/models/model_patchcore.py", "min_sq = anchor_sq.sqrt_().mean(1).square_()", "min_sq = anchor_sq.mean(1)", "patchcore"),
- ("STFPM", "anomaly_framework/models/model_stfpm.py", "(F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1)", "(t - s).pow(2).sum(dim=1)", "stfpm"),
- ("STFPM", "anomaly_framework/models/model_stfpm.py", "grid = distances[0].shape[-2:]\n        product = distances[0]", "grid = tuple(4 * s for s in distances[0].shape[-2:])\n        product = upsample_maps(distances[0], grid)", "stfpm"),
- ("FastFlow", "anomaly_framework/models/flow_components.py", "params = 0.1 * self.subnet(x1)", "params = self.subnet(x1)", "fastflow"),
- ("FastFlow", "anomaly_framework/models/model_fastflow.py", "-torch.exp(-0.5 * z.square().mean(dim=1, keepdim=True))", "-torch.exp(-0.5 * z.square().sum(dim=1, keepdim=True))", "fastflow"),
- ("DRAEM", "anomaly_framework/models/model_draem.py", "count_include_pad=True", "count_include_pad=False", "draem"),
- ("DRAEM", "anomaly_framework/models/model_draem.py", "one_hot = torch.cat([1 - target, target], dim=1).clamp(smooth, 1.0 - smooth)", "one_hot = torch.cat([1 - target, target], dim=1)", "draem"),
- ("smoothing", "anomaly_framework/ops/filters.py", "return torch.where(positions < size, positions, 2 * size - 1 - positions)", "return torch.where(positions < size, positions, 2 * size - 2 - positions).clamp(0, size - 1)", "padim or patchcore"),
- ("AU-PRO", "anomaly_framework/metrics/metrics_base.py", "weight = np.where(sorted_regions > 0, 1.0 / (region_sizes[sorted_regions] * offset), 0.0)", "weight = np.where(sorted_regions > 0, 1.0 / (sorted_regions > 0).sum(), 0.0)", "aupro"),
- ("SSIM", "anomaly_framework/metrics/ssim.py", "c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2", "c1, c2 = (k1 * data_range) ** 2, (k1 * data_range) ** 2", "ssim"),
+ ("PaDiM", "anomaly_framework/models/model_padim.py", "COVARIANCE_EPS = 0.01", "COVARIANCE_EPS = 0.1", STAGE, "padim"),
+ ("PaDiM", "anomaly_framework/models/model_padim.py", "return {\"patch_scores\": self._squared_distance(inputs).sqrt()}", "return {\"patch_scores\": self._squared_distance(inputs)}", STAGE, "padim"),
+ ("PatchCore", "anomaly_framework/models/model_patchcore.py", "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=False)", "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=True)", STAGE, "patchcore"),
+ ("PatchCore", "anomaly_framework/models/model_patchcore.py", "min_sq = anchor_sq.sqrt_().mean(1).square_()", "min_sq = anchor_sq.mean(1)", STAGE, "patchcore"),
+ ("STFPM", "anomaly_framework/models/model_stfpm.py", "(F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1)", "(t - s).pow(2).sum(dim=1)", STAGE, "stfpm"),
+ ("STFPM", "anomaly_framework/models/model_stfpm.py", "grid = distances[0].shape[-2:]\n        product = distances[0]", "grid = tuple(4 * s for s in distances[0].shape[-2:])\n        product = upsample_maps(distances[0], grid)", STAGE, "stfpm"),
+ ("FastFlow", "anomaly_framework/models/flow_components.py", "params = 0.1 * self.subnet(x1)", "params = self.subnet(x1)", STAGE, "fastflow"),
+ ("FastFlow", "anomaly_framework/models/model_fastflow.py", "-torch.exp(-0.5 * z.square().mean(dim=1, keepdim=True))", "-torch.exp(-0.5 * z.square().sum(dim=1, keepdim=True))", STAGE, "fastflow"),
+ ("DRAEM", "anomaly_framework/models/model_draem.py", "count_include_pad=True", "count_include_pad=False", STAGE, "draem"),
+ ("DRAEM", "anomaly_framework/models/model_draem.py", "one_hot = torch.cat([1 - target, target], dim=1).clamp(smooth, 1.0 - smooth)", "one_hot = torch.cat([1 - target, target], dim=1)", STAGE, "draem"),
+ ("smoothing", FILTERS, "return torch.where(positions < size, positions, 2 * size - 1 - positions)", "return torch.where(positions < size, positions, 2 * size - 2 - positions).clamp(0, size - 1)", STAGE, "padim or patchcore"),
+ ("AU-PRO", "anomaly_framework/metrics/metrics_base.py", "weight = np.where(sorted_regions > 0, 1.0 / (region_sizes[sorted_regions] * offset), 0.0)", "weight = np.where(sorted_regions > 0, 1.0 / (sorted_regions > 0).sum(), 0.0)", STAGE, "aupro"),
+ ("SSIM", "anomaly_framework/metrics/ssim.py", "c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2", "c1, c2 = (k1 * data_range) ** 2, (k1 * data_range) ** 2", STAGE, "ssim"),
+ # -- glue: maps and scores ----------------------------------------------------------------------
+ ("all (score reduction)", MB, "return maps.amax(dim=(1, 2, 3))", "return maps.mean(dim=(1, 2, 3))", E2E, "end_to_end"),
+ ("all (evaluation mode)", MB, "self.model.eval()\n        if held_out is None:", "self.model.train()\n        if held_out is None:", E2E, "end_to_end"),
+ ("frozen backbones (train/eval)", "anomaly_framework/backbones/extractors.py", "return super().train(mode and not getattr(self, \"frozen\", False))", "return super().train(mode)", E2E, "end_to_end"),
+ ("PaDiM, PatchCore (upsampling mode)", MB, "sigma: float, mode: str = \"bilinear\"):", "sigma: float, mode: str = \"nearest\"):", E2E, "padim or patchcore"),
+ ("all (upsampling corners)", FILTERS, "return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=False)", "return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=True)", E2E, "end_to_end"),
+ ("all (Gaussian truncation)", FILTERS, "def gaussian_kernel1d(sigma: float, truncate: float = 4.0)", "def gaussian_kernel1d(sigma: float, truncate: float = 3.0)", E2E, "end_to_end"),
+ ("PaDiM (sigma passed)", "anomaly_framework/modelers/modeler_padim.py", "self.input_size(batch), self.model.sigma)", "self.input_size(batch), self.model.sigma / 2)", E2E, "padim"),
+ ("PaDiM (sigma default)", CONFIG, "\"sigma\": 4.0,\n            \"feature_seed\"", "\"sigma\": 2.0,\n            \"feature_seed\"", E2E, "padim"),
+ ("PatchCore (sigma passed)", "anomaly_framework/modelers/modeler_patchcore.py", "self.input_size(batch), self.model.sigma)", "self.input_size(batch), self.model.sigma / 2)", E2E, "patchcore"),
+ ("PatchCore (sigma default)", CONFIG, "\"sigma\": 4.0,\n            \"bank_dtype\"", "\"sigma\": 2.0,\n            \"bank_dtype\"", E2E, "patchcore"),
+ ("PatchCore (score from the map)", "anomaly_framework/modelers/modeler_patchcore.py", "return outputs[\"image_scores\"]", "return maps.amax(dim=(1, 2, 3))", E2E, "patchcore"),
+ ("STFPM (upsampling mode)", "anomaly_framework/models/model_stfpm.py", "return upsample_maps(self.grid_map(outputs), size)", "return upsample_maps(self.grid_map(outputs), size, mode=\"nearest\")", E2E, "stfpm"),
+ ("STFPM (level upsampling mode)", "anomaly_framework/models/model_stfpm.py", "product = product * upsample_maps(level, grid)", "product = product * upsample_maps(level, grid, mode=\"nearest\")", E2E, "stfpm"),
+ ("STFPM (level product)", "anomaly_framework/models/model_stfpm.py", "product = product * upsample_maps(level, grid)", "product = product + upsample_maps(level, grid)", E2E, "stfpm"),
+ ("FastFlow (upsampling mode)", "anomaly_framework/models/model_fastflow.py", "keepdim=True)), size) for z", "keepdim=True)), size, mode=\"nearest\") for z", E2E, "fastflow"),
+ ("FastFlow (level average)", "anomaly_framework/models/model_fastflow.py", "return torch.stack(maps).mean(dim=0)", "return torch.stack(maps).amax(dim=0)", E2E, "fastflow"),
+ ("DRAEM (map channel)", "anomaly_framework/models/model_draem.py", "return outputs[\"logits\"].float().softmax(dim=1)[:, 1:]", "return outputs[\"logits\"].float().softmax(dim=1)[:, :1]", E2E, "draem"),
+ ("DRAEM (score from the pooled map)", "anomaly_framework/modelers/modeler_draem.py", "return self.model.image_score(maps)", "return maps.amax(dim=(1, 2, 3))", E2E, "draem"),
+ ("DRAEM (score filter default)", CONFIG, "\"score_filter\": 21,", "\"score_filter\": 11,", E2E, "draem"),
+ ("AE/VAE (sigma passed)", "anomaly_framework/modelers/modeler_autoencoder.py", "self.model.sigma)", "self.model.sigma / 2)", E2E, "autoencoder"),
+ ("AE/VAE (sigma default)", CONFIG, "\"map_kind\": \"l2\", \"sigma\": 4.0}", "\"map_kind\": \"l2\", \"sigma\": 2.0}", E2E, "autoencoder"),
+ ("AE/VAE (residual map)", "anomaly_framework/models/model_base.py", "error = (images - reconstruction).square().sum(dim=1, keepdim=True)", "error = (images - reconstruction).square().mean(dim=1, keepdim=True)", E2E, "autoencoder"),
+ ("VAE (posterior mean at evaluation)", "anomaly_framework/models/model_vae.py", "latent = reparameterize(mu, log_var, self.training)", "latent = reparameterize(mu, log_var, True)", E2E, "autoencoder"),
+ # -- glue: preprocessing --------------------------------------------------------------------------
+ ("all (normalisation mean)", "anomaly_framework/ops/normalize.py", "IMAGENET_MEAN = (0.485, 0.456, 0.406)", "IMAGENET_MEAN = (0.406, 0.456, 0.485)", E2E, "preprocessing"),
+ ("all (normalisation std)", "anomaly_framework/ops/normalize.py", "IMAGENET_STD = (0.229, 0.224, 0.225)", "IMAGENET_STD = (0.225, 0.224, 0.229)", E2E, "preprocessing"),
+ ("all (crop position)", "anomaly_framework/images/geometry.py", "return (resize - size) // 2", "return 0", E2E, "preprocessing"),
+ ("PaDiM (crop ratio)", CONFIG, "\"crop_ratio\": 0.875, \"interpolation\": \"lanczos\"", "\"crop_ratio\": 1.0, \"interpolation\": \"lanczos\"", E2E, "preprocessing"),
+ ("PaDiM (resize filter)", CONFIG, "\"crop_ratio\": 0.875, \"interpolation\": \"lanczos\"", "\"crop_ratio\": 0.875, \"interpolation\": \"bilinear\"", E2E, "preprocessing"),
+ ("PatchCore (crop ratio)", CONFIG, "\"crop_ratio\": 0.875, \"interpolation\": \"bilinear\", \"batch_size\": 8", "\"crop_ratio\": 0.8, \"interpolation\": \"bilinear\", \"batch_size\": 8", E2E, "preprocessing"),
+ ("STFPM, FastFlow (resize filter)", CONFIG, "\"interpolation\": \"bilinear\",  # bilinear", "\"interpolation\": \"bicubic\",  # bilinear", E2E, "preprocessing"),
+ ("DRAEM (normalisation)", CONFIG, "\"crop_ratio\": 1.0, \"normalize\": \"none\", \"batch_size\": 8", "\"crop_ratio\": 1.0, \"normalize\": \"imagenet\", \"batch_size\": 8", E2E, "preprocessing"),
+ ("AE/VAE (normalisation)", CONFIG, "\"crop_ratio\": 1.0, \"normalize\": \"none\", \"batch_size\": 32", "\"crop_ratio\": 1.0, \"normalize\": \"imagenet\", \"batch_size\": 32", E2E, "preprocessing"),
 ]
-for model, path, old, new, k in CASES:
-    text = open(path).read()
-    assert text.count(old) == 1, (path, old)
-    open(path, "w").write(text.replace(old, new))
-    try:
-        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_parity.py", "-k", k, "-p", "no:cacheprovider"],
-                             capture_output=True, text=True).stdout
-    finally:
-        open(path, "w").write(text)
-    failed = [l.split(" - ")[0].replace("FAILED ", "") for l in out.splitlines() if l.startswith("FAILED")]
-    print(f"{model} | {path}: `{old}` -> `{new}` | failed: {', '.join(failed) or 'NONE'}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run only the cases whose model column contains this")
+    only = parser.parse_args().only
+    print("| model | file | line | broken to | failed tests |\n|---|---|---|---|---|", flush=True)
+    survivors = 0
+    for model, path, old, new, tests, selection in CASES:
+        if only not in model:
+            continue
+        text = open(path).read()
+        assert text.count(old) == 1, (path, old)
+        open(path, "w").write(text.replace(old, new))
+        try:
+            out = subprocess.run([sys.executable, "-m", "pytest", "-q", tests, "-k", selection, "-p", "no:cacheprovider"],
+                                 capture_output=True, text=True).stdout
+        finally:
+            open(path, "w").write(text)
+        failed = [line.split(" - ")[0].replace("FAILED ", "").split("::")[-1] for line in out.splitlines()
+                  if line.startswith(("FAILED", "ERROR"))]
+        survivors += not failed
+        cell = lambda s: "`" + " ".join(s.split()).replace("|", "\\|") + "`"  # noqa: E731
+        print(f"| {model} | {path.split('/')[-1]} | {cell(old)} | {cell(new)} | {', '.join(failed) or '**NONE**'} |",
+              flush=True)
+    print(f"\n{survivors} surviving mutation(s)")
+    return int(survivors > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
