@@ -48,10 +48,13 @@ BASE_CONFIGS: dict[str, Any] = {
     "model": {"name": "padim"},
     "train": {"trainer": "memory"},
     "eval": {
-        # normal_quantile: a quantile of held-out train/good scores (in-sample if none held out), no
-        # anomalies needed; f1_adaptive: best F1 on the labelled validation set (data.labelled_val_fraction);
-        # manual: eval.threshold_value.
-        "threshold_strategy": "normal_quantile",
+        # false_alarm_rate: the lowest order statistic of out-of-sample normal scores whose false-alarm
+        # rate is <= eval.false_alarm_rate with probability eval.false_alarm_confidence (docs/thresholds.md);
+        # normal_quantile: a quantile of the same scores; f1_adaptive: best F1 on the labelled validation
+        # set (data.labelled_val_fraction); manual: eval.threshold_value. No anomalies needed but for f1_adaptive.
+        "threshold_strategy": "false_alarm_rate",
+        "false_alarm_rate": 0.05,  # 1 normal image in 20 flagged; certified from 45 normal images at confidence 0.9
+        "false_alarm_confidence": 0.9,
         "threshold_quantile": 1.0,  # normal_quantile only; 1.0 = the maximum normal score
         "threshold_value": None,  # manual only
         "num_figures": 8,  # test images drawn as image | ground truth | heat map | predicted mask

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from anomaly_framework.execution.interrupts import raise_if_interrupted
+from anomaly_framework.metrics.false_alarms import budget_threshold
 from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
 from anomaly_framework.backbones.extractors import weights_record
 from anomaly_framework.ops.filters import upsample_maps
@@ -152,6 +153,9 @@ class BaseTrainer:
         dataloader.pin_memory = device.type == "cuda"  # host-to-device copies overlap the compute
         self.pixel_threshold: float | None = None  # the predicted masks' threshold on the maps
         self.pixel_threshold_source = "none"
+        # How a false-alarm-budget threshold was chosen (budget, estimator, n, expected rate): results.json.
+        self.threshold_calibration: dict | None = None
+        self.pixel_threshold_calibration: dict | None = None
 
     # -- to be provided by each family --------------------------------------------------------------
     def fit(self, train_loader: DataLoader | None = None, num_epochs: int | None = None,
@@ -262,8 +266,10 @@ class BaseTrainer:
     def calibrate_threshold(self) -> None:
         """Chooses the image and pixel thresholds by ``eval.threshold_strategy``; never from the test metrics' images.
 
-        normal_quantile: the quantile of out-of-sample normal images' scores (``normal_predictions``), and
-        for pixels the same quantile of those images' map maxima (so at 1.0 no calibration image has a
+        false_alarm_rate: the lowest order statistic of out-of-sample normal images' scores
+        (``normal_predictions``) whose false-alarm rate meets the budget at the stated confidence, and for
+        pixels the same of those images' map maxima (the share of normal images with a predicted pixel);
+        normal_quantile: a quantile of the same scores and maxima (at 1.0 no calibration image has a
         predicted pixel); f1_adaptive: best F1 on the labelled validation share of the test split,
         excluded from the metrics, per image and per pixel; manual: ``eval.threshold_value`` for both.
         """
@@ -289,12 +295,24 @@ class BaseTrainer:
                 self.pixel_threshold = f1_max(predictions.masks.numpy().ravel(), predictions.maps.numpy().ravel())[1]
                 self.pixel_threshold_source = "pixel F1-max on the labelled validation split's masks"
         else:
-            quantile = evaluation["threshold_quantile"]
             predictions, split = self.normal_predictions()
-            self.threshold = normal_threshold(predictions.scores.numpy(), quantile)
-            self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(predictions.scores)} images)"
-            self.pixel_threshold = normal_threshold(predictions.maps.amax(dim=(1, 2, 3)).numpy(), quantile)
-            self.pixel_threshold_source = f"normal_quantile(q={quantile}) of the map maxima of the same images"
+            scores, maxima = predictions.scores.numpy(), predictions.maps.amax(dim=(1, 2, 3)).numpy()
+            if strategy == "false_alarm_rate":
+                budget, confidence = evaluation["false_alarm_rate"], evaluation["false_alarm_confidence"]
+                self.threshold, self.threshold_calibration = budget_threshold(scores, budget, confidence)
+                self.pixel_threshold, self.pixel_threshold_calibration = budget_threshold(maxima, budget, confidence, "pixel")
+                self.threshold_calibration["images"] = self.pixel_threshold_calibration["images"] = split
+                rank = self.threshold_calibration["rank"]
+                self.threshold_source = (f"false_alarm_rate={budget} at confidence {confidence}: the {rank}-th smallest "
+                                         f"score of {split} ({len(scores)} images)")
+                self.pixel_threshold_source = (f"false_alarm_rate={budget} at confidence {confidence} of the map maxima "
+                                               "of the same images (share of normal images with a predicted pixel)")
+            else:
+                quantile = evaluation["threshold_quantile"]
+                self.threshold = normal_threshold(scores, quantile)
+                self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
+                self.pixel_threshold = normal_threshold(maxima, quantile)
+                self.pixel_threshold_source = f"normal_quantile(q={quantile}) of the map maxima of the same images"
         self.timings["threshold"] = time.perf_counter() - start
 
     def evaluate(self, test_loader: DataLoader | None = None) -> Evaluation:
@@ -319,6 +337,8 @@ class BaseTrainer:
                                                     maps, self.threshold, self.threshold_source)
         metrics["threshold_strategy"] = self.config["eval"]["threshold_strategy"]
         metrics["pixel_threshold"], metrics["pixel_threshold_source"] = self.pixel_threshold, self.pixel_threshold_source
+        metrics["threshold_calibration"] = self.threshold_calibration
+        metrics["pixel_threshold_calibration"] = self.pixel_threshold_calibration
         end = time.perf_counter()
         self.timings.update(self.modeler.timer.as_dict("evaluate_"))
         self.timings["evaluate_metrics"] = end - metrics_start
@@ -337,6 +357,7 @@ class BaseTrainer:
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "pixel_threshold": self.pixel_threshold,
+            "threshold_calibration": self.threshold_calibration,
         }
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
