@@ -23,6 +23,7 @@ from anomaly_framework.metrics.false_alarms import budget_threshold
 from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
 from anomaly_framework.backbones.extractors import weights_record
 from anomaly_framework.ops.filters import upsample_maps
+from anomaly_framework.reporting.predictions import score_scale
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.utils import StageTimer
 
@@ -75,6 +76,16 @@ class Predictions:
         if self.eval_maps is not None:
             return self.eval_masks, self.eval_maps
         return self.masks.numpy(), self.maps.numpy()
+
+    @classmethod
+    def concatenate(cls, parts: list["Predictions"]) -> "Predictions":
+        """The predictions of several passes (cross-fitting's folds) as one, in the order given."""
+        def joined(name: str):
+            values = [getattr(part, name) for part in parts]
+            if values[0] is None:
+                return None
+            return torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for value in values for v in value]
+        return cls(**{name: joined(name) for name in cls.__dataclass_fields__})
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Unpacks as ``scores, labels``, the design's ``predict`` return (as ``os.stat_result`` unpacks
@@ -156,6 +167,7 @@ class BaseTrainer:
         # How a false-alarm-budget threshold was chosen (budget, estimator, n, expected rate): results.json.
         self.threshold_calibration: dict | None = None
         self.pixel_threshold_calibration: dict | None = None
+        self.score_scale: float | None = None  # of the normalised score (0.5 at the threshold), from normal scores
 
     # -- to be provided by each family --------------------------------------------------------------
     def fit(self, train_loader: DataLoader | None = None, num_epochs: int | None = None,
@@ -260,6 +272,9 @@ class BaseTrainer:
         loader = self.eval_loader(self.dataloader.valid_dataset, "valid")
         if loader is not None:
             return self.predict(loader, desc="threshold"), "held-out train/good"
+        warnings.warn("The threshold is calibrated on the training images themselves (data.val_fraction=0), whose "
+                      "scores are biased low: expect more false alarms than eval.false_alarm_rate; set "
+                      "data.val_fraction > 0 to calibrate on held-out images")
         return (self.predict(self.eval_loader(self.dataloader.train_dataset, "train"), desc="threshold"),
                 "train/good in-sample (biased low: set data.val_fraction > 0)")
 
@@ -287,6 +302,7 @@ class BaseTrainer:
                                      "from the test metrics), or use normal_quantile")
             predictions = self.predict(loader, desc="threshold")
             self.threshold = f1_adaptive_threshold(predictions.labels.numpy(), predictions.scores.numpy())
+            self.score_scale = score_scale(self.threshold, predictions.scores[predictions.labels == 0].numpy())
             anomalous = int(predictions.labels.sum())
             self.threshold_source = (f"f1_adaptive on the labelled validation split ({len(predictions.labels)} test "
                                      f"images held out: {anomalous} anomalous)")
@@ -313,6 +329,7 @@ class BaseTrainer:
                 self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
                 self.pixel_threshold = normal_threshold(maxima, quantile)
                 self.pixel_threshold_source = f"normal_quantile(q={quantile}) of the map maxima of the same images"
+            self.score_scale = score_scale(self.threshold, scores)
         self.timings["threshold"] = time.perf_counter() - start
 
     def evaluate(self, test_loader: DataLoader | None = None) -> Evaluation:
@@ -339,6 +356,7 @@ class BaseTrainer:
         metrics["pixel_threshold"], metrics["pixel_threshold_source"] = self.pixel_threshold, self.pixel_threshold_source
         metrics["threshold_calibration"] = self.threshold_calibration
         metrics["pixel_threshold_calibration"] = self.pixel_threshold_calibration
+        metrics["score_scale"] = self.score_scale
         end = time.perf_counter()
         self.timings.update(self.modeler.timer.as_dict("evaluate_"))
         self.timings["evaluate_metrics"] = end - metrics_start
@@ -358,6 +376,7 @@ class BaseTrainer:
             "threshold_source": self.threshold_source,
             "pixel_threshold": self.pixel_threshold,
             "threshold_calibration": self.threshold_calibration,
+            "score_scale": self.score_scale,
         }
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
