@@ -54,3 +54,12 @@ def test_normalised_score_puts_the_threshold_at_one_half_and_the_median_normal_a
     assert normalized_score(13.0, 8.0, scale) == pytest.approx(0.9)
     assert normalized_score(1e9, 8.0, scale) == 1.0 and normalized_score(-1e9, 8.0, scale) == 0.0
     assert normalized_score(5.0, None, scale) is None
+
+
+def test_training_on_every_image_calibrates_in_sample_and_says_so(tmp_path, demo_root):
+    overrides = {"model.name": "stfpm", "model.backbone": "resnet18", "model.pretrained": False, "data.name": "demo",
+                 "data.root": str(demo_root), "data.image_size": 32, "data.batch_size": 8, "data.val_fraction": 0.0,
+                 "train.epochs": 1, "train.monitor": "loss", "eval.num_figures": 0, "output_dir": str(tmp_path)}
+    with pytest.warns(UserWarning, match="calibrated on the training images themselves"):
+        metrics = run_experiment(overrides)["metrics"]
+    assert metrics["threshold_calibration"]["images"].startswith("train/good in-sample (biased low")
