@@ -99,7 +99,7 @@ def test_a_plugin_memory_model_is_calibrated_cross_fitted_not_in_sample(plugin_f
     with pytest.warns(UserWarning, match="cannot be certified"):
         results = run_experiment(settings)
     metrics = results["metrics"]
-    assert metrics["threshold_source"].endswith("score of train/good, 5-fold cross-fitted (40 images)")
+    assert metrics["threshold_source"].endswith("scores of train/good, 5-fold cross-fitted (40 images)")
     modeler, _ = load_checkpoint(Path(results["run_dir"]))
     assert tuple(modeler.model.bank.shape) == (40 * 4 * 4, 128)
     images = torch.stack([item["image"] for item in build_dataloader(results["config"]).train_dataset])

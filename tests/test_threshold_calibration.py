@@ -83,7 +83,7 @@ def test_default_threshold_uses_leave_one_out_scores_of_the_training_images(tmp_
               "output_dir": str(tmp_path), "eval": {"num_figures": 0, "save_checkpoint": False}}
     with pytest.warns(UserWarning, match="cannot be certified"):  # 40 images: the maximum, rank 40
         metrics = run_experiment(config)["metrics"]
-    assert metrics["threshold_source"] == ("false_alarm_rate=0.05 at confidence 0.9: the 40-th smallest score of "
-                                           "train/good, leave-one-image-out (40 images)")
+    assert metrics["threshold_source"] == ("false_alarm_rate=0.05 at confidence 0.9: rank 40 (ascending) of the "
+                                           "scores of train/good, leave-one-image-out (40 images)")
     assert "map maxima" in metrics["pixel_threshold_source"]
     assert metrics["pixel_threshold"] is not None and metrics["threshold"] > 0

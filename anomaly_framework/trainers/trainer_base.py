@@ -273,7 +273,7 @@ class BaseTrainer:
         if loader is not None:
             return self.predict(loader, desc="threshold"), "held-out train/good"
         warnings.warn("The threshold is calibrated on the training images themselves (data.val_fraction=0), whose "
-                      "scores are biased low: expect more false alarms than eval.false_alarm_rate; set "
+                      "scores are biased low: expect more false alarms on new normal images than the threshold intends; set "
                       "data.val_fraction > 0 to calibrate on held-out images")
         return (self.predict(self.eval_loader(self.dataloader.train_dataset, "train"), desc="threshold"),
                 "train/good in-sample (biased low: set data.val_fraction > 0)")
@@ -311,26 +311,31 @@ class BaseTrainer:
                 self.pixel_threshold = f1_max(predictions.masks.numpy().ravel(), predictions.maps.numpy().ravel())[1]
                 self.pixel_threshold_source = "pixel F1-max on the labelled validation split's masks"
         else:
-            predictions, split = self.normal_predictions()
-            scores, maxima = predictions.scores.numpy(), predictions.maps.amax(dim=(1, 2, 3)).numpy()
-            if strategy == "false_alarm_rate":
-                budget, confidence = evaluation["false_alarm_rate"], evaluation["false_alarm_confidence"]
-                self.threshold, self.threshold_calibration = budget_threshold(scores, budget, confidence)
-                self.pixel_threshold, self.pixel_threshold_calibration = budget_threshold(maxima, budget, confidence, "pixel")
-                self.threshold_calibration["images"] = self.pixel_threshold_calibration["images"] = split
-                rank = self.threshold_calibration["rank"]
-                self.threshold_source = (f"false_alarm_rate={budget} at confidence {confidence}: the {rank}-th smallest "
-                                         f"score of {split} ({len(scores)} images)")
-                self.pixel_threshold_source = (f"false_alarm_rate={budget} at confidence {confidence} of the map maxima "
-                                               "of the same images (share of normal images with a predicted pixel)")
-            else:
-                quantile = evaluation["threshold_quantile"]
-                self.threshold = normal_threshold(scores, quantile)
-                self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
-                self.pixel_threshold = normal_threshold(maxima, quantile)
-                self.pixel_threshold_source = f"normal_quantile(q={quantile}) of the map maxima of the same images"
-            self.score_scale = score_scale(self.threshold, scores)
+            self.calibrate_on_normal_scores(evaluation)
         self.timings["threshold"] = time.perf_counter() - start
+
+    def calibrate_on_normal_scores(self, evaluation: dict) -> None:
+        """false_alarm_rate / normal_quantile: thresholds from out-of-sample normal images' scores (image)
+        and map maxima (pixel), and the normalised score's scale from the same scores."""
+        predictions, split = self.normal_predictions()
+        scores, maxima = predictions.scores.numpy(), predictions.maps.amax(dim=(1, 2, 3)).numpy()
+        if evaluation["threshold_strategy"] == "false_alarm_rate":
+            budget, confidence = evaluation["false_alarm_rate"], evaluation["false_alarm_confidence"]
+            self.threshold, self.threshold_calibration = budget_threshold(scores, budget, confidence)
+            self.pixel_threshold, self.pixel_threshold_calibration = budget_threshold(maxima, budget, confidence, "pixel")
+            self.threshold_calibration["images"] = self.pixel_threshold_calibration["images"] = split
+            rank = self.threshold_calibration["rank"]
+            self.threshold_source = (f"false_alarm_rate={budget} at confidence {confidence}: rank {rank} (ascending) of "
+                                     f"the scores of {split} ({len(scores)} images)")
+            self.pixel_threshold_source = (f"false_alarm_rate={budget} at confidence {confidence} of the map maxima "
+                                           "of the same images (share of normal images with a predicted pixel)")
+        else:
+            quantile = evaluation["threshold_quantile"]
+            self.threshold = normal_threshold(scores, quantile)
+            self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
+            self.pixel_threshold = normal_threshold(maxima, quantile)
+            self.pixel_threshold_source = f"normal_quantile(q={quantile}) of the map maxima of the same images"
+        self.score_scale = score_scale(self.threshold, scores)
 
     def evaluate(self, test_loader: DataLoader | None = None) -> Evaluation:
         """Scores ``test_loader`` (default the test split) and computes the test metrics.
