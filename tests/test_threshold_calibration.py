@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from anomaly_framework.main import run_experiment
+from anomaly_framework.models import model_padim
 from anomaly_framework.models.model_padim import COVARIANCE_EPS, PadimModel
 from anomaly_framework.models.model_patchcore import PatchcoreModel
 
@@ -31,7 +32,8 @@ def _padim_refit_distances(samples: torch.Tensor, i: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("count, dim, scale", [(3, 24, 1.0), (8, 176, 6.0), (12, 64, 6.0), (40, 8, 1.0)])
-def test_padim_leave_one_out_equals_gaussians_refitted_without_the_image(count, dim, scale):
+@pytest.mark.parametrize("cache_bytes", [2**30, 0])  # factors kept across batches, or recomputed for each
+def test_padim_leave_one_out_equals_gaussians_refitted_without_the_image(count, dim, scale, cache_bytes, monkeypatch):
     """n < d (8 images of 176 channels in [0, 6], as Lite0's on bottle's 8-image subset: an image is its own
     direction of the covariance) and n > d, against a float64 refit without the image."""
     torch.manual_seed(0)
@@ -42,7 +44,12 @@ def test_padim_leave_one_out_equals_gaussians_refitted_without_the_image(count, 
     for part in range(0, count, 4):
         model.update([f[part:part + 4] for f in features])
     model.finalize()
+    monkeypatch.setattr(model_padim, "LEAVE_ONE_OUT_CACHE_BYTES", cache_bytes)
+    halves = [model.leave_one_out([f[part] for f in features], torch.arange(count)[part])["patch_scores"]
+              for part in (slice(0, count // 2), slice(count // 2, None))]  # two batches of the calibration pass
     held_out = model.leave_one_out(features, torch.arange(count))["patch_scores"].double()
+    assert torch.allclose(torch.cat(halves).double(), held_out, rtol=1e-6)
+    assert len(model._refit_factors) == (1 if cache_bytes else 0)
     samples = model.embed(features).double()  # [N, d, h, w]
     samples = samples.permute(2, 3, 0, 1).reshape(-1, count, dim)  # [P, N, d]
     for i in range(count):

@@ -31,6 +31,9 @@ COVARIANCE_EPS = 0.01
 PACKED_KEY = "inv_covariance_upper"
 # Float64 covariances factorised at once by the leave-one-out scores (positions per chunk = this / (8·d²)).
 LEAVE_ONE_OUT_CHUNK_BYTES = 64 * 2**20
+# The factors are kept across the calibration pass's batches up to this size (Lite0 at 224 px: 0.8 GB), and
+# recomputed for each batch above it (WR50's 550 channels: 7.6 GB).
+LEAVE_ONE_OUT_CACHE_BYTES = 2**30
 
 
 @MODEL_REGISTRY.register("padim")
@@ -81,6 +84,7 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         # n and the scatter of the last fit, for the leave-one-out scores (not saved: calibration follows the fit).
         self.fit_images = 0
         self._fit_scatter: torch.Tensor | None = None
+        self._refit_factors: dict[int, torch.Tensor] = {}  # leave_one_out's Cholesky factors by first position
 
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The frozen backbone's features per layer; the memory trainer caches them once per image."""
@@ -151,7 +155,7 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self.inv_covariance = ((inverse + inverse.mT) / 2).contiguous()
         self.mean = self.mean.clone()
         # Kept for leave_one_out (as large as the inverse; the peak above already held both).
-        self._fit_scatter = self._scatter
+        self._fit_scatter, self._refit_factors = self._scatter, {}
         self.fit_images, self._scatter, self._count = self._count, None, 0
 
     # -- storage: one triangle of each symmetric inverse covariance (half the checkpoint, bit for bit) ---
@@ -208,15 +212,26 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         embedding = self.embed(images).double()
         batch, dim, height, width = embedding.shape
         centred = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim) - self.mean.double().unsqueeze(1)
-        regulariser = COVARIANCE_EPS * torch.eye(dim, dtype=torch.float64, device=centred.device)
         downdate = count / ((count - 1) * (count - 2))
         step = max(1, LEAVE_ONE_OUT_CHUNK_BYTES // (8 * dim * dim))
         squared = torch.empty(height * width, batch, dtype=torch.float64, device=centred.device)
         for start in range(0, height * width, step):
             block = slice(start, start + step)
-            factor = torch.linalg.cholesky(self._fit_scatter[block].double() / (count - 2) + regulariser)
+            factor = self._refit_factor(block, count)
             solved = torch.linalg.solve_triangular(factor, centred[block].transpose(1, 2), upper=False)  # [p, d, B]
             quadratic = solved.square().sum(dim=1)
             # The refitted covariance is positive definite (ε·I), so 1 − c·q > 0 up to float64 rounding.
             squared[block] = quadratic * (count / (count - 1)) ** 2 / (1 - downdate * quadratic).clamp_min(1e-300)
         return {"patch_scores": squared.T.reshape(batch, 1, height, width).sqrt().float()}
+
+    def _refit_factor(self, block: slice, count: int) -> torch.Tensor:
+        """Float64 Cholesky factor of M = S/(n−2) + ε·I at the positions of ``block``, kept when all fit
+        ``LEAVE_ONE_OUT_CACHE_BYTES`` (the calibration pass then factorises once, not once per batch)."""
+        factor = self._refit_factors.get(block.start)
+        if factor is None:
+            scatter = self._fit_scatter[block].double()
+            regulariser = COVARIANCE_EPS * torch.eye(scatter.shape[-1], dtype=torch.float64, device=scatter.device)
+            factor = torch.linalg.cholesky(scatter / (count - 2) + regulariser)
+            if self._fit_scatter.numel() * 8 <= LEAVE_ONE_OUT_CACHE_BYTES:
+                self._refit_factors[block.start] = factor
+        return factor
