@@ -9,7 +9,7 @@ from anomaly_framework.errors import FrameworkError
 
 MONITORS = ("loss", "synthetic_pixel_auroc", "normal_map_mean")
 KEEPS = ("best", "last")
-THRESHOLD_STRATEGIES = ("normal_quantile", "f1_adaptive", "manual")
+THRESHOLD_STRATEGIES = ("false_alarm_rate", "normal_quantile", "f1_adaptive", "manual")
 
 # Keys whose default is None, with the type a set value must have.
 NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -106,6 +106,9 @@ def check_consistency(config: dict) -> None:
     evaluation = config["eval"]
     if not 0.0 <= evaluation["threshold_quantile"] <= 1.0:
         raise FrameworkError("Config key 'eval.threshold_quantile' must be in [0, 1]")
+    for key in ("false_alarm_rate", "false_alarm_confidence"):
+        if not 0.0 < evaluation[key] < 1.0:
+            raise FrameworkError(f"Config key 'eval.{key}' must be in (0, 1) (exclusive), got {evaluation[key]}")
     if evaluation["threshold_strategy"] not in THRESHOLD_STRATEGIES:
         raise FrameworkError(f"Config key 'eval.threshold_strategy' must be one of {', '.join(THRESHOLD_STRATEGIES)}, "
                              f"got {evaluation['threshold_strategy']!r}")

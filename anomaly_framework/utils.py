@@ -152,6 +152,13 @@ def _format_metric(value: Any) -> str:
         return "n/a"
     if isinstance(value, float):
         return f"{value:.4f}"
+    if isinstance(value, dict) and "expected_false_alarm_rate" in value:  # a false-alarm-budget calibration record
+        low, high = value["false_alarm_rate_interval"]
+        certified = ("certified" if value["certified"] else
+                     f"not certified: {value['n']} images certify >= {value['smallest_certifiable_false_alarm_rate']:.3g}")
+        return (f"budget {value['false_alarm_rate']} at confidence {value['confidence']} ({certified}); rank "
+                f"{value['rank']} of {value['n']}; expected false-alarm rate {value['expected_false_alarm_rate']:.3f} "
+                f"[{low:.3f}, {high:.3f}]")
     return str(value)
 
 
@@ -167,7 +174,8 @@ def show_results(results: dict[str, Any] | Any, labels: Any = None, threshold: f
         source = "given" if threshold is not None else "none"
         results = {"metrics": compute_image_metrics(np.asarray(labels), np.asarray(results, dtype=np.float64),
                                                     threshold, source)}
-    names = {"separation": "separation (Cohen's d)"}
+    names = {"separation": "separation (Cohen's d)", "threshold_calibration": "threshold calibration",
+             "pixel_threshold_calibration": "pixel calibration"}
     _print_block("Metrics", {names.get(key, key): _format_metric(value) for key, value in results["metrics"].items()})
     if "timings" in results:
         timings = {key: f"{value:.2f} s" if key != "images_per_second" else f"{value:.1f}"

@@ -122,7 +122,8 @@ def padim_export(demo_root, tmp_path_factory):
 
 def _read_csv(path: Path) -> dict:
     with open(path) as handle:
-        return {row["image_path"]: (float(row["score"]), int(row["label"])) for row in csv.DictReader(handle)}
+        return {row["image_path"]: (float(row["score"]), int(row["label"]), float(row["normalized_score"]))
+                for row in csv.DictReader(handle)}
 
 
 def test_onnx_predict_imports_no_torch_and_matches_predict(padim_export, demo_root, tmp_path):
@@ -143,6 +144,14 @@ def test_onnx_predict_imports_no_torch_and_matches_predict(padim_export, demo_ro
     scores = np.array([[deployed[k][0], reference[k][0]] for k in reference])
     np.testing.assert_allclose(scores[:, 0], scores[:, 1], rtol=0, atol=RELATIVE_TOLERANCE * np.abs(scores).max())
     assert [deployed[k][1] for k in reference] == [reference[k][1] for k in reference]
+    # The normalised score: 0.5 at the sidecar's threshold, the same in the torch-free runner as in predict.
+    sidecar = json.loads(model_file.with_name(model_file.name + ".json").read_text())
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert sidecar["score_scale"] == checkpoint["score_scale"] > 0 and sidecar["threshold"] == checkpoint["threshold"]
+    assert sidecar["threshold_calibration"] == checkpoint["threshold_calibration"]
+    normalized = np.array([[deployed[k][2], reference[k][2]] for k in reference])
+    np.testing.assert_allclose(normalized[:, 0], normalized[:, 1], atol=1e-4)
+    assert [n >= 0.5 for n in normalized[:, 1]] == [bool(reference[k][1]) for k in reference]
     overlays = sorted(p.name for p in torch_dir.glob("*_overlay.png"))
     assert overlays == sorted(p.name for p in deployed_dir.glob("*_overlay.png")) and overlays
     # Both map back with the same code (images.geometry); the ONNX and eager maps differ by float rounding, so a

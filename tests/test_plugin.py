@@ -88,3 +88,29 @@ def test_a_plugin_by_module_name_brings_its_defaults_and_family(plugin_file, mon
     assert resolved["data"]["image_size"] == 224 and resolved["data"]["crop_ratio"] == 0.875
     with pytest.raises(FrameworkError, match="Unknown config key 'model.neighbours'"):
         config.resolve_config({"model.name": "knn", "model.neighbours": 2})
+
+
+def test_a_plugin_memory_model_is_calibrated_cross_fitted_not_in_sample(plugin_file, tmp_path, demo_root):
+    """The README's kNN cannot leave one image out: its threshold comes from 5 fold models, each fitted on the
+    images of the other folds (re-done here by hand); the saved model is still the fit of all 40 images."""
+    settings = {"plugins": [str(plugin_file)], "model.name": "knn", "data.name": "demo", "data.root": str(demo_root),
+                "model.backbone": "resnet18", "data.image_size": 32, "output_dir": str(tmp_path / "runs"),
+                "model.pretrained": False, "model.k": 1, "eval.num_figures": 0}
+    with pytest.warns(UserWarning, match="cannot be certified"):
+        results = run_experiment(settings)
+    metrics = results["metrics"]
+    assert metrics["threshold_source"].endswith("scores of train/good, 5-fold cross-fitted (40 images)")
+    modeler, _ = load_checkpoint(Path(results["run_dir"]))
+    assert tuple(modeler.model.bank.shape) == (40 * 4 * 4, 128)
+    images = torch.stack([item["image"] for item in build_dataloader(results["config"]).train_dataset])
+    scores = []
+    with torch.inference_mode():
+        for fold in range(5):
+            kept = [i for i in range(40) if i % 5 != fold]
+            modeler.model.begin_fit(len(kept))
+            modeler.model.update(images[kept])
+            modeler.model.finalize()
+            scores.append(modeler.compute_anomaly_scores(images[fold::5]))
+            in_sample = modeler.compute_anomaly_scores(images[kept])
+    assert metrics["threshold"] == pytest.approx(float(torch.cat(scores).max()), rel=1e-5)  # 40 images: rank 40
+    assert metrics["threshold"] > float(in_sample.max())

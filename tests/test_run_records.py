@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from anomaly_framework.config import resolve_config
 from anomaly_framework.execution.interrupts import ctrl_c_stops_at_next_batch, raise_if_interrupted
@@ -326,9 +327,23 @@ def test_failed_runs_are_marked_in_the_table_and_on_the_chart(tmp_path):
             row("stfpm", "a", 0, 0.8), row("stfpm", "b", 0, 0.7)]
     summary = summarise(rows)
     table = markdown_table(summary, ["padim", "stfpm"], ["a", "b"])
-    assert "| a | 0.9000 (1 of 2 failed) |" in table and "| b | failed | failed | failed | failed | 0.7000 |" in table
+    assert "| a | 0.9000 (1 of 2 failed) |" in table and "| b | " + "failed | " * 7 + "0.7000 |" in table
     marks = plot_summary(tmp_path / "summary.png", summary, ["padim", "stfpm"], ["a", "b"])
     assert marks == ["padim/a: 1/2 failed", "padim/b: failed"]
+
+
+def test_sweep_table_and_chart_show_the_decision_at_the_threshold_beside_f1_max(tmp_path):
+    """A threshold above every defect (issue 24's PaDiM on 8 images: AUROC 0.997, F1 0, accuracy 0.241) shows
+    as F1 and accuracy at the threshold far below the oracle F1-max, in summary.md and summary.png."""
+    rows = [{"model": "padim", "category": "bottle", "seed": 0, "status": "ok", "image_auroc": 0.997,
+             "image_f1_max": 0.992, "f1": 0.0, "accuracy": 0.241, "run_dir": "r0", "error": ""}]
+    summary = summarise(rows)
+    table = markdown_table(summary, ["padim"], ["bottle"]).splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header[4:7] == ["padim F1-max (oracle)", "padim F1 at threshold", "padim accuracy at threshold"]
+    assert table[2].startswith("| bottle | 0.9970 | – | – | 0.9920 | 0.0000 | 0.2410 |")
+    plot_summary(tmp_path / "summary.png", summary, ["padim"], ["bottle"])
+    assert Image.open(tmp_path / "summary.png").size == (1800, 720)  # 4 panels a row, two rows of 7 metrics
 
 
 # -- storage ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from torch import nn
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.inference.checkpoint import load_checkpoint
 from anomaly_framework.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
+from anomaly_framework.reporting.predictions import NORMALIZED_FORMULA
 from anomaly_framework.trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
 from anomaly_framework.utils import library_versions
 
@@ -257,6 +258,9 @@ def describe(config: dict, saved: dict, format: str, output: Path) -> dict:
                     "label": "batch, int64, 1 if score >= threshold"},
         "threshold": saved["threshold"],
         "threshold_source": saved.get("threshold_source"),
+        "threshold_calibration": saved.get("threshold_calibration"),
+        "score_scale": saved.get("score_scale"),
+        "normalized_score": NORMALIZED_FORMULA,
         "onnx_opset": ONNX_OPSET if format != "torchscript" else None,
         "versions": versions,
     }

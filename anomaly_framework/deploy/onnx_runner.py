@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anomaly_framework.reporting.predictions import new_output_dir, save_overlay, write_predictions
+from anomaly_framework.reporting.predictions import new_output_dir, normalized_score, save_overlay, write_predictions
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.images.decode import find_images, open_image
 from anomaly_framework.images.geometry import interpolation_code, map_to_original, resize_and_crop
@@ -75,7 +75,8 @@ def predict_onnx(model_file: str | Path, input_path: str | Path, output_dir: str
     """Scores an image or a folder with an exported ONNX file; the outputs of ``predict.predict``.
 
     Returns:
-        ``rows`` (image_path, score, label), ``skipped`` (path, reason), ``threshold``, ``output_dir``.
+        ``rows`` (image_path, score, normalized_score, label), ``skipped`` (path, reason), ``threshold``,
+        ``output_dir``.
     """
     detector = OnnxDetector(model_file)
     paths = find_images(Path(input_path).expanduser())
@@ -93,8 +94,9 @@ def predict_onnx(model_file: str | Path, input_path: str | Path, output_dir: str
 
     folder = Path(output_dir) if output_dir else new_output_dir(Path(model_file).parent / "predictions")
     folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"image_path": str(path), "score": float(score), "label": int(label)}
-            for path, score, label in zip(readable, scores, labels)]
+    threshold, scale = detector.info["threshold"], detector.info.get("score_scale")
+    rows = [{"image_path": str(path), "score": float(score), "normalized_score": normalized_score(float(score), threshold, scale),
+             "label": int(label)} for path, score, label in zip(readable, scores, labels)]
     write_predictions(folder, rows, skipped)
     if overlays:
         low, high = float(maps.min()), float(maps.max())

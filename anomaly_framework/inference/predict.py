@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample
-from anomaly_framework.reporting.predictions import new_output_dir, save_overlay, write_predictions
+from anomaly_framework.reporting.predictions import new_output_dir, normalized_score, save_overlay, write_predictions
 from anomaly_framework.images.decode import find_images, open_image
 from anomaly_framework.images.geometry import map_to_original
 from anomaly_framework.inference.checkpoint import load_checkpoint
@@ -32,7 +32,8 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
         overlays: also write ``<name>_overlay.png`` heat maps at each image's original resolution.
 
     Returns:
-        ``rows`` (image_path, score, label), ``skipped`` (path, reason), ``threshold``, ``output_dir``.
+        ``rows`` (image_path, score, normalized_score: 0.5 at the threshold, label), ``skipped`` (path,
+        reason), ``threshold``, ``output_dir``.
     """
     modeler, saved = load_checkpoint(checkpoint, device)
     config, threshold = saved["config"], saved["threshold"]
@@ -64,7 +65,9 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
             maps.append(output["anomaly_maps"].float().cpu())
     scores_all, maps_all = torch.cat(scores), torch.cat(maps)
 
+    scale = saved.get("score_scale")
     rows = [{"image_path": str(paths[index]), "score": float(score),
+             "normalized_score": normalized_score(score, threshold, scale),
              "label": (int(score >= threshold) if threshold is not None else None)}
             for index, score in zip(readable, scores_all.tolist())]
     write_predictions(folder, rows, skipped)

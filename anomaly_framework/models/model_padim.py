@@ -29,6 +29,11 @@ DEFAULT_N_FEATURES = 550
 COVARIANCE_EPS = 0.01
 # The state-dict key of the stored upper triangles of the inverse covariances.
 PACKED_KEY = "inv_covariance_upper"
+# Float64 covariances factorised at once by the leave-one-out scores (positions per chunk = this / (8·d²)).
+LEAVE_ONE_OUT_CHUNK_BYTES = 64 * 2**20
+# The factors are kept across the calibration pass's batches up to this size (Lite0 at 224 px: 0.8 GB), and
+# recomputed for each batch above it (WR50's 550 channels: 7.6 GB).
+LEAVE_ONE_OUT_CACHE_BYTES = 2**30
 
 
 @MODEL_REGISTRY.register("padim")
@@ -76,7 +81,10 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self.register_buffer("inv_covariance", torch.empty(0))
         self._count = 0
         self._scatter: torch.Tensor | None = None
-        self.fit_images = 0  # n of the last fit, for the leave-one-out scores (not saved: calibration follows the fit)
+        # n and the scatter of the last fit, for the leave-one-out scores (not saved: calibration follows the fit).
+        self.fit_images = 0
+        self._fit_scatter: torch.Tensor | None = None
+        self._refit_factors: dict[int, torch.Tensor] = {}  # leave_one_out's Cholesky factors by first position
 
     def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The frozen backbone's features per layer; the memory trainer caches them once per image."""
@@ -138,7 +146,6 @@ class PadimModel(FittedBuffersMixin, nn.Module):
             raise FrameworkError(f"PaDiM needs at least 2 training images, got {self._count}")
         # Out of place: the accumulators were made under inference mode, the buffers must outlive it.
         covariance = self._scatter / (self._count - 1)
-        self._scatter = None
         covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
         # Symmetric positive definite (scatter + ε·I): a Cholesky inverse is as accurate and 1.8× faster than LU
         # (3136 inverses of 176² for Lite0 at 224 px: 1.7 s instead of 3.0 s on one core).
@@ -147,6 +154,8 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         # so that storing one triangle is lossless and a reloaded model scores bit for bit the same.
         self.inv_covariance = ((inverse + inverse.mT) / 2).contiguous()
         self.mean = self.mean.clone()
+        # Kept for leave_one_out (as large as the inverse; the peak above already held both).
+        self._fit_scatter, self._refit_factors = self._scatter, {}
         self.fit_images, self._scatter, self._count = self._count, None, 0
 
     # -- storage: one triangle of each symmetric inverse covariance (half the checkpoint, bit for bit) ---
@@ -186,19 +195,43 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         return {"patch_scores": self._squared_distance(inputs).sqrt()}
 
     def leave_one_out(self, images: torch.Tensor | list[torch.Tensor], indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Distances of training images to the Gaussians fitted without each of them, in closed form.
+        """Distances of training images to the Gaussians refitted without each of them [B, 1, h, w].
 
-        For a training embedding x with d = x − μ: the other n−1 images have mean μ₋ with
-        x − μ₋ = n/(n−1)·d, and scatter S − n/(n−1)·ddᵀ. With the fit's normaliser (n−1) and ε the
-        covariance is Σ − n/(n−1)²·ddᵀ, a rank-one downdate, so by Sherman–Morrison the squared
-        distance is (n/(n−1))²·q / (1 − n/(n−1)²·q), q = dᵀΣ⁻¹d the in-sample one. ``images`` must be
-        the fit's own images (``indices`` is unused: each image is its own left-out one).
+        For a training embedding x with d = x − μ, the other n−1 images have mean μ₋ with
+        x − μ₋ = n/(n−1)·d and scatter S − n/(n−1)·ddᵀ; refitted with their normaliser n−2 and the same
+        ε·I, the covariance is M − c·ddᵀ with M = S/(n−2) + ε·I and c = n/((n−1)(n−2)), so by
+        Sherman–Morrison the squared distance is (n/(n−1))²·q / (1 − c·q), q = dᵀM⁻¹d.
+        When n−1 ≤ d an image is its own direction of S, and 1 − c·q ≈ ε/λ is a difference of two
+        numbers near 1: float32 (the stored inverse) returns noise there (thresholds of 10⁶ against
+        scores of 10³), so q comes from a float64 Cholesky factor of M, a chunk of positions at a time.
+        ``images`` must be the fit's own images (``indices`` is unused: each image is its own left-out one).
         """
         count = self.fit_images
-        if count < 3:
+        if count < 3 or self._fit_scatter is None:
             raise FrameworkError("PaDiM's leave-one-out scores need the fit's own images (at least 3) in this process")
-        squared = self._squared_distance(images)
-        downdate = count / (count - 1) ** 2
-        # The downdated covariance stays positive definite (ε·I), so 1 − downdate·q > 0 up to rounding.
-        held_out = squared * (count / (count - 1)) ** 2 / (1 - downdate * squared).clamp_min(1e-12)
-        return {"patch_scores": held_out.sqrt()}
+        embedding = self.embed(images).double()
+        batch, dim, height, width = embedding.shape
+        centred = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim) - self.mean.double().unsqueeze(1)
+        downdate = count / ((count - 1) * (count - 2))
+        step = max(1, LEAVE_ONE_OUT_CHUNK_BYTES // (8 * dim * dim))
+        squared = torch.empty(height * width, batch, dtype=torch.float64, device=centred.device)
+        for start in range(0, height * width, step):
+            block = slice(start, start + step)
+            factor = self._refit_factor(block, count)
+            solved = torch.linalg.solve_triangular(factor, centred[block].transpose(1, 2), upper=False)  # [p, d, B]
+            quadratic = solved.square().sum(dim=1)
+            # The refitted covariance is positive definite (ε·I), so 1 − c·q > 0 up to float64 rounding.
+            squared[block] = quadratic * (count / (count - 1)) ** 2 / (1 - downdate * quadratic).clamp_min(1e-300)
+        return {"patch_scores": squared.T.reshape(batch, 1, height, width).sqrt().float()}
+
+    def _refit_factor(self, block: slice, count: int) -> torch.Tensor:
+        """Float64 Cholesky factor of M = S/(n−2) + ε·I at the positions of ``block``, kept when all fit
+        ``LEAVE_ONE_OUT_CACHE_BYTES`` (the calibration pass then factorises once, not once per batch)."""
+        factor = self._refit_factors.get(block.start)
+        if factor is None:
+            scatter = self._fit_scatter[block].double()
+            regulariser = COVARIANCE_EPS * torch.eye(scatter.shape[-1], dtype=torch.float64, device=scatter.device)
+            factor = torch.linalg.cholesky(scatter / (count - 2) + regulariser)
+            if self._fit_scatter.numel() * 8 <= LEAVE_ONE_OUT_CACHE_BYTES:
+                self._refit_factors[block.start] = factor
+        return factor

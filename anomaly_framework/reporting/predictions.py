@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import math
 from pathlib import Path
 
 import numpy as np
@@ -98,12 +99,37 @@ def save_overlay(path: Path, image: Image.Image, heat: np.ndarray, low: float, h
     overlay.save(path)
 
 
+# The normalised score puts the threshold at 0.5 (as other tools do) and the median normal calibration image
+# at 0.1: a logistic curve, monotone (no ties, unlike clipping to [0, 1]) and defined for any raw score.
+NORMALIZED_FORMULA = "0.5 * (1 + tanh((score - threshold) / (2 * scale))), scale = (threshold - median normal score) / ln 9"
+
+
+def score_scale(threshold: float, normal_scores: np.ndarray) -> float:
+    """The normalised score's spread: (threshold − median normal calibration score) / ln 9, so that median
+    lands at 0.1; where the threshold is not above that median (budgets ≥ 0.5), their standard deviation."""
+    normal_scores = np.asarray(normal_scores, dtype=np.float64).ravel()
+    spread = threshold - float(np.median(normal_scores))
+    if spread <= 0:
+        spread = float(normal_scores.std()) or max(abs(threshold), 1.0)
+    return spread / math.log(9.0)
+
+
+def normalized_score(score: float, threshold: float | None, scale: float | None) -> float | None:
+    """1 / (1 + exp(−(score − threshold)/scale)) (written with tanh, which never overflows): 0.5 at the
+    threshold, above it exactly when the label is anomalous; None without a threshold or a scale."""
+    if threshold is None or scale is None:
+        return None
+    return 0.5 * (1.0 + math.tanh((score - threshold) / (2.0 * scale)))
+
+
 def write_predictions(folder: Path, rows: list[dict], skipped: list[tuple[str, str]]) -> None:
-    """``predictions.csv`` (image_path, score, label) and, if any, ``skipped.txt``."""
+    """``predictions.csv`` (image_path, score, normalized_score, label) and, if any, ``skipped.txt``."""
+    def cell(value) -> str:
+        return "" if value is None else repr(value)
     with (folder / "predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["image_path", "score", "label"])
-        writer.writerows([row["image_path"], repr(row["score"]), "" if row["label"] is None else row["label"]]
+        writer.writerow(["image_path", "score", "normalized_score", "label"])
+        writer.writerows([row["image_path"], repr(row["score"]), cell(row["normalized_score"]), cell(row["label"])]
                          for row in rows)
     if skipped:
         (folder / "skipped.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in skipped))

@@ -27,9 +27,14 @@ from anomaly_framework.factories import dataloader_class
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.utils import read_status
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_aupr", "pixel_aupr", "image_f1_max", "f1", "separation")
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_aupr", "pixel_aupr", "image_f1_max", "f1", "accuracy",
+           "recall", "threshold", "separation")
 TIMINGS = ("fit", "evaluate", "total")
-TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "separation")
+# The decision at the run's threshold (F1, accuracy) beside the test-label oracle (F1-max): a threshold
+# that labels everything one way shows as a gap there, whatever the AUROC.
+TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "f1", "accuracy", "separation")
+TABLE_LABELS = {"image_f1_max": "F1-max (oracle)", "f1": "F1 at threshold", "accuracy": "accuracy at threshold"}
+UNBOUNDED = ("separation",)  # in spreads (Cohen's d); the others lie in [0, 1]
 
 
 def split_list(text: str | None) -> list[str]:
@@ -175,7 +180,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def _cell(entry: dict | None, metric: str) -> str:
-    if entry is None or entry[f"{metric}_mean"] is None:
+    if entry is None or entry.get(f"{metric}_mean") is None:
         return "failed" if entry and entry["failed"] else "–"
     text = f"{entry[f'{metric}_mean']:.4f}"
     text += f" ± {entry[f'{metric}_std']:.4f}" if entry["seeds"] - entry["failed"] > 1 else ""
@@ -183,9 +188,10 @@ def _cell(entry: dict | None, metric: str) -> str:
 
 
 def markdown_table(summary: list[dict], models: list[str], categories: list[str]) -> str:
-    """Categories as rows; per model its image AUROC, pixel AUROC, AUPRO and separation (mean ± std over seeds)."""
+    """Categories as rows; per model its image AUROC, pixel AUROC, AUPRO, F1-max, F1 and accuracy at the
+    threshold, and separation (mean ± std over seeds)."""
     lookup = {(entry["model"], entry["category"]): entry for entry in summary}
-    header = ["category"] + [f"{model} {metric}" for model in models for metric in TABLE_METRICS]
+    header = ["category"] + [f"{model} {TABLE_LABELS.get(metric, metric)}" for model in models for metric in TABLE_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for category in categories:
         cells = [_cell(lookup.get((model, category)), metric) for model in models for metric in TABLE_METRICS]
@@ -194,7 +200,7 @@ def markdown_table(summary: list[dict], models: list[str], categories: list[str]
     for model in models:
         for metric in TABLE_METRICS:
             values = [lookup[(model, c)][f"{metric}_mean"] for c in categories
-                      if (model, c) in lookup and lookup[(model, c)][f"{metric}_mean"] is not None]
+                      if (model, c) in lookup and lookup[(model, c)].get(f"{metric}_mean") is not None]
             means.append(f"{np.mean(values):.4f}" if values else "–")
     lines.append("| **mean** | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"
@@ -213,14 +219,18 @@ def plot_summary(path: Path, summary: list[dict], models: list[str], categories:
 
     lookup = {(entry["model"], entry["category"]): entry for entry in summary}
     marks: list[str] = []
-    figure, axes = plt.subplots(1, len(TABLE_METRICS), figsize=(4.5 * len(TABLE_METRICS), 3.6), squeeze=False)
+    columns = 4
+    rows = -(-len(TABLE_METRICS) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows), squeeze=False)
+    for unused in axes.flat[len(TABLE_METRICS):]:
+        unused.set_visible(False)
     width = 0.8 / len(models)
     positions = np.arange(len(categories))
-    for axis, metric in zip(axes[0], TABLE_METRICS):
+    for axis, metric in zip(axes.flat, TABLE_METRICS):
         for offset, model in enumerate(models):
             entries = [lookup.get((model, c)) for c in categories]
-            means = [e[f"{metric}_mean"] if e and e[f"{metric}_mean"] is not None else np.nan for e in entries]
-            stds = [e[f"{metric}_std"] if e and e[f"{metric}_std"] is not None else 0.0 for e in entries]
+            means = [e[f"{metric}_mean"] if e and e.get(f"{metric}_mean") is not None else np.nan for e in entries]
+            stds = [e[f"{metric}_std"] if e and e.get(f"{metric}_std") is not None else 0.0 for e in entries]
             axis.bar(positions + offset * width, means, width, yerr=stds, label=model, capsize=2)
             for position, category, entry, mean in zip(positions, categories, entries, means):
                 if entry and entry["failed"]:
@@ -230,8 +240,8 @@ def plot_summary(path: Path, summary: list[dict], models: list[str], categories:
                     if metric == TABLE_METRICS[0]:
                         marks.append(f"{model}/{category}: {label}")
         axis.set_xticks(positions + width * (len(models) - 1) / 2, categories, rotation=45, ha="right")
-        axis.set_title(metric)
-        if metric != "separation":  # the others lie in [0, 1]; separation is in spreads (Cohen's d)
+        axis.set_title(TABLE_LABELS.get(metric, metric))
+        if metric not in UNBOUNDED:
             axis.set_ylim(0, 1.05)
     axes[0][0].legend(fontsize=8)
     failed = sum(entry["failed"] for entry in summary)

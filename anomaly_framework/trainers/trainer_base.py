@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from anomaly_framework.execution.interrupts import raise_if_interrupted
+from anomaly_framework.metrics.false_alarms import budget_threshold
 from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
 from anomaly_framework.backbones.extractors import weights_record
 from anomaly_framework.ops.filters import upsample_maps
+from anomaly_framework.reporting.predictions import score_scale
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.utils import StageTimer
 
@@ -74,6 +76,16 @@ class Predictions:
         if self.eval_maps is not None:
             return self.eval_masks, self.eval_maps
         return self.masks.numpy(), self.maps.numpy()
+
+    @classmethod
+    def concatenate(cls, parts: list["Predictions"]) -> "Predictions":
+        """The predictions of several passes (cross-fitting's folds) as one, in the order given."""
+        def joined(name: str):
+            values = [getattr(part, name) for part in parts]
+            if values[0] is None:
+                return None
+            return torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for value in values for v in value]
+        return cls(**{name: joined(name) for name in cls.__dataclass_fields__})
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Unpacks as ``scores, labels``, the design's ``predict`` return (as ``os.stat_result`` unpacks
@@ -152,6 +164,10 @@ class BaseTrainer:
         dataloader.pin_memory = device.type == "cuda"  # host-to-device copies overlap the compute
         self.pixel_threshold: float | None = None  # the predicted masks' threshold on the maps
         self.pixel_threshold_source = "none"
+        # How a false-alarm-budget threshold was chosen (budget, estimator, n, expected rate): results.json.
+        self.threshold_calibration: dict | None = None
+        self.pixel_threshold_calibration: dict | None = None
+        self.score_scale: float | None = None  # of the normalised score (0.5 at the threshold), from normal scores
 
     # -- to be provided by each family --------------------------------------------------------------
     def fit(self, train_loader: DataLoader | None = None, num_epochs: int | None = None,
@@ -256,14 +272,19 @@ class BaseTrainer:
         loader = self.eval_loader(self.dataloader.valid_dataset, "valid")
         if loader is not None:
             return self.predict(loader, desc="threshold"), "held-out train/good"
+        warnings.warn("The threshold is calibrated on the training images themselves (data.val_fraction=0), whose "
+                      "scores are biased low: expect more false alarms on new normal images than the threshold intends; set "
+                      "data.val_fraction > 0 to calibrate on held-out images")
         return (self.predict(self.eval_loader(self.dataloader.train_dataset, "train"), desc="threshold"),
                 "train/good in-sample (biased low: set data.val_fraction > 0)")
 
     def calibrate_threshold(self) -> None:
         """Chooses the image and pixel thresholds by ``eval.threshold_strategy``; never from the test metrics' images.
 
-        normal_quantile: the quantile of out-of-sample normal images' scores (``normal_predictions``), and
-        for pixels the same quantile of those images' map maxima (so at 1.0 no calibration image has a
+        false_alarm_rate: the lowest order statistic of out-of-sample normal images' scores
+        (``normal_predictions``) whose false-alarm rate meets the budget at the stated confidence, and for
+        pixels the same of those images' map maxima (the share of normal images with a predicted pixel);
+        normal_quantile: a quantile of the same scores and maxima (at 1.0 no calibration image has a
         predicted pixel); f1_adaptive: best F1 on the labelled validation share of the test split,
         excluded from the metrics, per image and per pixel; manual: ``eval.threshold_value`` for both.
         """
@@ -281,6 +302,7 @@ class BaseTrainer:
                                      "from the test metrics), or use normal_quantile")
             predictions = self.predict(loader, desc="threshold")
             self.threshold = f1_adaptive_threshold(predictions.labels.numpy(), predictions.scores.numpy())
+            self.score_scale = score_scale(self.threshold, predictions.scores[predictions.labels == 0].numpy())
             anomalous = int(predictions.labels.sum())
             self.threshold_source = (f"f1_adaptive on the labelled validation split ({len(predictions.labels)} test "
                                      f"images held out: {anomalous} anomalous)")
@@ -289,13 +311,31 @@ class BaseTrainer:
                 self.pixel_threshold = f1_max(predictions.masks.numpy().ravel(), predictions.maps.numpy().ravel())[1]
                 self.pixel_threshold_source = "pixel F1-max on the labelled validation split's masks"
         else:
-            quantile = evaluation["threshold_quantile"]
-            predictions, split = self.normal_predictions()
-            self.threshold = normal_threshold(predictions.scores.numpy(), quantile)
-            self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(predictions.scores)} images)"
-            self.pixel_threshold = normal_threshold(predictions.maps.amax(dim=(1, 2, 3)).numpy(), quantile)
-            self.pixel_threshold_source = f"normal_quantile(q={quantile}) of the map maxima of the same images"
+            self.calibrate_on_normal_scores(evaluation)
         self.timings["threshold"] = time.perf_counter() - start
+
+    def calibrate_on_normal_scores(self, evaluation: dict) -> None:
+        """false_alarm_rate / normal_quantile: thresholds from out-of-sample normal images' scores (image)
+        and map maxima (pixel), and the normalised score's scale from the same scores."""
+        predictions, split = self.normal_predictions()
+        scores, maxima = predictions.scores.numpy(), predictions.maps.amax(dim=(1, 2, 3)).numpy()
+        if evaluation["threshold_strategy"] == "false_alarm_rate":
+            budget, confidence = evaluation["false_alarm_rate"], evaluation["false_alarm_confidence"]
+            self.threshold, self.threshold_calibration = budget_threshold(scores, budget, confidence)
+            self.pixel_threshold, self.pixel_threshold_calibration = budget_threshold(maxima, budget, confidence, "pixel")
+            self.threshold_calibration["images"] = self.pixel_threshold_calibration["images"] = split
+            rank = self.threshold_calibration["rank"]
+            self.threshold_source = (f"false_alarm_rate={budget} at confidence {confidence}: rank {rank} (ascending) of "
+                                     f"the scores of {split} ({len(scores)} images)")
+            self.pixel_threshold_source = (f"false_alarm_rate={budget} at confidence {confidence} of the map maxima "
+                                           "of the same images (share of normal images with a predicted pixel)")
+        else:
+            quantile = evaluation["threshold_quantile"]
+            self.threshold = normal_threshold(scores, quantile)
+            self.threshold_source = f"normal_quantile(q={quantile}) on {split} ({len(scores)} images)"
+            self.pixel_threshold = normal_threshold(maxima, quantile)
+            self.pixel_threshold_source = f"normal_quantile(q={quantile}) of the map maxima of the same images"
+        self.score_scale = score_scale(self.threshold, scores)
 
     def evaluate(self, test_loader: DataLoader | None = None) -> Evaluation:
         """Scores ``test_loader`` (default the test split) and computes the test metrics.
@@ -319,6 +359,9 @@ class BaseTrainer:
                                                     maps, self.threshold, self.threshold_source)
         metrics["threshold_strategy"] = self.config["eval"]["threshold_strategy"]
         metrics["pixel_threshold"], metrics["pixel_threshold_source"] = self.pixel_threshold, self.pixel_threshold_source
+        metrics["threshold_calibration"] = self.threshold_calibration
+        metrics["pixel_threshold_calibration"] = self.pixel_threshold_calibration
+        metrics["score_scale"] = self.score_scale
         end = time.perf_counter()
         self.timings.update(self.modeler.timer.as_dict("evaluate_"))
         self.timings["evaluate_metrics"] = end - metrics_start
@@ -337,6 +380,8 @@ class BaseTrainer:
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "pixel_threshold": self.pixel_threshold,
+            "threshold_calibration": self.threshold_calibration,
+            "score_scale": self.score_scale,
         }
 
     def save_checkpoint(self, path: Path | None = None) -> Path:
