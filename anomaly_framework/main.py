@@ -111,6 +111,8 @@ def interruption_message(trainer, run_dir: Path) -> str:
     where = trainer.progress() if trainer is not None else "before training started"
     if trainer is not None and trainer.resumable():
         return f"run interrupted {where}; continue it with the same options plus --resume {run_dir}"
+    if trainer is not None and "epochs" in trainer.config["train"]:  # an epoch-trained run before its first save
+        return f"run interrupted {where}; nothing was saved to resume: run it again to restart"
     return f"run interrupted {where}; nothing to resume for this model: run it again"
 
 

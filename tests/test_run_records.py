@@ -121,6 +121,15 @@ def test_ctrl_c_says_where_and_how_to_resume_and_the_resumed_run_keeps_one_copy_
     assert (interrupted / "last.pt").is_file()  # the folder resumed from is never touched
 
 
+def test_ctrl_c_in_the_first_epoch_says_the_run_restarts(tmp_path, demo_root, capsys, interrupt_training):
+    interrupt_training(1)
+    assert main(_argv(tmp_path, demo_root, "stfpm", "--epochs", "2", "--set", "data.val_fraction=0.25")) == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == ("interrupted: run interrupted in epoch 1/2 after 0 training steps; before any epoch completed; "
+                    "nothing was saved to resume: run it again to restart")
+    assert not any((tmp_path / "runs").rglob("last.pt"))
+
+
 def test_ctrl_c_of_a_memory_model_says_there_is_nothing_to_resume(tmp_path, demo_root, capsys, monkeypatch):
     def interrupt(self, loader, epoch=1, num_epochs=1, mode="train"):
         raise KeyboardInterrupt

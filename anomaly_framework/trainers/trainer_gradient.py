@@ -195,8 +195,9 @@ class GradientTrainer(BaseTrainer):
             return f"while evaluating, after training ({len(self.history)} epochs in last.pt)"
         if not hasattr(self, "steps_done"):
             return "before the first epoch"
-        return (f"in epoch {self.epoch + 1}/{epochs} after {self.steps_done} training steps; last.pt holds "
-                f"{len(self.history)} completed epoch{'s' * (len(self.history) != 1)}")
+        done = len(self.history)
+        saved = f"last.pt holds {done} completed epoch{'s' * (done != 1)}" if done else "before any epoch completed"
+        return f"in epoch {self.epoch + 1}/{epochs} after {self.steps_done} training steps; {saved}"
 
     def resumable(self) -> bool:
         return (self.run_dir / LAST_NAME).is_file()
