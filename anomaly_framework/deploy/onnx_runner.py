@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from anomaly_framework.reporting.predictions import new_output_dir, normalized_score, save_overlay, write_predictions
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.images.decode import find_images, open_image
-from anomaly_framework.images.geometry import interpolation_code, map_to_original, resize_and_crop
+from anomaly_framework.images.geometry import interpolation_code, resize_and_crop
+from anomaly_framework.reporting.predictions import new_output_dir, normalized_score, save_overlays, write_predictions
 
 
 class OnnxDetector:
@@ -99,13 +99,8 @@ def predict_onnx(model_file: str | Path, input_path: str | Path, output_dir: str
              "label": int(label)} for path, score, label in zip(readable, scores, labels)]
     write_predictions(folder, rows, skipped)
     if overlays:
-        low, high = float(maps.min()), float(maps.max())
-        root = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
-        for path, anomaly_map, row in zip(readable, maps, rows):
-            image = open_image(path, "RGB")
-            heat = map_to_original(anomaly_map, detector.resize, detector.image_size, image.size)
-            name = "__".join(path.relative_to(root).with_suffix("").parts)
-            save_overlay(folder / f"{name}_overlay.png", image, heat, low, high, row["score"], detector.info["threshold"])
+        save_overlays(folder, Path(input_path), readable, maps, [row["score"] for row in rows], threshold,
+                      detector.resize, detector.image_size)
     return {"rows": rows, "skipped": skipped, "threshold": detector.info["threshold"], "output_dir": str(folder)}
 
 

@@ -13,9 +13,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample
-from anomaly_framework.reporting.predictions import new_output_dir, normalized_score, save_overlay, write_predictions
-from anomaly_framework.images.decode import find_images, open_image
-from anomaly_framework.images.geometry import map_to_original
+from anomaly_framework.images.decode import find_images
+from anomaly_framework.reporting.predictions import new_output_dir, normalized_score, save_overlays, write_predictions
 from anomaly_framework.inference.checkpoint import load_checkpoint
 from anomaly_framework.errors import FrameworkError
 
@@ -72,11 +71,7 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
             for index, score in zip(readable, scores_all.tolist())]
     write_predictions(folder, rows, skipped)
     if overlays:
-        low, high = float(maps_all.min()), float(maps_all.max())
-        root = Path(input_path) if Path(input_path).is_dir() else Path(input_path).parent
-        for position, index in enumerate(tqdm(readable, desc="overlays", leave=False, dynamic_ncols=True)):
-            image = open_image(paths[index], "RGB")
-            heat = map_to_original(maps_all[position, 0].numpy(), dataset.resize, dataset.image_size, image.size)
-            name = "__".join(paths[index].relative_to(root).with_suffix("").parts)
-            save_overlay(folder / f"{name}_overlay.png", image, heat, low, high, rows[position]["score"], threshold)
+        save_overlays(folder, Path(input_path), [paths[index] for index in readable], maps_all[:, 0].numpy(),
+                      [row["score"] for row in rows], threshold, dataset.resize, dataset.image_size,
+                      wrap=lambda items: tqdm(items, desc="overlays", leave=False, dynamic_ncols=True))
     return {"rows": rows, "skipped": skipped, "threshold": threshold, "output_dir": str(folder)}

@@ -1,4 +1,4 @@
-"""What a prediction writes, for ``predict`` and the ONNX runner alike (numpy, Pillow only): fresh output
+"""What a prediction writes, for ``predict`` and the ONNX runner alike (numpy, Pillow, OpenCV; no torch): fresh output
 folders, ``predictions.csv`` / ``skipped.txt``, and heat-map overlays with their score banner."""
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ import csv
 import datetime as dt
 import math
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from anomaly_framework.errors import FrameworkError
+from anomaly_framework.images.decode import open_image
+from anomaly_framework.images.geometry import map_to_original
 
 # matplotlib's "jet" (its segment data), sampled into the same 256-entry table matplotlib builds.
 _JET_SEGMENTS = {
@@ -120,6 +123,21 @@ def normalized_score(score: float, threshold: float | None, scale: float | None)
     if threshold is None or scale is None:
         return None
     return 0.5 * (1.0 + math.tanh((score - threshold) / (2.0 * scale)))
+
+
+def save_overlays(folder: Path, input_path: Path, paths: Sequence[Path], maps: np.ndarray, scores: Sequence[float],
+                  threshold: float | None, resize: int, image_size: int,
+                  wrap: Callable[[Iterable], Iterable] = lambda items: items) -> None:
+    """``<name>_overlay.png`` for every scored image (``maps`` [N, h, w] at the model input): each map taken
+    back to its image's own size, one colour range over all maps, the score banner at ``threshold``.
+    ``wrap`` may decorate the loop (``predict``'s progress bar)."""
+    low, high = float(maps.min()), float(maps.max())
+    root = input_path if input_path.is_dir() else input_path.parent
+    for path, anomaly_map, score in wrap(list(zip(paths, maps, scores))):
+        image = open_image(path, "RGB")
+        heat = map_to_original(anomaly_map, resize, image_size, image.size)
+        name = "__".join(path.relative_to(root).with_suffix("").parts)
+        save_overlay(folder / f"{name}_overlay.png", image, heat, low, high, score, threshold)
 
 
 def write_predictions(folder: Path, rows: list[dict], skipped: list[tuple[str, str]]) -> None:
