@@ -17,6 +17,8 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "data.root": (str,),
     "data.mask_size": (int, str),
     "data.num_workers": (int,),
+    "data.tile_size": (int,),
+    "data.tile_stride": (int,),
     "data.cache_dir": (str,),
     "model.weights": (str,),
     "model.n_features": (int,),
@@ -88,6 +90,7 @@ def check_consistency(config: dict) -> None:
     for key in ("image_size", "batch_size"):
         if data[key] <= 0:
             raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
+    check_tiling(data)
     if data["num_workers"] is not None and data["num_workers"] < 0:
         raise FrameworkError(f"Config key 'data.num_workers' must be >= 0 or null (auto), got {data['num_workers']}")
     if config["device"] not in ("auto", "cpu", "cuda"):
@@ -116,3 +119,18 @@ def check_consistency(config: dict) -> None:
         raise FrameworkError("eval.threshold_strategy=manual needs eval.threshold_value (e.g. --set eval.threshold_value=0.5)")
     if not 0.0 <= data["labelled_val_fraction"] < 1.0:
         raise FrameworkError(f"Config key 'data.labelled_val_fraction' must be in [0, 1), got {data['labelled_val_fraction']}")
+
+
+def check_tiling(data: dict) -> None:
+    """Tile settings the grid cannot use (the model's own limits are checked once it is built)."""
+    size, stride = data["tile_size"], data["tile_stride"]
+    if size is None:
+        if stride is not None:
+            raise FrameworkError(f"Config key 'data.tile_stride'={stride} needs data.tile_size (the tiles' side)")
+        return
+    if not 0 < size <= data["image_size"]:
+        raise FrameworkError(f"Config key 'data.tile_size' must be in 1..data.image_size={data['image_size']} "
+                             f"(the image is read at image_size and cut into tiles), got {size}")
+    if stride is not None and not 0 < stride <= size:
+        raise FrameworkError(f"Config key 'data.tile_stride' must be in 1..data.tile_size={size} "
+                             f"(a larger step would leave pixels without a tile), got {stride}")

@@ -41,7 +41,7 @@ def build_model(config: dict) -> nn.Module:
     model_class = MODEL_REGISTRY.get(config["model"]["name"])
     kwargs = {key: value for key, value in config["model"].items() if key != "name"}
     if "image_size" in inspect.signature(model_class).parameters:
-        kwargs["image_size"] = config["data"]["image_size"]
+        kwargs["image_size"] = config["data"].get("tile_size") or config["data"]["image_size"]  # the model's input
     return model_class(**kwargs)
 
 

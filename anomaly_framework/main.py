@@ -21,7 +21,7 @@ from anomaly_framework.errors import FrameworkError, one_line
 from anomaly_framework.execution.distributed import broadcast_object, init_from_env, is_main, rank, world_size
 from anomaly_framework.execution.interrupts import ctrl_c_stops_at_next_batch
 from anomaly_framework.factories import build_dataloader, build_model, build_modeler, build_trainer
-from anomaly_framework.models.model_base import check_image_size
+from anomaly_framework.models.model_base import check_image_size, check_tiling
 from anomaly_framework.reporting.figures import save_sample_figures, save_score_histogram
 from anomaly_framework.trainers.trainer_base import describe_resolution
 from anomaly_framework.utils import (RunInterrupted, library_versions, peak_memory_mb, resolve_device,
@@ -78,7 +78,9 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     dataloader = build_dataloader(config)
     model = build_model(config)
-    check_image_size(model, config["data"]["image_size"])
+    check_tiling(model, config["data"])
+    if config["data"]["tile_size"] is None:  # tiled, the model only sees tiles
+        check_image_size(model, config["data"]["image_size"])
     modeler = build_modeler(config, model)
     run_dir = Path(broadcast_object(str(make_run_dir(config)) if is_main() else None))
     trainer = None

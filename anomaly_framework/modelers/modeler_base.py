@@ -16,6 +16,7 @@ from torch import nn
 
 from anomaly_framework.execution.distributed import all_finite
 from anomaly_framework.metrics.metrics_base import compute_image_metrics, compute_pixel_metrics
+from anomaly_framework.modelers.modeler_tiling import TilingMixin
 from anomaly_framework.ops.filters import gaussian_blur2d, upsample_maps
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.utils import StageTimer
@@ -56,7 +57,7 @@ def observed_training_mode(model: nn.Module, device: torch.device) -> Iterator[N
             model.train(was_training)
 
 
-class BaseModeler:
+class BaseModeler(TilingMixin):
     """Wraps ``model`` (a pure nn.Module) with the steps every trainer calls.
 
     Args:
@@ -116,14 +117,19 @@ class BaseModeler:
         return batch["image"].to(self.device, non_blocking=True)
 
     def inputs(self, batch: dict) -> torch.Tensor | list[torch.Tensor]:
-        """What the model runs on: the images, or the frozen backbone's features when a trainer cached them."""
+        """What the model runs on: the images, or the frozen backbone's features when a trainer cached them;
+        tiled (``data.tile_size``), those of every tile of the batch."""
+        if self.tiling is not None and not batch.get("tiles"):
+            batch = self.all_tiles(batch)
         if "features" in batch:
             return [feature.to(self.device, non_blocking=True) for feature in batch["features"]]
         return self.images(batch)
 
     def input_size(self, batch: dict) -> tuple[int, int]:
-        """The input images' side, also for batches of cached features (the configured size)."""
-        return tuple(batch["image"].shape[-2:]) if "image" in batch else (self.config["data"]["image_size"],) * 2
+        """The input images' side, also for batches of cached features (the configured size, or the tile's)."""
+        if "image" in batch:
+            return tuple(batch["image"].shape[-2:])
+        return (self.tiling[0] if batch.get("tiles") else self.config["data"]["image_size"],) * 2
 
     # -- the seed's step methods ------------------------------------------------------------------
     def forward(self, batch: dict) -> dict[str, Any]:
@@ -150,7 +156,8 @@ class BaseModeler:
         batch = as_batch(inputs)
         if self.one_pass:
             with torch.inference_mode(), self.timer("features"):
-                self.model.update(self.inputs(batch))
+                for part in self.tile_batches(batch):  # tiled: a backbone batch of tiles at a time
+                    self.model.update(self.inputs(part))
             return {"train_metrics": {}}
         self.model.train()
         with self.autocast():
@@ -225,6 +232,8 @@ class BaseModeler:
         """
         batch = as_batch(inputs)
         self.model.eval()
+        if self.tiling is not None and not batch.get("tiles"):
+            return self.evaluate_tiled(batch, held_out)
         if held_out is None:
             outputs = self.forward(batch)
         else:
@@ -258,7 +267,7 @@ class BaseModeler:
     def begin_fit(self, num_images: int) -> None:
         """Tells a one-pass model how many training images will come (PatchCore preallocates)."""
         if self.one_pass:
-            self.model.begin_fit(num_images)
+            self.model.begin_fit(num_images * self.tiles_per_image())
 
     def fit(self) -> None:
         """One-pass models build their buffers from what ``training_step`` collected."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomaly_framework.backbones.extractors import TimmFeatureExtractor
+from anomaly_framework.backbones.extractors import TimmFeatureExtractor, ViTFeatureExtractor
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.metrics.ssim import ssim_map
 from anomaly_framework.ops.filters import gaussian_blur2d
@@ -26,6 +26,29 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
         if multiple and image_size % multiple:
             raise FrameworkError(f"data.image_size={image_size} does not suit the U-Net's {multiple.bit_length() - 1} "
                                  f"poolings: use a multiple of {multiple} (the minimum is {multiple})")
+
+
+def tileable(model: nn.Module) -> bool:
+    """Whether tiles suit the model: its own ``tileable`` attribute, else whether it has a feature backbone
+    (features are local, so a tile's map is the image's map there); a model joins by either."""
+    flag = getattr(model, "tileable", None)
+    if flag is not None:
+        return bool(flag)
+    return any(isinstance(module, (TimmFeatureExtractor, ViTFeatureExtractor)) for module in model.modules())
+
+
+def check_tiling(model: nn.Module, data_cfg: dict) -> None:
+    """Refuses ``data.tile_size`` for a model without a feature backbone, or a tile its grid cannot take."""
+    tile = data_cfg.get("tile_size")
+    if tile is None:
+        return
+    if not tileable(model):
+        raise FrameworkError(f"data.tile_size={tile}: {type(model).__name__} has no feature backbone to tile "
+                             f"(tiling suits PaDiM, PatchCore, STFPM, FastFlow...): unset data.tile_size")
+    try:
+        check_image_size(model, tile)
+    except FrameworkError as error:
+        raise FrameworkError(str(error).replace("data.image_size", "data.tile_size")) from None
 
 
 class FittedBuffersMixin:

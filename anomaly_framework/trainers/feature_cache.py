@@ -123,7 +123,7 @@ class FeatureCacheMixin:
             size = self.config["data"]["image_size"]
             with torch.no_grad():
                 probe = torch.zeros(1, 3, size, size, device=self.device)
-                self._feature_shapes = [tuple(feature.shape[1:]) for feature in self.modeler.model.extract(probe)]
+                self._feature_shapes = [tuple(feature.shape[1:]) for feature in self.modeler.extract(probe)]
         return self._feature_shapes
 
     def cache_size_mb(self, num_images: int) -> float:
@@ -171,7 +171,9 @@ class FeatureCacheMixin:
         if keys is None or self.cache_size_mb(len(dataset)) > budget:
             return None, None
         if "_extractor_key" not in self.__dict__:  # hashing every weight once per run
-            self._extractor_key = extractor_key(self.modeler.model.extractor, self.device)
+            tiling = self.modeler.tiling  # an image's entry holds its tiles' features: one folder per tiling
+            suffix = "" if tiling is None else "-tile{}-stride{}".format(*tiling)
+            self._extractor_key = extractor_key(self.modeler.model.extractor, self.device) + suffix
         return ArrayStore(cache_root(self.config["data"]["cache_dir"]) / "features" / self._extractor_key), keys
 
     def _compute(self, dataset: Dataset, split: str, with_targets: bool) -> CachedFeatures:
@@ -218,7 +220,7 @@ class FeatureCacheMixin:
             loader = self.dataloader.make_loader(subset, shuffle=False)
             for batch in tqdm(loader, desc=f"cache {split} features", leave=False, disable=not is_main()):
                 raise_if_interrupted()
-                features = self.modeler.model.extract(self.modeler.images(batch))
+                features = self.modeler.extract(self.modeler.images(batch))  # tiled: [B, T, ...]
                 rows = torch.tensor(indices[start:start + len(features[0])], device=self.device)
                 for stage, feature in zip(stages, features):
                     stage[rows] = feature.float()

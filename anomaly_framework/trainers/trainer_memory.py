@@ -60,7 +60,7 @@ class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
         self.modeler.begin_fit(len(dataset))
         prepare = getattr(self.modeler.model, "prepare_extractor", None)  # PatchCore's official batch-norm pass
         if prepare is not None:
-            prepare(self.config["data"]["image_size"])  # before any feature is computed or looked up
+            prepare(self.config["data"].get("tile_size") or self.config["data"]["image_size"])  # before any feature is computed or looked up
         source, workers = self.split_dataset(dataset, "train")
         # In order, whatever the given loader's order: the coreset's start points are bank positions.
         loader = self.dataloader.make_loader(source, shuffle=False, num_workers=workers, batch_size=train_loader.batch_size)
@@ -92,7 +92,8 @@ class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
             return super().normal_predictions()
         loader = self.eval_loader(self.dataloader.train_dataset, "train")  # the fit's order, its cached features
         if hasattr(self.modeler.model, "leave_one_out"):
-            return self.predict(loader, desc="threshold", held_out=True), "train/good, leave-one-image-out"
+            unit = "tile" if self.modeler.tiling else "image"  # tiled: each tile without its own features
+            return self.predict(loader, desc="threshold", held_out=True), f"train/good, leave-one-{unit}-out"
         folds = min(CROSS_FIT_FOLDS, len(loader.dataset))
         return self.cross_fitted(loader, folds), f"train/good, {folds}-fold cross-fitted"
 
