@@ -8,6 +8,9 @@ anomaly map [B, H, W] at the input resolution, the image score [B] and the label
 score ≥ the run's stored threshold). Resizing and centre-cropping stay outside, as in the run's dataset
 (``images.geometry.resize_and_crop``, which the ONNX runner calls too). Every export is checked against the eager model on random
 images at two batch sizes; the differences are written into the sidecar.
+A tiled run (``data.tile_size``) exports the model on one tile: the artifact takes tiles, and the sidecar's
+``tile_size`` / ``tile_stride`` tell the runner how to cut the ``image_size`` image and stitch the tiles' maps
+(``images.tiling``, the modelers' own code), the image score being the stitched map's maximum.
 """
 from __future__ import annotations
 
@@ -42,7 +45,8 @@ class DeployedModel(nn.Module):
 
     def __init__(self, modeler, data_cfg: dict, threshold: float) -> None:
         super().__init__()
-        self.modeler = modeler
+        self.modeler = copy.copy(modeler)
+        self.modeler.tiling_enabled = False  # the graph scores one tile; the runner tiles and stitches
         self.model = modeler.model  # registered, so tracing sees every weight and buffer
         imagenet = data_cfg["normalize"] == "imagenet"
         mean = IMAGENET_MEAN if imagenet else (0.0, 0.0, 0.0)
@@ -123,7 +127,7 @@ def export(run_dir: str | Path, format: str, output: str | Path | None = None, f
     modeler, saved = load_run(run_dir)
     config = saved["config"]
     deployed = deployable(modeler, config, saved["threshold"])
-    size = config["data"]["image_size"]
+    size = input_side(config["data"])
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     output.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
@@ -134,6 +138,11 @@ def export(run_dir: str | Path, format: str, output: str | Path | None = None, f
     sidecar["export_check"] = export_check(modeler, config, saved["threshold"], load_artifact(output, format))
     sidecar_path.write_text(json.dumps(sidecar, indent=2))
     return output
+
+
+def input_side(data_cfg: dict) -> int:
+    """The artifact's input side: the tile of a tiled run, else the run's image size."""
+    return data_cfg.get("tile_size") or data_cfg["image_size"]
 
 
 def deployable(modeler, config: dict, threshold: float) -> DeployedModel:
@@ -225,7 +234,7 @@ def differences(reference: tuple, candidate: tuple) -> dict[str, float]:
 
 def export_check(modeler, config: dict, threshold: float, runner: Runner) -> dict:
     """Exported vs eager outputs on random images, at batch 1 and 3 (the trace used 2: the batch is dynamic)."""
-    size = config["data"]["image_size"]
+    size = input_side(config["data"])
     images = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
     eager = eager_runner(modeler, config, threshold)
     reports = [differences(eager(batch), runner(batch)) for batch in (images[:1], images)]
@@ -236,7 +245,7 @@ def export_check(modeler, config: dict, threshold: float, runner: Runner) -> dic
 def describe(config: dict, saved: dict, format: str, output: Path) -> dict:
     """The sidecar: the model, the input contract, the outputs, the threshold and its source, the versions."""
     data, model = config["data"], config["model"]
-    size = data["image_size"]
+    size = input_side(data)
     versions = library_versions()
     for package in ("onnx", "onnxruntime", "openvino"):
         try:
@@ -250,9 +259,12 @@ def describe(config: dict, saved: dict, format: str, output: Path) -> dict:
         "backbone": model.get("backbone", "none"),
         "dataset": f"{data['name']}/{data['category']}",
         "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, 3],
-                  "colour": "RGB", "image_size": size, "resize": round(size / data["crop_ratio"]),
+                  "colour": "RGB", "image_size": data["image_size"], "resize": round(data["image_size"] / data["crop_ratio"]),
+                  "tile_size": data.get("tile_size"), "tile_stride": data.get("tile_stride") or data.get("tile_size"),
                   "interpolation": data["interpolation"],
-                  "outside_the_model": "resize to resize×resize (interpolation, on uint8), centre-crop image_size",
+                  "outside_the_model": "resize to resize×resize (interpolation, on uint8), centre-crop image_size"
+                  + (", cut tile_size tiles every tile_stride px (images.tiling); tile maps stitched by overlap "
+                     "averaging, score = the stitched map's maximum" if data.get("tile_size") else ""),
                   "inside_the_model": f"/255, normalize {data['normalize']}"},
         "outputs": {"anomaly_map": ["batch", size, size], "score": ["batch"],
                     "label": "batch, int64, 1 if score >= threshold"},

@@ -10,6 +10,9 @@ the framework's training code is imported (the package's torch-free parts: ``err
 ``<name>_overlay.png`` with the score banner) through the same decoder, geometry and overlay code, so the
 two paths can be compared file by file. Images are resized and centre-cropped as the run's dataset did,
 then handed to the graph as uint8 RGB [B, H, W, 3]; the graph normalises, scores and thresholds.
+A tiled run's graph takes tiles: the runner cuts each image into the sidecar's tiles, runs them in batches
+and stitches their maps (``images.tiling``, the code the framework's modelers use), the score being the
+stitched map's maximum and the label score ≥ threshold, as the eager tiled model computes them.
 """
 from __future__ import annotations
 
@@ -24,14 +27,16 @@ from PIL import Image
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.images.decode import find_images, open_image
 from anomaly_framework.images.geometry import interpolation_code, resize_and_crop
+from anomaly_framework.images.tiling import cut, stitch, tile_origins
 from anomaly_framework.reporting.predictions import new_output_dir, normalized_score, save_overlays, write_predictions
 
 
 class OnnxDetector:
     """An exported model in an onnxruntime session, with the preprocessing its sidecar describes.
 
-    ``run(images)`` takes uint8 RGB [B, H, W, 3] at the model's input size and returns the anomaly maps
-    [B, H, W], scores [B] and labels [B] (1 anomalous) the graph computes.
+    ``run(images)`` takes uint8 RGB [B, H, W, 3] at the graph's input size (a tiled run's tile) and returns
+    the anomaly maps [B, H, W], scores [B] and labels [B] (1 anomalous) the graph computes; ``detect(images)``
+    takes them at the run's image size, tiling and stitching where the run did.
     """
 
     def __init__(self, model_file: str | Path, threads: int = 0) -> None:
@@ -48,6 +53,8 @@ class OnnxDetector:
             raise FrameworkError(f"'{model_file}' is a {self.info.get('format')} export; this runner takes ONNX files")
         contract = self.info["input"]
         self.image_size, self.resize = contract["image_size"], contract["resize"]
+        self.tile_size, self.tile_stride = contract.get("tile_size"), contract.get("tile_stride")
+        self.input_size = self.tile_size or self.image_size
         self.interpolation = interpolation_code(contract["interpolation"])
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
@@ -62,12 +69,28 @@ class OnnxDetector:
         return self.preprocess(open_image(path, "RGB"))
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        expected = (self.image_size, self.image_size, 3)
+        expected = (self.input_size, self.input_size, 3)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
             raise FrameworkError(f"The model takes uint8 RGB images [B, {', '.join(map(str, expected))}]; "
                                  f"got {images.dtype} {list(images.shape)} (resize with preprocess() first)")
         maps, scores, labels = self.session.run(None, {"images": images})
         return maps, scores, labels
+
+    def detect(self, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Maps [B, H, W], scores and labels of uint8 RGB images at the run's image size (``preprocess``)."""
+        if self.tile_size is None:
+            return self.run(images)
+        side, size, stride = self.image_size, self.tile_size, self.tile_stride
+        origins = tile_origins(side, side, size, stride)
+        maps = []
+        for image in images:
+            tiles = np.stack(cut(image.transpose(2, 0, 1), origins, size)).transpose(0, 2, 3, 1)  # [T, t, t, 3]
+            tile_maps = [self.run(np.ascontiguousarray(tiles[start:start + batch_size]))[0]
+                         for start in range(0, len(tiles), batch_size)]
+            maps.append(stitch(np.concatenate(tile_maps), side, side, size, stride))
+        maps = np.stack(maps)
+        scores = maps.max(axis=(1, 2))
+        return maps, scores, (scores.astype(np.float64) >= self.info["threshold"]).astype(np.int64)
 
 
 def predict_onnx(model_file: str | Path, input_path: str | Path, output_dir: str | Path | None = None,
@@ -89,7 +112,7 @@ def predict_onnx(model_file: str | Path, input_path: str | Path, output_dir: str
             skipped.append((str(path), str(error)))
     if not readable:
         raise FrameworkError(f"None of the {len(paths)} images under '{input_path}' could be read")
-    outputs = [detector.run(np.stack(inputs[start:start + batch_size])) for start in range(0, len(inputs), batch_size)]
+    outputs = [detector.detect(np.stack(inputs[start:start + batch_size])) for start in range(0, len(inputs), batch_size)]
     maps, scores, labels = (np.concatenate(part) for part in zip(*outputs))
 
     folder = Path(output_dir) if output_dir else new_output_dir(Path(model_file).parent / "predictions")
