@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--coreset-ratio", type=float, help="PatchCore's model.coreset_ratio (default 0.1)")
     parser.add_argument("--small-fraction", type=float, default=0.001)
+    parser.add_argument("--medium-fraction", type=float, default=0.01, help="a second, larger size class")
     parser.add_argument("--out", required=True, help="JSON lines file the row is appended to")
     parser.add_argument("--output-dir", default="experiments/high_resolution")
     args = parser.parse_args()
@@ -80,6 +81,8 @@ def main() -> None:
     metrics = results["metrics"]
     predictions = captured["evaluation"]["predictions"]
     recall = region_recall(predictions.eval_masks, predictions.eval_maps, metrics["pixel_threshold"], args.small_fraction)
+    medium = region_recall(predictions.eval_masks, predictions.eval_maps, metrics["pixel_threshold"], args.medium_fraction)
+    recall.update({key.replace("small", "medium"): value for key, value in medium.items() if key.startswith("small")})
     row = {"model": args.model, "backbone": args.backbone, "image_size": args.image_size, "tile_size": args.tile_size,
            "tile_stride": args.tile_stride, "epochs": args.epochs, "coreset_ratio": args.coreset_ratio,
            **{key: metrics[key] for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_threshold")}, **recall,
