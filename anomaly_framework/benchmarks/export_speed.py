@@ -25,7 +25,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from anomaly_framework.config import resolve_config
-from anomaly_framework.deploy.export import FORMATS, differences, eager_runner, export, load_artifact, load_run
+from anomaly_framework.deploy.export import (FORMATS, differences, eager_runner, export, input_side, load_artifact,
+                                             load_run)
 from anomaly_framework.factories import build_dataloader, build_model, build_modeler
 from anomaly_framework.errors import FrameworkError
 
@@ -82,7 +83,7 @@ def speed(run_dir: Path, batches: list[int], repeats: int, threads: int) -> list
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder:
         found, config, _ = runners(run_dir, Path(folder), threads)
-        size = config["data"]["image_size"]
+        size = input_side(config["data"])  # a tiled run's artifact takes tiles
         rows = []
         for batch in batches:
             images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
