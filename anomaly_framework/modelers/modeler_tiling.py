@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from anomaly_framework.images.tiling import add_tiles, overlap_weights, tile_chunks, tile_origins, tiles_per_image
+from anomaly_framework.images.tiling import add_tiles, cut, overlap_weights, tile_chunks, tile_origins, tiles_per_image
 
 
 class TilingMixin:
@@ -61,12 +61,10 @@ class TilingMixin:
                 yield {"features": [stage[images, tiles] for stage in stages], "tiles": True, "pairs": pairs}
             return
         images = batch["image"]
-        size, _ = self.tiling
         origins = tile_origins(*images.shape[-2:], *self.tiling)
+        views = [cut(image, origins, self.tiling[0]) for image in images]  # views: a chunk is the only copy
         for pairs in tile_chunks(len(images), len(origins), self._chunk()):
-            tiles = torch.stack([images[image, :, y:y + size, x:x + size]
-                                 for image, (y, x) in ((image, origins[index]) for image, index in pairs)])
-            yield {"image": tiles, "tiles": True, "pairs": pairs}
+            yield {"image": torch.stack([views[image][index] for image, index in pairs]), "tiles": True, "pairs": pairs}
 
     def all_tiles(self, batch: dict) -> dict:
         """Every tile of the batch in one batch (a gradient step on all of them)."""
