@@ -1,0 +1,91 @@
+"""A sweep's plan: every run it holds, each with the folder it writes, in ``<sweep_dir>/plan.json``.
+
+The plan is written before the first run starts, so the sweep folder alone says which runs belong to the
+sweep and where each writes; the summary is rebuilt from it and the run folders' status files at any time
+(``--summarize SWEEP_DIR``), also while jobs run or after the driver died. ``outcomes.json`` holds what only
+the driver knows: attempts, and the errors of runs that failed before their folder existed.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from anomaly_framework.config import resolve_config
+from anomaly_framework.errors import FrameworkError, one_line
+from anomaly_framework.utils import read_status
+
+PLAN_NAME = "plan.json"
+OUTCOMES_NAME = "outcomes.json"
+# Keys that do not change what a run computes: a run done under another launcher, or continued with
+# --resume in its own folder, is still the same run for --skip-done.
+NOT_COMPARED = ("sweep",)
+
+
+def comparable(config: dict) -> dict:
+    config = json.loads(json.dumps(config))
+    for key in NOT_COMPARED:
+        config.pop(key, None)
+    config.get("train", {}).pop("resume", None)
+    return config
+
+
+def find_done(config: dict) -> dict | None:
+    """results.json of an earlier run with this resolved config whose status is done, if any."""
+    data = config["data"]
+    parent = Path(config["output_dir"]) / data["name"] / str(data["category"]) / config["model"]["name"]
+    wanted = comparable(config)
+    for config_file in sorted(parent.glob("*/config.json"), reverse=True):
+        results_file = config_file.parent / "results.json"
+        if (results_file.is_file() and read_status(config_file.parent)["status"] == "done"
+                and comparable(json.loads(config_file.read_text())) == wanted):
+            return json.loads(results_file.read_text())
+    return None
+
+
+def plan_runs(overrides: dict, models: list[str], categories: list[str], seeds: list[int], sweep_dir: Path,
+              skip_done: bool, absolute_paths: bool) -> list[dict]:
+    """One entry per model × category × seed: its overrides, the folder it writes (named after the sweep)
+    and, with ``skip_done``, the earlier run it reuses. A config error of one combination is its entry's
+    ``error``. ``absolute_paths``: jobs on other machines (or another working directory) find the folders."""
+    if absolute_paths:
+        overrides = {**overrides, **{key: str(Path(overrides[key]).expanduser().absolute())
+                                     for key in ("output_dir", "data.root") if overrides.get(key)}}
+    plan = []
+    for index, (model, category, seed) in enumerate(dict.fromkeys(itertools.product(models, categories, seeds))):
+        run_overrides = {**overrides, "model.name": model, "data.category": category, "seed": seed}
+        entry = {"index": index, "model": model, "category": category, "seed": seed, "overrides": run_overrides,
+                 "run_dir": "", "reused": False, "error": ""}
+        try:
+            config = resolve_config(run_overrides)
+        except FrameworkError as error:
+            entry["error"] = one_line(error)
+            plan.append(entry)
+            continue
+        done = find_done(config) if skip_done else None
+        if done:
+            entry.update(run_dir=done["run_dir"], reused=True)
+        else:
+            data = config["data"]
+            parent = Path(config["output_dir"]) / data["name"] / str(data["category"]) / model
+            entry["run_dir"] = str(parent / f"{sweep_dir.name}-seed{seed}")
+        plan.append(entry)
+    return plan
+
+
+def write_json(path: Path, value) -> None:
+    """Atomically: a reader (``--summarize`` while the sweep runs) never sees half a file."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value, indent=2))
+    temporary.replace(path)
+
+
+def read_plan(sweep_dir: str | Path) -> tuple[list[dict], dict]:
+    """(the plan, the driver's outcomes by run index) of a sweep folder; a folder without a plan is one line."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / PLAN_NAME).is_file():
+        raise FrameworkError(f"'{sweep_dir}' is not a sweep folder: it has no {PLAN_NAME} "
+                             f"(sweep folders lie under <output_dir>/sweeps/<dataset>/)")
+    outcomes_file = sweep_dir / OUTCOMES_NAME
+    outcomes = json.loads(outcomes_file.read_text()) if outcomes_file.is_file() else {}
+    return json.loads((sweep_dir / PLAN_NAME).read_text()), {int(key): value for key, value in outcomes.items()}
