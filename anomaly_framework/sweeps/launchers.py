@@ -61,10 +61,10 @@ class SubmititLauncher:
         slurm = settings["slurm"]
         self.poll_s, self.job = settings["poll_s"], RunJob()
         self.slots = settings["max_parallel"]
-        self.executor = submitit.AutoExecutor(folder=sweep_dir / "jobs", cluster=slurm["cluster"])
+        requeues = {f"{slurm['cluster']}_max_num_timeout": slurm["max_requeues"]}
+        self.executor = submitit.AutoExecutor(folder=sweep_dir / "jobs", cluster=slurm["cluster"], **requeues)
         parameters = {"timeout_min": slurm["timeout_min"], "mem_gb": slurm["mem_gb"], "cpus_per_task": slurm["cpus_per_task"],
-                      "gpus_per_node": slurm["gpus_per_node"], "slurm_max_num_timeout": slurm["max_requeues"],
-                      "name": f"anomaly-sweep-{sweep_dir.name}"}
+                      "gpus_per_node": slurm["gpus_per_node"], "name": f"anomaly-sweep-{sweep_dir.name}"}
         parameters.update({f"slurm_{key}": slurm[key] for key in ("partition", "account") if slurm[key]})
         self.executor.update_parameters(**parameters)
 

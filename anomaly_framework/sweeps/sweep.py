@@ -21,7 +21,7 @@ from anomaly_framework.config import resolve_config
 from anomaly_framework.execution.distributed import broadcast_object, is_main
 from anomaly_framework.factories import dataloader_class
 from anomaly_framework.reporting.predictions import new_output_dir
-from anomaly_framework.sweeps.launchers import make_launcher
+from anomaly_framework.sweeps.launchers import make_launcher, require
 from anomaly_framework.sweeps.plan import OUTCOMES_NAME, PLAN_NAME, plan_runs, read_plan, write_json
 from anomaly_framework.sweeps.settings import resolve_sweep_settings, split_sweep_keys
 from anomaly_framework.sweeps.summary import summarise, write_summary
@@ -56,6 +56,8 @@ def run_sweep(overrides: dict, models: list[str], categories: list[str], seeds: 
 
     overrides, sweep_keys = split_sweep_keys(overrides)
     settings = resolve_sweep_settings(sweep_keys)
+    if settings["launcher"] != "local":
+        require(settings["launcher"], settings["launcher"])  # before any folder is written
     base, *_ = [resolve_config({**overrides, "model.name": model}) for model in models]  # every config error first
     categories = expand_categories(base, categories)
     _, started_group = init_from_env(resolve_device(base["device"]))
