@@ -140,3 +140,32 @@ def test_summarize_and_a_missing_engine_are_one_line(tmp_path, demo_root, capsys
     assert "'sweep.retries' must be at least 0" in capsys.readouterr().err
     assert main(argv[:-2] + ["--set", "sweep.slurm.partiton=gpu"]) == 2
     assert "Unknown config key 'sweep.slurm.partiton'" in capsys.readouterr().err
+
+
+def test_runs_filling_one_image_and_feature_cache_at_once_get_the_uncached_scores(tmp_path, demo_root):
+    """Three real processes (as three cluster jobs on a shared filesystem) fill one empty cache together."""
+    import subprocess
+    import sys
+
+    def argv(name: str, *extra: str) -> list[str]:
+        return [sys.executable, str(ROOT / "main.py"), "--model", "padim", "--dataset", "demo", "--category", "fabric",
+                "--data-root", str(demo_root), "--backbone", "resnet18", "--image-size", "64", "--output-dir",
+                str(tmp_path / name), "--set", "model.pretrained=false", "--set", "eval.num_figures=0", *extra]
+
+    uncached = run_experiment(_overrides(tmp_path, demo_root, "uncached", **{
+        "data.cache": False, "train.feature_cache_mb": 0, "train.feature_disk_cache_mb": 0}))
+    shared = ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    processes = [subprocess.Popen(argv(f"p{i}", *shared), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(3)]
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    for out, _ in outputs:
+        assert _scores(out.strip().splitlines()[-1]) == _scores(uncached["run_dir"])
+    # The same entries, byte for byte, as one run filling a cache alone; no temporary or partial file.
+    run_experiment(_overrides(tmp_path, demo_root, "lone", **{"data.cache_dir": str(tmp_path / "lone_cache")}))
+
+    def entries(folder: Path) -> dict[str, bytes]:
+        return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+    together, alone = entries(tmp_path / "cache"), entries(tmp_path / "lone_cache")
+    assert together == alone and len(alone) > 100 and all(name.endswith(".npy") for name in alone)
