@@ -89,23 +89,55 @@ def _wait_for(path: Path, thread: threading.Thread, seconds: float = 240.0) -> N
         time.sleep(0.02)
 
 
-def test_a_killed_job_is_retried_and_resumes_from_last_pt_while_the_summary_marks_it(tmp_path, demo_root, capsys):
-    pytest.importorskip("submitit", reason=REASON.format("submitit"))
-    stfpm = {"stfpm:train.epochs": 3, "data.batch_size": 16}
-    uninterrupted = run_experiment(_overrides(tmp_path, demo_root, "alone", **{"model.name": "stfpm", "train.epochs": 3,
-                                                                                "data.batch_size": 16}))
-    overrides = _overrides(tmp_path, demo_root, "jobs", **LOCAL_JOBS, **stfpm,
-                           **{"sweep.max_parallel": 1, "sweep.retries": 1})
-    thread, result = _in_thread(run_sweep, overrides, ["padim", "stfpm"], ["fabric"], [0])
+STFPM = {"stfpm:train.epochs": 3, "data.batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_stfpm(tmp_path_factory, demo_root) -> Path:
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    return Path(run_experiment(_overrides(tmp_path, demo_root, "alone", **{"model.name": "stfpm", **STFPM}))["run_dir"])
+
+
+def _training_job(tmp_path, thread, result) -> tuple[Path, Path]:
+    """(sweep folder, STFPM's run folder) once that run's job has completed an epoch."""
     sweeps = tmp_path / "jobs" / "sweeps" / "demo"
     while not any(sweeps.glob("*/plan.json")):
         assert thread.is_alive(), result
         time.sleep(0.02)
     plan = json.loads(next(sweeps.glob("*/plan.json")).read_text())
     run_dir = Path(next(entry["run_dir"] for entry in plan if entry["model"] == "stfpm"))
-    _wait_for(run_dir / "last.pt", thread)  # one epoch done: the job trains
+    _wait_for(run_dir / "last.pt", thread)
+    return next(sweeps.iterdir()), run_dir
 
-    sweep_dir = next(sweeps.iterdir())
+
+def test_a_preempted_job_is_requeued_by_submitit_and_resumes_from_last_pt(tmp_path, demo_root, uninterrupted_stfpm):
+    submitit = pytest.importorskip("submitit", reason=REASON.format("submitit"))
+    thread, result = _in_thread(run_sweep, _overrides(tmp_path, demo_root, "jobs", **LOCAL_JOBS, **STFPM),
+                                ["stfpm"], ["fabric"], [0])
+    sweep_dir, run_dir = _training_job(tmp_path, thread, result)
+    first = read_status(run_dir)["pid"]
+    # What SLURM sends before a preemption or the time limit; submitit checkpoints and requeues the job.
+    os.kill(first, submitit.local.local.LocalJobEnvironment._usr_sig())
+    thread.join(timeout=600)
+    assert "error" not in result, result.get("error")
+    (row,) = result["value"]["rows"]
+    assert (row["status"], row["attempts"], row["run_dir"]) == ("ok", 1, str(run_dir))  # no retry: a requeue
+    assert read_status(run_dir)["pid"] != first
+    logs = "".join(path.read_text() for path in (sweep_dir / "jobs").rglob("*_log.*"))
+    assert "Requeued job" in logs and f"continuing from {run_dir / 'last.pt'}" in logs
+    history = json.loads((run_dir / "results.json").read_text())["fit"]["history"]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    assert _scores(run_dir) == _scores(uninterrupted_stfpm)
+
+
+def test_a_killed_job_is_retried_and_resumes_from_last_pt_while_the_summary_marks_it(tmp_path, demo_root, capsys,
+                                                                                     uninterrupted_stfpm):
+    pytest.importorskip("submitit", reason=REASON.format("submitit"))
+    overrides = _overrides(tmp_path, demo_root, "jobs", **LOCAL_JOBS, **STFPM,
+                           **{"sweep.max_parallel": 1, "sweep.retries": 1})
+    thread, result = _in_thread(run_sweep, overrides, ["padim", "stfpm"], ["fabric"], [0])
+    sweep_dir, run_dir = _training_job(tmp_path, thread, result)  # one epoch done: the job trains
+
     assert main(["--summarize", str(sweep_dir)]) == 0  # half-finished: padim done, stfpm running
     half = {row["model"]: row for row in _rows(sweep_dir)}
     padim_results = json.loads((Path(half["padim"]["run_dir"]) / "results.json").read_text())
@@ -121,7 +153,7 @@ def test_a_killed_job_is_retried_and_resumes_from_last_pt_while_the_summary_mark
     history = json.loads((run_dir / "results.json").read_text())["fit"]["history"]
     assert [entry["epoch"] for entry in history] == [1, 2, 3]
     assert "continuing from" in "".join(p.read_text() for p in (sweep_dir / "jobs").rglob("*_log.out"))
-    assert _scores(run_dir) == _scores(uninterrupted["run_dir"])  # resumed training ends where an uninterrupted one does
+    assert _scores(run_dir) == _scores(uninterrupted_stfpm)  # resumed training ends where an uninterrupted one does
 
 
 def test_summarize_and_a_missing_engine_are_one_line(tmp_path, demo_root, capsys, monkeypatch):
@@ -169,3 +201,42 @@ def test_runs_filling_one_image_and_feature_cache_at_once_get_the_uncached_score
 
     together, alone = entries(tmp_path / "cache"), entries(tmp_path / "lone_cache")
     assert together == alone and len(alone) > 100 and all(name.endswith(".npy") for name in alone)
+
+
+def test_ctrl_c_in_the_driver_cancels_the_submitted_jobs(tmp_path, demo_root):
+    pytest.importorskip("submitit", reason=REASON.format("submitit"))
+    import subprocess
+    import sys
+
+    argv = [sys.executable, str(ROOT / "main.py"), "--model", "stfpm", "--dataset", "demo", "--category", "fabric",
+            "--data-root", str(demo_root), "--backbone", "resnet18", "--image-size", "64", "--epochs", "50",
+            "--batch-size", "16", "--output-dir", str(tmp_path / "jobs"), "--set", "model.pretrained=false",
+            "--set", "eval.num_figures=0", "--launcher", "submitit",
+            *[item for key, value in LOCAL_JOBS.items() if key != "sweep.launcher" for item in ("--set", f"{key}={value}")]]
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        driver = subprocess.Popen(argv, stdout=out, stderr=err,  # as started from a terminal (see test_run_records)
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            run_dir = None
+            deadline = time.monotonic() + 240
+            while run_dir is None or not (run_dir / "last.pt").is_file():
+                assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-3000:]
+                plans = list((tmp_path / "jobs" / "sweeps" / "demo").glob("*/plan.json"))
+                run_dir = Path(json.loads(plans[0].read_text())[0]["run_dir"]) if plans else None
+                time.sleep(0.05)
+            job = read_status(run_dir)["pid"]
+            driver.send_signal(signal.SIGINT)  # the driver alone, as Ctrl-C in the terminal running the sweep
+            assert driver.wait(timeout=120) == 130
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    for _ in range(600):  # the job process ends (it was sent SIGINT by the cancel)
+        if not Path(f"/proc/{job}").exists() or "zombie" in Path(f"/proc/{job}/status").read_text():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"job process {job} still runs after the sweep was cancelled")
+    sweep_dir = next((tmp_path / "jobs" / "sweeps" / "demo").iterdir())
+    assert [row["status"] for row in _rows(sweep_dir)] in (["cancelled"], ["interrupted"])
+    assert read_status(run_dir)["status"] in ("cancelled", "interrupted") and not (run_dir / "results.json").exists()
+    assert f"{sweep_dir / 'runs.csv'} lists them and marks the rest" in (tmp_path / "out").read_text()

@@ -47,6 +47,9 @@ class LocalLauncher:
     def cancel(self, handles: list) -> None:
         """Nothing runs beside the driver."""
 
+    def close(self) -> None:
+        """Nothing to end."""
+
 
 class SubmititLauncher:
     """One SLURM job per run (or, with ``sweep.slurm.cluster=local``, submitit's LocalExecutor: real job
@@ -89,6 +92,9 @@ class SubmititLauncher:
         for job in handles:
             job.cancel(check=False)
 
+    def close(self) -> None:
+        """Jobs end by themselves."""
+
 
 class RayLauncher:
     """One Ray task per run on the cluster at ``sweep.ray.address`` (None: a cluster of this machine, unless
@@ -98,7 +104,8 @@ class RayLauncher:
         require("ray", "ray")
         import ray
 
-        if not ray.is_initialized():
+        self.started = not ray.is_initialized()  # else the caller's own ray.init: theirs to end
+        if self.started:
             ray.init(address=settings["ray"]["address"])
         self.ray, self.slots = ray, settings["max_parallel"]
         # max_retries=0: the driver retries (sweep.retries), for every launcher alike.
@@ -121,6 +128,12 @@ class RayLauncher:
     def cancel(self, handles: list) -> None:
         for handle in handles:
             self.ray.cancel(handle, force=True)
+
+    def close(self) -> None:
+        """Disconnects (and stops the cluster ray.init started here), so the workers' last log lines come
+        before the sweep's summary."""
+        if self.started:
+            self.ray.shutdown()
 
 
 def make_launcher(settings: dict, sweep_dir: Path):

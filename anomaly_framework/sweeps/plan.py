@@ -17,9 +17,9 @@ from anomaly_framework.utils import read_status
 
 PLAN_NAME = "plan.json"
 OUTCOMES_NAME = "outcomes.json"
-# Keys that do not change what a run computes: a run done under another launcher, or continued with
-# --resume in its own folder, is still the same run for --skip-done.
-NOT_COMPARED = ("sweep",)
+# Keys that do not change what a run computes: a run continued with --resume in its own folder, or written
+# by a cluster launcher (which makes --output-dir absolute), is still the same run for --skip-done.
+NOT_COMPARED = ("output_dir",)
 
 
 def comparable(config: dict) -> dict:

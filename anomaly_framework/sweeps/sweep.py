@@ -14,10 +14,12 @@ run whose resolved config is identical.
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 from pathlib import Path
 
 from anomaly_framework.config import resolve_config
+from anomaly_framework.errors import FrameworkError
 from anomaly_framework.execution.distributed import broadcast_object, is_main
 from anomaly_framework.factories import dataloader_class
 from anomaly_framework.reporting.predictions import new_output_dir
@@ -58,6 +60,9 @@ def run_sweep(overrides: dict, models: list[str], categories: list[str], seeds: 
     settings = resolve_sweep_settings(sweep_keys)
     if settings["launcher"] != "local":
         require(settings["launcher"], settings["launcher"])  # before any folder is written
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise FrameworkError(f"--launcher {settings['launcher']} starts a process per run: start the sweep with "
+                                 "python, not torchrun (torchrun is the local launcher's)")
     base, *_ = [resolve_config({**overrides, "model.name": model}) for model in models]  # every config error first
     categories = expand_categories(base, categories)
     _, started_group = init_from_env(resolve_device(base["device"]))
@@ -115,8 +120,10 @@ class Driver:
                     self.running[self.launcher.submit(entry)] = (entry, attempt)
                 for handle, outcome in self.launcher.finished(list(self.running)):
                     self.ended(*self.running.pop(handle), outcome)
+            self.launcher.close()
         except KeyboardInterrupt:  # Ctrl-C: cancel the jobs; the runs that finished keep their summary
             self.cancel()
+            self.launcher.close()
             if is_main():
                 finished = sum(outcome.get("state") == "ok" for outcome in self.outcomes.values())
                 write_summary(self.sweep_dir)
@@ -147,8 +154,7 @@ class Driver:
 
     def cancel(self) -> None:
         self.launcher.cancel(list(self.running))
-        started = [(entry, attempt) for entry, attempt in self.running.values()]
-        for entry, attempts in [*started, *((entry, attempt - 1) for entry, attempt in self.queue)]:
+        for entry, attempts in [*self.running.values(), *((entry, attempt - 1) for entry, attempt in self.queue)]:
             self.record(entry, attempts=attempts, state="cancelled")
             run_dir = Path(entry["run_dir"])
             if is_main() and run_dir.is_dir() and read_status(run_dir)["status"] in ("running", "failed"):
