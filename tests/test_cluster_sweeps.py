@@ -240,3 +240,19 @@ def test_ctrl_c_in_the_driver_cancels_the_submitted_jobs(tmp_path, demo_root):
     assert [row["status"] for row in _rows(sweep_dir)] in (["cancelled"], ["interrupted"])
     assert read_status(run_dir)["status"] in ("cancelled", "interrupted") and not (run_dir / "results.json").exists()
     assert f"{sweep_dir / 'runs.csv'} lists them and marks the rest" in (tmp_path / "out").read_text()
+
+
+def test_skip_done_continues_an_interrupted_run_in_its_folder(tmp_path, demo_root, interrupt_training,
+                                                             uninterrupted_stfpm):
+    overrides = _overrides(tmp_path, demo_root, "local", **STFPM)
+    interrupt_training(2)  # Ctrl-C in the second epoch: last.pt holds the first
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(overrides, ["stfpm"], ["fabric"], [0])
+    (run_dir,) = [path.parent for path in (tmp_path / "local").rglob("last.pt")]
+    assert read_status(run_dir)["status"] == "interrupted"
+    interrupt_training(None)
+    (row,) = run_sweep(overrides, ["stfpm"], ["fabric"], [0], skip_done=True)["rows"]
+    assert (row["status"], row["run_dir"]) == ("ok", str(run_dir))
+    history = json.loads((run_dir / "results.json").read_text())["fit"]["history"]
+    assert [entry["epoch"] for entry in history] == [1, 2, 3]
+    assert _scores(run_dir) == _scores(uninterrupted_stfpm)

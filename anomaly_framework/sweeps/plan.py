@@ -13,6 +13,7 @@ from pathlib import Path
 
 from anomaly_framework.config import resolve_config
 from anomaly_framework.errors import FrameworkError, one_line
+from anomaly_framework.trainers.trainer_gradient import LAST_NAME
 from anomaly_framework.utils import read_status
 
 PLAN_NAME = "plan.json"
@@ -30,17 +31,32 @@ def comparable(config: dict) -> dict:
     return config
 
 
-def find_done(config: dict) -> dict | None:
-    """results.json of an earlier run with this resolved config whose status is done, if any."""
+# An earlier run in one of these states, with a last.pt, is continued in its folder by --skip-done (a run
+# still "running" may belong to a live job, and is left alone).
+UNFINISHED = ("interrupted", "failed", "cancelled")
+
+
+def earlier_runs(config: dict, states: tuple[str, ...]) -> list[Path]:
+    """Folders of earlier runs with this resolved config in one of ``states``, newest first."""
     data = config["data"]
     parent = Path(config["output_dir"]) / data["name"] / str(data["category"]) / config["model"]["name"]
     wanted = comparable(config)
-    for config_file in sorted(parent.glob("*/config.json"), reverse=True):
-        results_file = config_file.parent / "results.json"
-        if (results_file.is_file() and read_status(config_file.parent)["status"] == "done"
-                and comparable(json.loads(config_file.read_text())) == wanted):
-            return json.loads(results_file.read_text())
+    return [config_file.parent for config_file in sorted(parent.glob("*/config.json"), reverse=True)
+            if read_status(config_file.parent)["status"] in states
+            and comparable(json.loads(config_file.read_text())) == wanted]
+
+
+def find_done(config: dict) -> dict | None:
+    """results.json of an earlier run with this resolved config whose status is done, if any."""
+    for run_dir in earlier_runs(config, ("done",)):
+        if (run_dir / "results.json").is_file():
+            return json.loads((run_dir / "results.json").read_text())
     return None
+
+
+def find_unfinished(config: dict) -> Path | None:
+    """The newest earlier run with this config that stopped with a training state to continue from."""
+    return next((run_dir for run_dir in earlier_runs(config, UNFINISHED) if (run_dir / LAST_NAME).is_file()), None)
 
 
 def plan_runs(overrides: dict, models: list[str], categories: list[str], seeds: list[int], sweep_dir: Path,
@@ -63,8 +79,11 @@ def plan_runs(overrides: dict, models: list[str], categories: list[str], seeds: 
             plan.append(entry)
             continue
         done = find_done(config) if skip_done else None
+        unfinished = find_unfinished(config) if skip_done and not done else None
         if done:
             entry.update(run_dir=done["run_dir"], reused=True)
+        elif unfinished:  # the job continues it from its last.pt (job.execute_run)
+            entry["run_dir"] = str(unfinished)
         else:
             data = config["data"]
             parent = Path(config["output_dir"]) / data["name"] / str(data["category"]) / model
