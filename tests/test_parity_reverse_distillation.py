@@ -14,6 +14,7 @@ import torch
 
 from anomaly_framework.modelers.modeler_reverse_distillation import ReverseDistillationModeler
 from anomaly_framework.models.model_reverse_distillation import ReverseDistillationModel
+from anomaly_framework.models.reverse_distillation_blocks import ResidualBlock
 from tests.parity_inputs import parity_images, seeded_tensors, to_tensor
 
 FIXTURE = Path(__file__).parent / "fixtures" / "parity" / "reverse_distillation.npz"
@@ -100,3 +101,15 @@ def test_map_and_score_through_the_modeler_equal_the_official_evaluation(fixture
     result = modeler.evaluate_step({"image": _images()})
     _close(result["anomaly_maps"][:, 0], fixture["maps"])
     _close(result["anomaly_scores"], fixture["scores"])
+
+
+@pytest.mark.parametrize("name, upsample, in_channels", [("ocbe_block", False, 48), ("decoder_block", True, 64)])
+def test_wide_resnet_bottleneck_blocks_equal_the_official_ones(fixture, name, upsample, in_channels):
+    """WR50's OCBE and decoder blocks (1×1, 3×3 or 2×2 transposed, 1×1; width per group 128) at small widths."""
+    block = ResidualBlock("bottleneck", in_channels, 8, 2, width_per_group=128, upsample=upsample)
+    state = block.state_dict()
+    names = {n: n.replace("shortcut.", "upsample." if upsample else "downsample.") for n in state}
+    values = seeded_tensors({o: state[n] for n, o in names.items()})
+    block.load_state_dict({n: values[o] for n, o in names.items()})
+    with torch.no_grad():
+        _close(block.eval()(torch.from_numpy(fixture[f"{name}_in"])), fixture[f"{name}_out"])

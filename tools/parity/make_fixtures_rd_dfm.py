@@ -43,6 +43,24 @@ def _shapes(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
     return json.dumps({k: list(v.shape) for k, v in module.state_dict().items() if not k.startswith(skip)})
 
 
+def _bottleneck_blocks(resnet, de_resnet) -> dict[str, np.ndarray]:
+    """The wide ResNets' blocks at small widths (the R18 run has basic blocks only): the OCBE's first
+    ``AttnBottleneck`` (stride 2, 1×1 downsample) and a decoder ``Bottleneck`` (stride 2, 2×2 deconvolution),
+    width per group 128 as in WR50, seeded weights, eval mode."""
+    generator = torch.Generator().manual_seed(7)
+    down = resnet.AttnBottleneck(48, 8, 2, torch.nn.Sequential(resnet.conv1x1(48, 32, 2), torch.nn.BatchNorm2d(32)),
+                                 base_width=128)
+    up = de_resnet.Bottleneck(64, 8, 2, torch.nn.Sequential(de_resnet.deconv2x2(64, 32, 2), torch.nn.BatchNorm2d(32)),
+                              base_width=128)
+    arrays = {"ocbe_block_in": torch.randn(2, 48, 8, 8, generator=generator),
+              "decoder_block_in": torch.randn(2, 64, 4, 4, generator=generator)}
+    with torch.no_grad():
+        for name, block in (("ocbe_block", down), ("decoder_block", up)):
+            block.load_state_dict(seeded_state(block))
+            arrays[f"{name}_out"] = block.eval()(arrays[f"{name}_in"].clone())
+    return {key: value.numpy() for key, value in arrays.items()}
+
+
 def reverse_distillation(checkout: Path) -> None:
     from scipy.ndimage import gaussian_filter
 
@@ -69,13 +87,15 @@ def reverse_distillation(checkout: Path) -> None:
         bottleneck.train()
         decoder.train()  # main.train's mode: batch statistics in the OCBE and the decoder
         loss_train = main.loss_fucntion(features, decoder(bottleneck(features)))
+    arrays = _bottleneck_blocks(resnet, de_resnet)
     wide_encoder, wide_bottleneck = resnet.wide_resnet50_2(pretrained=False)
-    arrays = {f"encoder_layer{i + 1}": f.numpy() for i, f in enumerate(features)}
+    arrays.update({f"encoder_layer{i + 1}": f.numpy() for i, f in enumerate(features)})
     arrays.update({f"decoder_layer{i + 1}": o.numpy() for i, o in enumerate(outputs)})
     _save("reverse_distillation",
           "resnet.resnet18 / BN_layer(AttnBasicBlock, 2), de_resnet.de_resnet18, main.loss_fucntion, "
           "test.cal_anomaly_map(amap_mode='a') + scipy gaussian_filter(sigma=4) and max (test.evaluation); "
-          "weights: tests/parity_inputs.seeded_state per official name; state-dict shapes of the R18 and WR50 pairs",
+          "weights: tests/parity_inputs.seeded_state per official name; state-dict shapes of the R18 and WR50 pairs; "
+          "resnet.AttnBottleneck and de_resnet.Bottleneck at small widths (width per group 128)",
           **arrays, code=code.numpy(), loss_eval=np.float64(loss_eval), loss_train=np.float64(loss_train),
           maps=np.stack(maps).astype(np.float32), scores=np.array([m.max() for m in maps]),
           shapes_r18=np.array(_shapes(bottleneck, ("conv4", "bn4")) + "\n" + _shapes(decoder)),
