@@ -113,3 +113,19 @@ def test_wide_resnet_bottleneck_blocks_equal_the_official_ones(fixture, name, up
     block.load_state_dict({n: values[o] for n, o in names.items()})
     with torch.no_grad():
         _close(block.eval()(torch.from_numpy(fixture[f"{name}_in"])), fixture[f"{name}_out"])
+
+
+def test_training_recipe_is_the_official_one():
+    """main.train: Adam(lr 0.005, betas (0.5, 0.999)) over the OCBE and decoder only, batch 16, 200 epochs, 256 px."""
+    from anomaly_framework.config import resolve_config
+    from anomaly_framework.factories import build_model, build_modeler
+
+    config = resolve_config({"model.name": "reverse_distillation", "model.backbone": "resnet18", "model.pretrained": False})
+    modeler = build_modeler(config, build_model(config))
+    optimizer, scheduler = modeler.configure_optimizers()
+    group = optimizer.param_groups[0]
+    assert type(optimizer) is torch.optim.Adam and scheduler is None
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.005, (0.5, 0.999), 0.0)
+    trainable = {id(p) for p in group["params"]}
+    assert trainable == {id(p) for p in [*modeler.model.bottleneck.parameters(), *modeler.model.decoder.parameters()]}
+    assert (config["data"]["batch_size"], config["train"]["epochs"], config["data"]["image_size"]) == (16, 200, 256)
