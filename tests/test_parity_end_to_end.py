@@ -103,6 +103,41 @@ def test_padim_end_to_end_equals_official_main(tmp_path):
     np.testing.assert_allclose(scores, official["scores"], rtol=1e-4)
 
 
+# -- Reverse Distillation and DFM (tools/parity/make_fixtures_rd_dfm.py) ---------------------------------
+def test_reverse_distillation_end_to_end_equals_official_evaluation(tmp_path):
+    """hq-deng/RD4AD's test.evaluation scoring (resnet18 pair, seeded weights by official name)."""
+    from test_parity_reverse_distillation import official_name
+
+    official = fixture("reverse_distillation")
+    modeler = modeler_for("reverse_distillation", 32, backbone="resnet18", pretrained=False)
+    state = modeler.model.state_dict()
+    for part in ("encoder.", "bn.", "decoder."):  # the official modules seeded by their own tensor names
+        names = {n: official_name(n).removeprefix(part) for n in state
+                 if official_name(n).startswith(part) and not n.startswith(("encoder.input", "encoder.batchnorm"))}
+        values = seeded_tensors({o: state[n] for n, o in names.items()})
+        state.update({n: values[o] for n, o in names.items()})
+    modeler.model.load_state_dict(state)
+    modeler.model.train()  # evaluate_step must put it in eval mode
+    with torch.no_grad():
+        outputs = modeler.evaluate_step(to_tensor(parity_images(4, 32, seed=2)).contiguous())
+    check_outputs(outputs, official["maps"], official["scores"], rtol=1e-5)
+    scores = predict_scores(modeler, parity_images(4, 32, seed=2), tmp_path, crop_ratio=1.0)
+    np.testing.assert_allclose(scores, official["scores"], rtol=1e-5)
+
+
+def test_dfm_end_to_end_equals_anomalib(tmp_path):
+    """anomalib 2.7.0's DFMModel fitted and scoring (resnet18 layer2, seeded weights); rtol 1e-4: the FRE is a
+    difference of a vector and its projection, summed in float32 in another order."""
+    official = fixture("dfm")
+    modeler = modeler_for("dfm", 64, backbone="resnet18", pretrained=False, layers=[2])
+    load_backbone(modeler.model.extractor)
+    fit_one_pass(modeler, to_tensor(parity_images(24, 64, seed=1)))
+    outputs = modeler.evaluate_step(to_tensor(parity_images(4, 64, seed=2)))
+    check_outputs(outputs, official["maps"], official["scores"], rtol=1e-4)
+    scores = predict_scores(modeler, parity_images(4, 64, seed=2), tmp_path, crop_ratio=1.0)
+    np.testing.assert_allclose(scores, official["scores"], rtol=1e-4)
+
+
 # -- PatchCore ------------------------------------------------------------------------------------------
 def test_patchcore_end_to_end_equals_official_predict(tmp_path):
     """The official run (backbone handed over in training mode: ``official_batchnorm_pass``), whole

@@ -157,6 +157,58 @@ def dfm(_: Path | None) -> None:
           **arrays)
 
 
+def _save_e2e(name: str, functions: str, **arrays) -> None:
+    repo, commit = SOURCES[name]
+    source = json.dumps({"repository": repo, "commit": commit, "functions": functions})
+    np.savez_compressed(OUT / f"e2e_{name}.npz", source=np.array(source), **arrays)
+    print(f"e2e_{name}.npz: {(OUT / f'e2e_{name}.npz').stat().st_size / 1024:.0f} KB")
+
+
+def reverse_distillation_end_to_end(checkout: Path) -> None:
+    """test.evaluation's path on 4 fixed 32-px images (resnet18 pair, seeded weights): encoder, bn, decoder,
+    cal_anomaly_map(amap_mode='a'), gaussian_filter(σ 4), max."""
+    from scipy.ndimage import gaussian_filter
+
+    resnet = _import(checkout / "resnet.py", "rd_resnet")
+    de_resnet = _import(checkout / "de_resnet.py", "rd_de_resnet")
+    _import(checkout / "main.py", "rd_main")
+    test = sys.modules["test"]
+    encoder, bottleneck = resnet.resnet18(pretrained=False)
+    decoder = de_resnet.de_resnet18(pretrained=False)
+    for module in (encoder, bottleneck, decoder):
+        module.load_state_dict(seeded_state(module))
+        module.eval()
+    maps = []
+    with torch.no_grad():
+        for image in to_tensor(parity_images(4, RD_SIZE, seed=2)).contiguous():
+            inputs = encoder(image[None])
+            one = test.cal_anomaly_map(inputs, decoder(bottleneck(inputs)), RD_SIZE, amap_mode="a")[0]
+            maps.append(gaussian_filter(one, sigma=4))
+    maps = np.stack(maps).astype(np.float32)
+    _save_e2e("reverse_distillation", "test.evaluation's scoring: encoder, bn, decoder, cal_anomaly_map(amap_mode='a'), "
+              "gaussian_filter(sigma=4), np.max; resnet18 / BN_layer / de_resnet18 with seeded weights",
+              maps=maps, scores=maps.reshape(4, -1).max(1))
+
+
+def dfm_end_to_end(_: Path | None) -> None:
+    """anomalib's DFMModel (resnet18 layer2, seeded weights, pooling 4, 0.97, fre) fitted on 24 fixed 64-px
+    images in training mode, then scoring 4 others: pred_score and anomaly_map."""
+    from anomalib.models.image.dfm.torch_model import DFMModel
+
+    model = DFMModel("resnet18", "layer2", pre_trained=False, pooling_kernel_size=4, n_comps=0.97, score_type="fre")
+    extractor = model.feature_extractor.feature_extractor
+    extractor.load_state_dict(seeded_state(extractor))
+    model.train()
+    with torch.no_grad():
+        model(to_tensor(parity_images(24, 64, seed=1)).contiguous())
+        model.fit()
+        model.eval()
+        prediction = model(to_tensor(parity_images(4, 64, seed=2)).contiguous())
+    _save_e2e("dfm", "DFMModel('resnet18', 'layer2', pooling 4, n_comps 0.97, fre): forward in training mode "
+              "(memory bank), fit, forward in eval mode (pred_score, anomaly_map); seeded timm resnet18 weights",
+              maps=prediction.anomaly_map[:, 0].numpy(), scores=prediction.pred_score.numpy())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rd4ad", type=Path, help=f"checkout of hq-deng/RD4AD at {SOURCES['reverse_distillation'][1][:10]}")
@@ -166,8 +218,10 @@ def main() -> None:
         torch.manual_seed(0)
         if name == "reverse_distillation":
             reverse_distillation(args.rd4ad.resolve())
+            reverse_distillation_end_to_end(args.rd4ad.resolve())
         else:
             dfm(None)
+            dfm_end_to_end(None)
 
 
 if __name__ == "__main__":
