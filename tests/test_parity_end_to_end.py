@@ -106,17 +106,11 @@ def test_padim_end_to_end_equals_official_main(tmp_path):
 # -- Reverse Distillation and DFM (tools/parity/make_fixtures_rd_dfm.py) ---------------------------------
 def test_reverse_distillation_end_to_end_equals_official_evaluation(tmp_path):
     """hq-deng/RD4AD's test.evaluation scoring (resnet18 pair, seeded weights by official name)."""
-    from test_parity_reverse_distillation import official_name
+    from test_parity_reverse_distillation import load_official_weights
 
     official = fixture("reverse_distillation")
     modeler = modeler_for("reverse_distillation", 32, backbone="resnet18", pretrained=False)
-    state = modeler.model.state_dict()
-    for part in ("encoder.", "bn.", "decoder."):  # the official modules seeded by their own tensor names
-        names = {n: official_name(n).removeprefix(part) for n in state
-                 if official_name(n).startswith(part) and not n.startswith(("encoder.input", "encoder.batchnorm"))}
-        values = seeded_tensors({o: state[n] for n, o in names.items()})
-        state.update({n: values[o] for n, o in names.items()})
-    modeler.model.load_state_dict(state)
+    load_official_weights(modeler.model)
     modeler.model.train()  # evaluate_step must put it in eval mode
     with torch.no_grad():
         outputs = modeler.evaluate_step(to_tensor(parity_images(4, 32, seed=2)).contiguous())

@@ -15,7 +15,7 @@ import torch
 from anomaly_framework.modelers.modeler_reverse_distillation import ReverseDistillationModeler
 from anomaly_framework.models.model_reverse_distillation import ReverseDistillationModel
 from anomaly_framework.models.reverse_distillation_blocks import ResidualBlock
-from tests.parity_inputs import parity_images, seeded_tensors, to_tensor
+from parity_inputs import parity_images, seeded_tensors, to_tensor
 
 FIXTURE = Path(__file__).parent / "fixtures" / "parity" / "reverse_distillation.npz"
 # Our module names -> the official ones (resnet.BN_layer as "bn", de_resnet.ResNet as "decoder").
@@ -39,18 +39,24 @@ def fixture() -> dict:
         return {key: data[key] for key in data.files}
 
 
-@pytest.fixture(scope="module")
-def model() -> ReverseDistillationModel:
-    """Our R18 model with the official run's seeded weights (each drawn from its official name)."""
-    model = ReverseDistillationModel("resnet18", pretrained=False)
+def load_official_weights(model: ReverseDistillationModel) -> None:
+    """The official run's seeded weights: each official module (encoder, ``bn``, decoder) was seeded by its own
+    tensor names; the encoder's input map and batch-norm epsilon stay ours (identity, 1e-5)."""
     state = model.state_dict()
-    official = {name: official_name(name) for name in state if not name.startswith("encoder.input")
-                and name != "encoder.batchnorm_eps"}  # the input map and epsilon stay ours (identity, 1e-5)
-    for part in ("encoder.", "bn.", "decoder."):  # the official run seeded each module by its own names
+    official = {name: official_name(name) for name in state
+                if not name.startswith(("encoder.input", "encoder.batchnorm"))}
+    for part in ("encoder.", "bn.", "decoder."):
         names = {n: o.removeprefix(part) for n, o in official.items() if o.startswith(part)}
         values = seeded_tensors({o: state[n] for n, o in names.items()})
         state.update({n: values[o] for n, o in names.items()})
     model.load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def model() -> ReverseDistillationModel:
+    """Our R18 model with the official run's seeded weights."""
+    model = ReverseDistillationModel("resnet18", pretrained=False)
+    load_official_weights(model)
     return model.eval()
 
 
