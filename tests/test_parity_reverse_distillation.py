@@ -126,7 +126,8 @@ def test_training_recipe_is_the_official_one():
     from anomaly_framework.config import resolve_config
     from anomaly_framework.factories import build_model, build_modeler
 
-    config = resolve_config({"model.name": "reverse_distillation", "model.backbone": "resnet18", "model.pretrained": False})
+    config = resolve_config({"model.name": "reverse_distillation", "model.backbone": "resnet18",
+                             "model.pretrained": False})
     modeler = build_modeler(config, build_model(config))
     optimizer, scheduler = modeler.configure_optimizers()
     group = optimizer.param_groups[0]

@@ -139,7 +139,8 @@ class DFMModel(FittedBuffersMixin, nn.Module):
         return {"image_scores": scores, "patch_scores": patch_scores}
 
     @torch.no_grad()
-    def leave_one_out(self, inputs: torch.Tensor | list[torch.Tensor], indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    def leave_one_out(self, inputs: torch.Tensor | list[torch.Tensor],
+                      indices: torch.Tensor) -> dict[str, torch.Tensor]:
         """Scores of the fit's own images (``indices`` = their positions in the fit), each by a PCA (and
         Gaussian) refitted without it: one SVD of the other N−1 vectors per image."""
         if self._fit_rows is None or self._fit_rows.shape[0] < 3:

@@ -54,8 +54,8 @@ class ReverseDistillationModel(nn.Module):
         self.encoder = TimmFeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights)
         reductions = self.encoder.reductions
         if len(reductions) != 3 or reductions[1] != 2 * reductions[0] or reductions[2] != 2 * reductions[1]:
-            raise FrameworkError(f"model.layers must be three levels of strides r, 2r, 4r for the OCBE, got {list(layers)} "
-                                 f"(strides {reductions})")
+            raise FrameworkError(f"model.layers must be three levels of strides r, 2r, 4r for the OCBE, got "
+                                 f"{list(layers)} (strides {reductions})")
         kind, width_per_group, embedding_blocks, decoder_blocks = ARCHITECTURES[arch]
         self.bottleneck = OneClassBottleneck(self.encoder.channels, kind, embedding_blocks, width_per_group)
         self.decoder = ReverseDecoder(self.bottleneck.out_channels, self.encoder.channels, kind, decoder_blocks,

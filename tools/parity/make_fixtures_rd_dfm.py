@@ -32,11 +32,13 @@ SOURCES = {
 RD_SIZE = 32  # images [2, 3, 32, 32]: levels 8², 4², 2², code 1²
 
 
-def _save(name: str, functions: str, **arrays) -> None:
+def _save(name: str, functions: str, prefix: str = "", **arrays) -> None:
+    """``<prefix><name>.npz`` with its ``source`` (``prefix="e2e_"`` for the end-to-end fixtures)."""
     repo, commit = SOURCES[name]
     source = json.dumps({"repository": repo, "commit": commit, "functions": functions})
-    np.savez_compressed(OUT / f"{name}.npz", source=np.array(source), **arrays)
-    print(f"{name}.npz: {(OUT / f'{name}.npz').stat().st_size / 1024:.0f} KB")
+    path = OUT / f"{prefix}{name}.npz"
+    np.savez_compressed(path, source=np.array(source), **arrays)
+    print(f"{path.name}: {path.stat().st_size / 1024:.0f} KB")
 
 
 def _shapes(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> str:
@@ -157,13 +159,6 @@ def dfm(_: Path | None) -> None:
           **arrays)
 
 
-def _save_e2e(name: str, functions: str, **arrays) -> None:
-    repo, commit = SOURCES[name]
-    source = json.dumps({"repository": repo, "commit": commit, "functions": functions})
-    np.savez_compressed(OUT / f"e2e_{name}.npz", source=np.array(source), **arrays)
-    print(f"e2e_{name}.npz: {(OUT / f'e2e_{name}.npz').stat().st_size / 1024:.0f} KB")
-
-
 def reverse_distillation_end_to_end(checkout: Path) -> None:
     """test.evaluation's path on 4 fixed 32-px images (resnet18 pair, seeded weights): encoder, bn, decoder,
     cal_anomaly_map(amap_mode='a'), gaussian_filter(σ 4), max."""
@@ -185,7 +180,8 @@ def reverse_distillation_end_to_end(checkout: Path) -> None:
             one = test.cal_anomaly_map(inputs, decoder(bottleneck(inputs)), RD_SIZE, amap_mode="a")[0]
             maps.append(gaussian_filter(one, sigma=4))
     maps = np.stack(maps).astype(np.float32)
-    _save_e2e("reverse_distillation", "test.evaluation's scoring: encoder, bn, decoder, cal_anomaly_map(amap_mode='a'), "
+    _save("reverse_distillation", prefix="e2e_",
+          functions="test.evaluation's scoring: encoder, bn, decoder, cal_anomaly_map(amap_mode='a'), "
               "gaussian_filter(sigma=4), np.max; resnet18 / BN_layer / de_resnet18 with seeded weights",
               maps=maps, scores=maps.reshape(4, -1).max(1))
 
@@ -204,14 +200,16 @@ def dfm_end_to_end(_: Path | None) -> None:
         model.fit()
         model.eval()
         prediction = model(to_tensor(parity_images(4, 64, seed=2)).contiguous())
-    _save_e2e("dfm", "DFMModel('resnet18', 'layer2', pooling 4, n_comps 0.97, fre): forward in training mode "
+    _save("dfm", prefix="e2e_",
+          functions="DFMModel('resnet18', 'layer2', pooling 4, n_comps 0.97, fre): forward in training mode "
               "(memory bank), fit, forward in eval mode (pred_score, anomaly_map); seeded timm resnet18 weights",
               maps=prediction.anomaly_map[:, 0].numpy(), scores=prediction.pred_score.numpy())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rd4ad", type=Path, help=f"checkout of hq-deng/RD4AD at {SOURCES['reverse_distillation'][1][:10]}")
+    parser.add_argument("--rd4ad", type=Path,
+                        help=f"checkout of hq-deng/RD4AD at {SOURCES['reverse_distillation'][1][:10]}")
     parser.add_argument("--only", default="reverse_distillation,dfm")
     args = parser.parse_args()
     for name in args.only.split(","):
