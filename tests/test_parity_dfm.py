@@ -74,3 +74,18 @@ def test_leave_one_out_equals_a_refit_without_the_image(fixture, score_type):
         _close(left_out["image_scores"][row:row + 1], refit["image_scores"].numpy(), rtol=1e-4)
         _close(left_out["patch_scores"][row:row + 1], refit["patch_scores"].numpy(), rtol=1e-4)
     _close(model([features])["image_scores"], _fitted(fixture, score_type)([features])["image_scores"].numpy())
+
+
+def test_defaults_are_the_reference_ones(fixture):
+    """MODEL_CONFIGS["dfm"] against anomalib's Dfm() signature and default pre-processor, as the fixture read them."""
+    from anomaly_framework.config import resolve_config
+
+    reference = json.loads(str(fixture["defaults"]))
+    config = resolve_config({"model.name": "dfm"})
+    model = config["model"]
+    layer = DFMModel("resnet50", model["layers"], pretrained=False).extractor.layers
+    assert (model["backbone"], layer, model["pretrained"]) == (reference["backbone"], [reference["layer"]],
+                                                               reference["pre_trained"])
+    assert (model["pooling_kernel_size"], model["pca_level"], model["score_type"]) == (
+        reference["pooling_kernel_size"], reference["pca_level"], reference["score_type"])
+    assert [config["data"]["image_size"]] * 2 == reference["image_size"] and config["data"]["crop_ratio"] == 1.0

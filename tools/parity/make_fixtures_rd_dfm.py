@@ -117,6 +117,19 @@ class _FixedLayer(torch.nn.Module):
         return {"layer3": self.features}
 
 
+def _dfm_defaults() -> str:
+    """anomalib's ``Dfm`` constructor defaults and its default input size (``configure_pre_processor``)."""
+    import inspect
+
+    from anomalib.models import Dfm
+
+    parameters = inspect.signature(Dfm.__init__).parameters
+    defaults = {name: parameters[name].default for name in ("backbone", "layer", "pre_trained",
+                                                            "pooling_kernel_size", "pca_level", "score_type")}
+    resize = Dfm.configure_pre_processor().transform.transforms[0]
+    return json.dumps({**defaults, "image_size": list(resize.size)})
+
+
 def dfm(_: Path | None) -> None:
     from anomalib.models.components import PCA
     from anomalib.models.image.dfm.torch_model import DFMModel, SingleClassGaussian
@@ -154,6 +167,7 @@ def dfm(_: Path | None) -> None:
     gaussian.fit(pca.transform(torch.from_numpy(arrays["train_pooled"]).clone()).T)
     test_pooled = torch.nn.functional.avg_pool2d(test, 4).flatten(1)
     arrays["nll_scores"] = gaussian.score_samples(pca.transform(test_pooled.clone())).numpy()
+    arrays["defaults"] = np.array(_dfm_defaults())
     _save("dfm", "DFMModel(pooling_kernel_size=4, n_comps=0.97, score_type fre / nll).get_features / fit / forward "
           "with fixed layer3 features; PCA.fit / transform and SingleClassGaussian.fit / score_samples (nll_scores)",
           **arrays)
