@@ -78,6 +78,7 @@ _EPOCH_TRAINING = {
     "optimizer": "adam",  # sgd | adam | adamw
     "lr": 1e-3,
     "momentum": 0.9,  # sgd only
+    "betas": [0.9, 0.999],  # adam / adamw only (torch's default)
     "weight_decay": 0.0,
     "scheduler": "none",  # none | multistep | cosine
     "milestones": [0.8, 0.9],  # multistep: fractions of train.epochs
@@ -206,6 +207,25 @@ MODEL_CONFIGS: dict[str, dict] = {
                   "scheduler": "multistep", "milestones": [0.8, 0.9], "gamma": 0.2, "patience": 700, "keep": "last"},
         # 20 % of train/good held out for the threshold, as FastFlow (the official code trains on all of it).
         "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 8, "val_fraction": 0.2},
+    },
+    # Reverse Distillation (Deng & Li, CVPR 2022) as hq-deng/RD4AD main.train / test.evaluation: WR50
+    # encoder (torchvision V1 weights), 256 px (no crop), Adam lr 0.005 betas (0.5, 0.999), batch 16, 200
+    # epochs, the last epoch kept (the code saves every 10 epochs, the last at 200); map σ 4, score max.
+    "reverse_distillation": {
+        "model": {"backbone": "wide_resnet50_2.tv_in1k", "layers": [1, 2, 3], "pretrained": True, "weights": None,
+                  "sigma": 4.0},
+        "train": {"trainer": "gradient", "epochs": 200, "optimizer": "adam", "lr": 0.005, "betas": [0.5, 0.999],
+                  "weight_decay": 0.0, "patience": 200, "keep": "last"},
+        # 20 % of train/good held out for the threshold, as FastFlow (the official code trains on all of it).
+        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 16, "val_fraction": 0.2},
+    },
+    # DFM (Ahuja et al., 2019) as anomalib 2.7.0's DFM (the reference others compare against): timm's resnet50
+    # (its default weights), layer3, average pooling 4, PCA to 0.97 of the variance, score "fre", 256 px.
+    "dfm": {
+        "model": {"backbone": "resnet50", "layers": [3], "pretrained": True, "weights": None,
+                  "pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre"},
+        "train": {"trainer": "memory"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "interpolation": "bilinear"},
     },
 }
 

@@ -137,11 +137,22 @@ def test_patchcore_with_its_whole_bank_scores_under_torchrun_as_in_one_process(t
     assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
 
 
+def test_dfm_scores_under_torchrun_as_in_one_process(tmp_path, demo_root, scores_auroc):
+    # The ranks' image vectors are gathered in rank order, so the PCA sees the single process's matrix.
+    extra = {"model.layers": [2]}  # resnet18's layer3 at 64 px is 4×4, one cell after pooling by 4
+    single = _single(tmp_path, demo_root, "dfm", **extra)
+    run_dir = _torchrun(_flags(tmp_path, demo_root, "dfm", "--set", "model.layers=[2]"))
+    _check_run(run_dir, demo_root, scores_auroc)
+    expected, got = _scores(single["run_dir"]), _scores(run_dir)
+    assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
+
+
 # Batch 8 = 4 per rank: several optimiser steps per epoch, as DistributedDataParallel refuses a parameter
 # without a gradient only at the step after the one that left it out.
 GRADIENT_CASES = {
     "fastflow": ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"],  # default: resnet18
     "draem": ["--set", "model.reconstructive_width=8", "--set", "model.discriminative_width=8"],
+    "reverse_distillation": ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"],  # default: WR50
 }
 
 

@@ -286,7 +286,8 @@ class BaseModeler:
             optimizer = torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
         elif name in ("adam", "adamw"):
             optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-            optimizer = optimizer_class(params, lr=train["lr"], weight_decay=train["weight_decay"])
+            optimizer = optimizer_class(params, lr=train["lr"], betas=tuple(train.get("betas", (0.9, 0.999))),
+                                        weight_decay=train["weight_decay"])
         else:
             raise FrameworkError(f"Config key 'train.optimizer' must be sgd, adam or adamw, got {name!r}")
         return optimizer, self._scheduler(optimizer, train)

@@ -19,6 +19,9 @@ import sys
 STAGE, E2E = "tests/test_parity.py", "tests/test_parity_end_to_end.py"
 MB, FILTERS = "anomaly_framework/modelers/modeler_base.py", "anomaly_framework/ops/filters.py"
 CONFIG = "anomaly_framework/config.py"
+RD_MODEL, RD_BLOCKS = "anomaly_framework/models/model_reverse_distillation.py", "anomaly_framework/models/reverse_distillation_blocks.py"
+DFM_MODEL = "anomaly_framework/models/model_dfm.py"
+RD_TESTS, DFM_TESTS = "tests/test_parity_reverse_distillation.py", "tests/test_parity_dfm.py"
 # (model, file, line as it is, line broken, tests file, pytest -k selection)
 CASES = [
  ("PaDiM", "anomaly_framework/models/model_padim.py", "COVARIANCE_EPS = 0.01", "COVARIANCE_EPS = 0.1", STAGE, "padim"),
@@ -34,6 +37,26 @@ CASES = [
  ("smoothing", FILTERS, "return torch.where(positions < size, positions, 2 * size - 1 - positions)", "return torch.where(positions < size, positions, 2 * size - 2 - positions).clamp(0, size - 1)", STAGE, "padim or patchcore"),
  ("AU-PRO", "anomaly_framework/metrics/metrics_base.py", "weight = np.where(sorted_regions > 0, 1.0 / (region_sizes[sorted_regions] * offset), 0.0)", "weight = np.where(sorted_regions > 0, 1.0 / (sorted_regions > 0).sum(), 0.0)", STAGE, "aupro"),
  ("SSIM", "anomaly_framework/metrics/ssim.py", "c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2", "c1, c2 = (k1 * data_range) ** 2, (k1 * data_range) ** 2", STAGE, "ssim"),
+ ("Reverse Distillation (OCBE fusion)", RD_BLOCKS, "fused = torch.cat([self.level1_down(features[0]), self.level2_down(features[1]), features[2]], dim=1)", "fused = torch.cat([self.level2_down(features[1]), self.level1_down(features[0]), features[2]], dim=1)", RD_TESTS, "not pinned"),
+ ("Reverse Distillation (residual block)", RD_BLOCKS, "out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))", "out = self.bn2(self.conv2(self.bn1(self.conv1(x))))", RD_TESTS, "not pinned"),
+ ("Reverse Distillation (bottleneck block)", RD_BLOCKS, "out = self.bn3(self.conv3(self.relu(out)))", "out = self.bn3(self.conv3(out))", RD_TESTS, "not pinned"),
+ ("Reverse Distillation (block output)", RD_BLOCKS, "return self.relu(out + identity)", "return out + identity", RD_TESTS, "not pinned"),
+ ("Reverse Distillation (decoder upsampling)", RD_BLOCKS, "return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2, bias=False)", "return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2, bias=True)", RD_TESTS, "not pinned"),
+ ("Reverse Distillation (loss flattening)", RD_MODEL, "return sum((1 - F.cosine_similarity(e.flatten(1), d.flatten(1))).mean()", "return sum((1 - F.cosine_similarity(e, d, dim=1)).mean()", RD_TESTS, "not pinned"),
+ ("Reverse Distillation (level map)", RD_MODEL, "return [(1 - F.cosine_similarity(e, d, dim=1)).unsqueeze(1)", "return [(1 - F.cosine_similarity(e, d, dim=1)).square().unsqueeze(1)", RD_TESTS, "not pinned"),
+ ("Reverse Distillation (map corners)", RD_MODEL, "return sum(F.interpolate(level, size=tuple(size), mode=\"bilinear\", align_corners=True)", "return sum(F.interpolate(level, size=tuple(size), mode=\"bilinear\", align_corners=False)", RD_TESTS, "not pinned"),
+ ("Reverse Distillation (sigma passed)", "anomaly_framework/modelers/modeler_reverse_distillation.py", "self.model.sigma)", "self.model.sigma / 2)", RD_TESTS, "not pinned"),
+ ("Reverse Distillation (sigma default)", RD_MODEL, "weights: str | None = None, sigma: float = 4.0)", "weights: str | None = None, sigma: float = 2.0)", RD_TESTS, "not pinned"),
+ ("DFM (pooling)", DFM_MODEL, "features = F.avg_pool2d(features, kernel_size=self.pooling_kernel_size)", "features = F.max_pool2d(features, kernel_size=self.pooling_kernel_size)", DFM_TESTS, "not pinned"),
+ ("DFM (PCA centring)", DFM_MODEL, "torch.linalg.svd((rows - mean).double(), full_matrices=False)", "torch.linalg.svd(rows.double(), full_matrices=False)", DFM_TESTS, "not pinned"),
+ ("DFM (components kept)", DFM_MODEL, "count = int(torch.nonzero(ratios >= level)[0])", "count = int(torch.nonzero(ratios >= level)[0]) + 1", DFM_TESTS, "not pinned"),
+ ("DFM (FRE map)", DFM_MODEL, "patch_scores = error.reshape(pooled.shape).sum(dim=1, keepdim=True)", "patch_scores = error.reshape(pooled.shape).mean(dim=1, keepdim=True)", DFM_TESTS, "not pinned"),
+ ("DFM (FRE score)", DFM_MODEL, "scores = error.sum(dim=1)", "scores = error.mean(dim=1)", DFM_TESTS, "not pinned"),
+ ("DFM (NLL normaliser)", DFM_MODEL, "scores = whitened.square().sum(dim=1) + 2 * self.gaussian_scales.log().sum()", "scores = whitened.square().sum(dim=1)", DFM_TESTS, "not pinned"),
+ ("DFM (Gaussian scale)", DFM_MODEL, "scaled = (coefficients - mean).T / rows.shape[0] ** 0.5", "scaled = (coefficients - mean).T / (rows.shape[0] - 1) ** 0.5", DFM_TESTS, "not pinned"),
+ ("DFM (leave-one-out)", DFM_MODEL, "keep[index] = False", "keep[index] = True", DFM_TESTS, "not pinned"),
+ ("DFM (upsampling mode)", "anomaly_framework/modelers/modeler_dfm.py", "return upsample_maps(outputs[\"patch_scores\"], self.input_size(batch))", "return upsample_maps(outputs[\"patch_scores\"], self.input_size(batch), mode=\"nearest\")", DFM_TESTS, "not pinned"),
+ ("DFM (score from the model)", "anomaly_framework/modelers/modeler_dfm.py", "return outputs[\"image_scores\"]", "return maps.amax(dim=(1, 2, 3))", DFM_TESTS, "not pinned"),
  # -- glue: maps and scores ----------------------------------------------------------------------
  ("all (score reduction)", MB, "return maps.amax(dim=(1, 2, 3))", "return maps.mean(dim=(1, 2, 3))", E2E, "end_to_end"),
  ("all (evaluation mode)", MB, "self.model.eval()\n        if held_out is None:", "self.model.train()\n        if held_out is None:", E2E, "end_to_end"),
