@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from anomaly_framework.config import resolve_config
 from anomaly_framework.models.model_simplenet import SimpleNetModel
 from anomaly_framework.models.model_supersimplenet import SuperSimpleNetModel, perlin_feature_mask
 from anomaly_framework.modelers.modeler_simplenet import SimpleNetModeler, SuperSimpleNetModeler
@@ -203,3 +204,29 @@ def test_supersimplenet_perlin_masks_from_the_official_draws():
     masks = np.stack([perlin_feature_mask(24, 20, 0.2, rng).numpy() for _ in range(len(fixture["perlin_masks"]))])
     assert 0 < fixture["perlin_masks"].sum() < fixture["perlin_masks"].size  # the draws cover both outcomes
     np.testing.assert_array_equal(masks, fixture["perlin_masks"])
+
+
+def test_defaults_are_the_official_settings():
+    """SimpleNet: run.sh and SimpleNet.load at 351a2b8; SuperSimpleNet: train.py's run_unsup (MVTec) at 60d1e74."""
+    simplenet = resolve_config({"model.name": "simplenet", "data.name": "mvtec"})
+    assert simplenet["model"] | {"backbone": None} == {
+        "name": "simplenet", "backbone": None, "layers": [2, 3], "pretrained": True, "weights": None, "patch_size": 3,
+        "pre_embed_dim": 1536, "embed_dim": 1536, "adaptor_layers": 1, "discriminator_layers": 2,
+        "discriminator_hidden": 1024, "noise_std": 0.015, "margin": 0.5, "sigma": 4.0}
+    train = simplenet["train"]
+    assert (train["epochs"], train["optimizer"], train["lr"], train["weight_decay"], train["adaptor_lr"],
+            train["adaptor_weight_decay"], train["scheduler"]) == (40 * 4, "adam", 2e-4, 1e-5, 1e-3 * 0.1, 0.01, "none")
+    data = simplenet["data"]
+    assert (data["image_size"], round(data["image_size"] / data["crop_ratio"]), data["batch_size"]) == (288, 329, 8)
+
+    supersimplenet = resolve_config({"model.name": "supersimplenet", "data.name": "mvtec"})
+    assert supersimplenet["model"] | {"backbone": None} == {
+        "name": "supersimplenet", "backbone": None, "layers": [2, 3], "pretrained": True, "weights": None,
+        "patch_size": 3, "seg_hidden": 1024, "cls_channels": 128, "cls_kernel": 5, "noise_std": 0.015,
+        "perlin_threshold": 0.2, "margin": 0.5, "focal_gamma": 4.0, "stop_grad": True, "sigma": 4.0}
+    train = supersimplenet["train"]
+    assert (train["epochs"], train["optimizer"], train["lr"], train["weight_decay"], train["adaptor_lr"],
+            train["adaptor_weight_decay"], train["scheduler"], train["milestones"], train["gamma"]) == (
+        300, "adamw", 2e-4, 1e-5, 1e-4, 0.01, "multistep", [0.8, 0.9], 0.4)
+    data = supersimplenet["data"]
+    assert (data["image_size"], data["crop_ratio"], data["batch_size"]) == (256, 1.0, 32)
