@@ -69,6 +69,25 @@ def _config(optimizer: str, scheduler: str, decay: dict, size: int) -> dict:
                       "milestones": [0.8, 0.9], "gamma": 0.4}}
 
 
+def _test_layers(fixture: dict) -> list[torch.Tensor]:
+    """The stub backbone's layer2 and layer3 maps of the two test images (images 4 and 5)."""
+    return [torch.from_numpy(fixture[f"layer{n}"][4:]).float() for n in (2, 3)]
+
+
+def _official_steps(name: str, model: nn.Module, keys: dict[str, str], initial: str, optimizer: str, scheduler: str,
+                    draws: list[str]) -> tuple[dict, SimpleNetModeler, list[dict]]:
+    """The model at the official initial weights, trained two steps with the official random draws
+    (fixture arrays named in ``draws``): the fixture, the modeler and the model's training outputs."""
+    fixture = _fixture(name)
+    decay = json.loads(str(fixture["source"]))["weight_decay"]
+    _load(model, _official(fixture, model, keys, initial))
+    modeler_class = SimpleNetModeler if name == "simplenet" else SuperSimpleNetModeler
+    modeler = modeler_class(model, config=_config(optimizer, scheduler, decay, int(fixture["size"])))
+    steps = [{draw: torch.from_numpy(fixture[f"{draw}s" if draw == "noise" else draw][step]) for draw in draws}
+             for step in range(2)]
+    return fixture, modeler, _train_two_steps(modeler, fixture, steps)
+
+
 def _train_two_steps(modeler, fixture: dict, draws: list[dict]) -> list[dict]:
     """Two training steps on images 0–1 and 2–3 with the fixture's random draws; the model's outputs."""
     model = modeler.model
@@ -106,18 +125,14 @@ def _simplenet_model(fused: bool | None = None) -> SimpleNetModel:
 def test_simplenet_locally_aggregated_features(fused):
     fixture = _fixture("simplenet")
     model = _simplenet_model(fused)
-    layers = [torch.from_numpy(fixture[f"layer{n}"][4:]).float() for n in (2, 3)]
+    layers = _test_layers(fixture)
     embedding = model.embed(layers).reshape(-1, 48)
     np.testing.assert_allclose(embedding.numpy(), fixture["embedding_test"], rtol=RTOL, atol=ATOL)
 
 
 def test_simplenet_training_steps_losses_weights_and_evaluation():
-    fixture = _fixture("simplenet")
-    decay = json.loads(str(fixture["source"]))["weight_decay"]
     model = _simplenet_model()
-    _load(model, _official(fixture, model, SIMPLENET_KEYS, "initial_"))
-    modeler = SimpleNetModeler(model, config=_config("adam", "none", decay, int(fixture["size"])))
-    outputs = _train_two_steps(modeler, fixture, [{"noise": torch.from_numpy(noise)} for noise in fixture["noises"]])
+    fixture, modeler, outputs = _official_steps("simplenet", model, SIMPLENET_KEYS, "initial_", "adam", "none", ["noise"])
     for step, output in enumerate(outputs):
         scores = torch.cat([output["true_scores"], output["fake_scores"]]).detach()
         np.testing.assert_allclose(scores.numpy(), fixture["train_scores"][step], rtol=RTOL, atol=ATOL)
@@ -130,7 +145,7 @@ def test_simplenet_training_steps_losses_weights_and_evaluation():
                           if key not in ("adaptor.0.bias", "discriminator.1.running_mean")})
     _load(model, trained)
 
-    layers = [torch.from_numpy(fixture[f"layer{n}"][4:]).float() for n in (2, 3)]
+    layers = _test_layers(fixture)
     with torch.no_grad():
         result = modeler.evaluate_step({"features": layers})
     np.testing.assert_allclose(result["anomaly_maps"][:, 0].numpy(), fixture["maps"], rtol=RTOL, atol=ATOL)
@@ -150,26 +165,21 @@ def _supersimplenet_model() -> SuperSimpleNetModel:
 
 def test_supersimplenet_upscaled_aggregated_features():
     fixture = _fixture("supersimplenet")
-    layers = [torch.from_numpy(fixture[f"layer{n}"][4:]).float() for n in (2, 3)]
+    layers = _test_layers(fixture)
     features = _supersimplenet_model().features(layers)
     np.testing.assert_allclose(features.numpy(), fixture["features_test"], rtol=RTOL, atol=ATOL)
 
 
 def test_supersimplenet_training_steps_losses_weights_and_evaluation():
-    fixture = _fixture("supersimplenet")
-    decay = json.loads(str(fixture["source"]))["weight_decay"]
     model = _supersimplenet_model()
-    _load(model, _official(fixture, model, SUPERSIMPLENET_KEYS, "initial."))
-    modeler = SuperSimpleNetModeler(model, config=_config("adamw", "multistep", decay, int(fixture["size"])))
-    draws = [{"masks": torch.from_numpy(masks), "noise": torch.from_numpy(noise)}
-             for masks, noise in zip(fixture["masks"], fixture["noises"])]
-    outputs = _train_two_steps(modeler, fixture, draws)
+    fixture, modeler, outputs = _official_steps("supersimplenet", model, SUPERSIMPLENET_KEYS, "initial.", "adamw",
+                                                "multistep", ["masks", "noise"])
     for step, output in enumerate(outputs):
         np.testing.assert_allclose(output["map"].detach().numpy(), fixture["train_maps"][step], rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(output["score"].detach().numpy(), fixture["train_scores"][step], rtol=RTOL, atol=ATOL)
     _assert_state(model, _official(fixture, model, SUPERSIMPLENET_KEYS, "trained."))
 
-    layers = [torch.from_numpy(fixture[f"layer{n}"][4:]).float() for n in (2, 3)]
+    layers = _test_layers(fixture)
     with torch.no_grad():
         result = modeler.evaluate_step({"features": layers})
     np.testing.assert_allclose(result["anomaly_maps"].numpy(), fixture["anomaly_map"], rtol=RTOL, atol=ATOL)
