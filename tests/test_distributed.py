@@ -116,6 +116,8 @@ def test_patchcore_with_its_whole_bank_scores_under_torchrun_as_in_one_process(t
 GRADIENT_CASES = {
     "fastflow": ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"],  # default: resnet18
     "draem": ["--set", "model.reconstructive_width=8", "--set", "model.discriminative_width=8"],
+    **{name: ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"]
+       for name in ("simplenet", "supersimplenet")},
 }
 
 
