@@ -227,6 +227,35 @@ MODEL_CONFIGS: dict[str, dict] = {
         "train": {"trainer": "memory"},
         "data": {"image_size": 256, "crop_ratio": 1.0, "interpolation": "bilinear"},
     },
+    # SimpleNet (Liu et al., CVPR 2023) as DonaldRR/SimpleNet's run.sh (351a2b8): torchvision WR50 layer2+3,
+    # patch 3, 1536/1536, one linear adaptor (pre_proj 1, AdamW lr·0.1 = 1e-4, AdamW's default decay 0.01),
+    # discriminator 2 layers × 1024 (Adam 2e-4, decay 1e-5, no cosine), noise σ 0.015, margin 0.5,
+    # batch 8, resize 329 + centre crop 288, meta_epochs 40 × gan_epochs 4 = 160 epochs. The official code
+    # keeps the meta-epoch with the best *test* AUROC; here the last epoch is kept and 20 % of train/good
+    # is held out for the threshold (docs/models.md).
+    "simplenet": {
+        "model": {"backbone": "wide_resnet50_2.tv_in1k", "layers": [2, 3], "pretrained": True, "weights": None,
+                  "patch_size": 3, "pre_embed_dim": 1536, "embed_dim": 1536, "adaptor_layers": 1,
+                  "discriminator_layers": 2, "discriminator_hidden": 1024, "noise_std": 0.015, "margin": 0.5,
+                  "sigma": 4.0},
+        "train": {"trainer": "gradient", "epochs": 160, "optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5,
+                  "adaptor_lr": 1e-4, "adaptor_weight_decay": 0.01, "scheduler": "none", "patience": 160,
+                  "keep": "last"},
+        "data": {"image_size": 288, "crop_ratio": 288 / 329, "batch_size": 8, "val_fraction": 0.2},
+    },
+    # SuperSimpleNet (Rolih et al., ICPR 2024), unsupervised MVTec setting of blaz-r/SuperSimpleNet's
+    # train.py (60d1e74): torchvision WR50 layer2+3, 256×256, batch 32, 300 epochs, AdamW (adaptor 1e-4 with
+    # decay 0.01; heads 2e-4 with decay 1e-5), MultiStepLR at 0.8·E and 0.9·E with γ 0.4, noise σ 0.015,
+    # Perlin threshold 0.2 (VisA: 0.6), stop_grad, no gradient clipping, the last epoch kept.
+    "supersimplenet": {
+        "model": {"backbone": "wide_resnet50_2.tv_in1k", "layers": [2, 3], "pretrained": True, "weights": None,
+                  "patch_size": 3, "seg_hidden": 1024, "cls_channels": 128, "cls_kernel": 5, "noise_std": 0.015,
+                  "perlin_threshold": 0.2, "margin": 0.5, "focal_gamma": 4.0, "stop_grad": True, "sigma": 4.0},
+        "train": {"trainer": "gradient", "epochs": 300, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 1e-5,
+                  "adaptor_lr": 1e-4, "adaptor_weight_decay": 0.01, "scheduler": "multistep",
+                  "milestones": [0.8, 0.9], "gamma": 0.4, "patience": 300, "keep": "last"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.2},
+    },
 }
 
 BUILTIN_MODELS = frozenset(MODEL_CONFIGS)

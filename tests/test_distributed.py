@@ -152,7 +152,8 @@ def test_dfm_scores_under_torchrun_as_in_one_process(tmp_path, demo_root, scores
 GRADIENT_CASES = {
     "fastflow": ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"],  # default: resnet18
     "draem": ["--set", "model.reconstructive_width=8", "--set", "model.discriminative_width=8"],
-    "reverse_distillation": ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"],  # default: WR50
+    **{name: ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"]  # defaults: WR50
+       for name in ("reverse_distillation", "simplenet", "supersimplenet")},
 }
 
 

@@ -22,11 +22,14 @@ CONFIG = "anomaly_framework/config.py"
 RD_MODEL, RD_BLOCKS = "anomaly_framework/models/model_reverse_distillation.py", "anomaly_framework/models/reverse_distillation_blocks.py"
 DFM_MODEL = "anomaly_framework/models/model_dfm.py"
 RD_TESTS, DFM_TESTS = "tests/test_parity_reverse_distillation.py", "tests/test_parity_dfm.py"
+AGGREGATION = "anomaly_framework/models/patch_aggregation.py"
+SN, SSN = "anomaly_framework/models/model_simplenet.py", "anomaly_framework/models/model_supersimplenet.py"
+SN_MODELER, SN_TESTS = "anomaly_framework/modelers/modeler_simplenet.py", "tests/test_parity_simplenet.py"
 # (model, file, line as it is, line broken, tests file, pytest -k selection)
 CASES = [
  ("PaDiM", "anomaly_framework/models/model_padim.py", "COVARIANCE_EPS = 0.01", "COVARIANCE_EPS = 0.1", STAGE, "padim"),
  ("PaDiM", "anomaly_framework/models/model_padim.py", "return {\"patch_scores\": self._squared_distance(inputs).sqrt()}", "return {\"patch_scores\": self._squared_distance(inputs)}", STAGE, "padim"),
- ("PatchCore", "anomaly_framework/models/model_patchcore.py", "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=False)", "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=True)", STAGE, "patchcore"),
+ ("PatchCore", AGGREGATION, "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=False)", "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=True)", STAGE, "patchcore"),
  ("PatchCore", "anomaly_framework/models/model_patchcore.py", "min_sq = anchor_sq.sqrt_().mean(1).square_()", "min_sq = anchor_sq.mean(1)", STAGE, "patchcore"),
  ("STFPM", "anomaly_framework/models/model_stfpm.py", "(F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(dim=1)", "(t - s).pow(2).sum(dim=1)", STAGE, "stfpm"),
  ("STFPM", "anomaly_framework/models/model_stfpm.py", "grid = distances[0].shape[-2:]\n        product = distances[0]", "grid = tuple(4 * s for s in distances[0].shape[-2:])\n        product = upsample_maps(distances[0], grid)", STAGE, "stfpm"),
@@ -37,6 +40,33 @@ CASES = [
  ("smoothing", FILTERS, "return torch.where(positions < size, positions, 2 * size - 1 - positions)", "return torch.where(positions < size, positions, 2 * size - 2 - positions).clamp(0, size - 1)", STAGE, "padim or patchcore"),
  ("AU-PRO", "anomaly_framework/metrics/metrics_base.py", "weight = np.where(sorted_regions > 0, 1.0 / (region_sizes[sorted_regions] * offset), 0.0)", "weight = np.where(sorted_regions > 0, 1.0 / (sorted_regions > 0).sum(), 0.0)", STAGE, "aupro"),
  ("SSIM", "anomaly_framework/metrics/ssim.py", "c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2", "c1, c2 = (k1 * data_range) ** 2, (k1 * data_range) ** 2", STAGE, "ssim"),
+ ("SimpleNet (aggregation)", AGGREGATION, "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=False)", "layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode=\"bilinear\", align_corners=True)", SN_TESTS, "test_simplenet"),
+ ("SimpleNet (adaptor)", SN, "return self.adaptor(self.embed(inputs))", "return self.embed(inputs) + self.adaptor(self.embed(inputs))", SN_TESTS, "test_simplenet"),
+ ("SimpleNet (noise)", SN, "rows + noise.reshape(rows.shape)", "rows + 2 * noise.reshape(rows.shape)", SN_TESTS, "test_simplenet"),
+ ("SimpleNet (discriminator)", SN, "nn.BatchNorm1d(hidden), nn.LeakyReLU(0.2)]", "nn.BatchNorm1d(hidden), nn.LeakyReLU(0.1)]", SN_TESTS, "test_simplenet"),
+ ("SimpleNet (loss)", SN, "torch.clamp(margin + anomalous, min=0)]", "torch.clamp(anomalous, min=0)]", SN_TESTS, "test_simplenet"),
+ ("SimpleNet (map sign)", SN, "return {\"patch_scores\": -self.discriminator(rows)", "return {\"patch_scores\": self.discriminator(rows)", SN_TESTS, "test_simplenet"),
+ ("SimpleNet (map smoothing)", SN, "upsample_maps(outputs[\"patch_scores\"], size), self.sigma)", "upsample_maps(outputs[\"patch_scores\"], size), self.sigma / 2)", SN_TESTS, "test_simplenet"),
+ ("SimpleNet (score)", SN, "return outputs[\"patch_scores\"].amax(dim=(1, 2, 3))", "return outputs[\"patch_scores\"].mean(dim=(1, 2, 3))", SN_TESTS, "test_simplenet"),
+ ("SimpleNet (discriminator decay coupled)", SN_MODELER, "\"decoupled_weight_decay\": train[\"optimizer\"] == \"adamw\"},", "\"decoupled_weight_decay\": True},", SN_TESTS, "test_simplenet"),
+ ("SimpleNet, SuperSimpleNet (adaptor lr)", SN_MODELER, "{\"params\": adaptor, \"lr\": train[\"adaptor_lr\"]", "{\"params\": adaptor, \"lr\": train[\"lr\"]", SN_TESTS, "simplenet"),
+ ("SimpleNet, SuperSimpleNet (adaptor decay)", SN_MODELER, "\"weight_decay\": train[\"adaptor_weight_decay\"],", "\"weight_decay\": train[\"weight_decay\"],", SN_TESTS, "simplenet"),
+ ("SuperSimpleNet (upscaling)", SSN, "mode=\"bilinear\", align_corners=True) for layer in layers], 1)", "mode=\"bilinear\", align_corners=False) for layer in layers], 1)", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (neighbourhood mean)", SSN, "self.patch_size, stride=1, padding=self.patch_size // 2)", "self.patch_size, stride=1, padding=self.patch_size // 2, count_include_pad=False)", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (adaptor)", SSN, "adapted = self.adaptor(self.features(inputs))", "adapted = self.features(inputs)", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (noise mask)", SSN, "self.heads(doubled + noise * masks)", "self.heads(doubled + noise)", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (labels)", SSN, "\"label\": masks.flatten(1).amax(dim=1)}", "\"label\": masks.flatten(1).mean(dim=1)}", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (segmentation head)", SSN, "nn.BatchNorm2d(seg_hidden),\n                                          nn.LeakyReLU(0.2)", "nn.BatchNorm2d(seg_hidden),\n                                          nn.LeakyReLU(0.1)", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (stop_grad)", SSN, "seen = seg.detach() if self.stop_grad else seg", "seen = seg", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (classification pooling)", SSN, "conv.amax(dim=(2, 3)), conv.mean(dim=(2, 3))", "conv.mean(dim=(2, 3)), conv.amax(dim=(2, 3))", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (focal)", SSN, "return (bce * (1 - p_t) ** gamma).mean()", "return (bce * (1 - p_t) ** 2).mean()", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (truncated L1 sign)", SSN, "truncated_l1(-seg[mask == 0], -seg[mask > 0], self.margin)", "truncated_l1(seg[mask == 0], seg[mask > 0], self.margin)", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (blur border)", SSN, "mode=\"reflect\")", "mode=\"replicate\")", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (blur taps)", SSN, "truncate=math.ceil(3 * sigma) / sigma)", "truncate=4.0)", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (score)", SSN, "return torch.sigmoid(outputs[\"score\"])", "return outputs[\"score\"]", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (Perlin threshold)", SSN, "mask = (noise[0] > threshold).float()", "mask = (noise[0] > threshold + 0.1).float()", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (Perlin resize)", SSN, "size=(height, width), mode=\"bilinear\", align_corners=False)", "size=(height, width), mode=\"bilinear\", align_corners=True)", SN_TESTS, "supersimplenet"),
+ ("SuperSimpleNet (Perlin empty draw)", SSN, "return mask * 0 if rng.random() > 0.5 else mask", "return mask * 0 if rng.random() < 0.5 else mask", SN_TESTS, "supersimplenet"),
  ("Reverse Distillation (OCBE fusion)", RD_BLOCKS, "fused = torch.cat([self.level1_down(features[0]), self.level2_down(features[1]), features[2]], dim=1)", "fused = torch.cat([self.level2_down(features[1]), self.level1_down(features[0]), features[2]], dim=1)", RD_TESTS, "not pinned"),
  ("Reverse Distillation (residual block)", RD_BLOCKS, "out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))", "out = self.bn2(self.conv2(self.bn1(self.conv1(x))))", RD_TESTS, "not pinned"),
  ("Reverse Distillation (bottleneck block)", RD_BLOCKS, "out = self.bn3(self.conv3(self.relu(out)))", "out = self.bn3(self.conv3(out))", RD_TESTS, "not pinned"),
