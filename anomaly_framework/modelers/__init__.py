@@ -2,3 +2,4 @@
 from anomaly_framework.modelers import (  # noqa: F401
     modeler_autoencoder, modeler_draem, modeler_fastflow, modeler_padim, modeler_patchcore, modeler_stfpm, modeler_vae,
 )
+from anomaly_framework.modelers import modeler_cflow  # noqa: F401
