@@ -131,13 +131,13 @@ class CflowModeler(BaseModeler):
             if fibers_count < size:
                 raise FrameworkError(f"CFlow level {level} has {fibers_count} fibers per batch, fewer than "
                                      f"model.fiber_batch={size}: raise data.batch_size or lower model.fiber_batch")
-            fibers = feature.permute(0, 2, 3, 1).reshape(fibers_count, channels, 1, 1)
-            conditions = self.model.conditions(feature).permute(0, 2, 3, 1).reshape(fibers_count, -1, 1, 1)
+            fibers = feature.permute(0, 2, 3, 1).reshape(fibers_count, channels)
+            conditions = self.model.conditions(feature).permute(0, 2, 3, 1).reshape(fibers_count, -1)
             order = torch.randperm(fibers_count).to(feature.device)
             for start in range(0, fibers_count // size * size, size):
                 chosen = order[start:start + size]
                 with self.autocast():
-                    log_prob = self.model.level_log_prob(level, fibers[chosen], conditions[chosen])[:, 0, 0]
+                    log_prob = self.model.level_log_prob(level, fibers[chosen], conditions[chosen])
                     loss = self.model.fiber_loss(log_prob)
                 if not all_finite(loss.mean()):
                     raise NonFiniteLossError(f"loss became {loss.mean().item()} (on this or another rank)")

@@ -42,6 +42,14 @@ def positional_encoding_2d(channels: int, height: int, width: int) -> torch.Tens
     return encoding
 
 
+def conditional_flow(channels: int, coupling_blocks: int, clamp: float, condition_dim: int, level: int = 0) -> SequentialFlow:
+    """The official ``freia_cflow_head``: AllInOneBlocks with a 2-layer subnet of hidden width twice its
+    input ([x₁, condition]), a soft permutation and the SOFTPLUS global affine."""
+    return SequentialFlow([AllInOneCoupling(channels, 1, 2.0, clamp, seed=1000 * level + step,
+                                            condition_channels=condition_dim, soft_permutation=True)
+                           for step in range(coupling_blocks)])
+
+
 def use_reflect_padding(module: nn.Module) -> None:
     """The official encoder (custom_models/resnet.py) pads every ResNet convolution wider than 1×1 by
     reflection instead of zeros (its torchvision weights are loaded unchanged)."""
@@ -77,12 +85,8 @@ class CflowModel(nn.Module):
         self.extractor = TimmFeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights)
         if reflect_padding if reflect_padding is not None else arch_name(backbone).startswith(("resnet", "wide_resnet")):
             use_reflect_padding(self.extractor)
-        self.flows = nn.ModuleList([
-            SequentialFlow([AllInOneCoupling(channels, 1, 2.0, clamp, seed=1000 * level + step,
-                                             condition_channels=condition_dim, soft_permutation=True)
-                            for step in range(coupling_blocks)])
-            for level, channels in enumerate(self.extractor.channels)
-        ])
+        self.flows = nn.ModuleList([conditional_flow(channels, coupling_blocks, clamp, condition_dim, level)
+                                    for level, channels in enumerate(self.extractor.channels)])
         # Per level, the highest log-likelihood of the last training epoch's fibers: the test-time
         # normalisation constant (the official code takes the maximum over the whole test set).
         self.register_buffer("log_prob_max", torch.zeros(len(self.flows)))
@@ -112,7 +116,7 @@ class CflowModel(nn.Module):
 
     def level_log_prob(self, level: int, feature: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Log-likelihood per dimension, (−C·log√(2π) − ½‖z‖² + log|det J|) / C, of every position of
-        ``feature`` [B, C, H, W] (fibers: [N, C, 1, 1]) → [B, H, W]."""
+        ``feature`` [B, C, H, W] → [B, H, W] (fibers [N, C] → [N])."""
         z, log_det = self.flows[level](feature, condition, per_position=True)
         channels = feature.shape[1]
         return (-channels * LOG_SQRT_2PI - 0.5 * z.square().sum(dim=1) + log_det) / channels
