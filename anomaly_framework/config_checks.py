@@ -30,6 +30,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "model.feature_seed": (int,),
     "model.coreset_seed": (int,),
     "model.recompute_activations": (bool,),
+    "model.reflect_padding": (bool,),
     **{f"data.{key}": (str,) for key in ("train_dir", "test_normal_dir", "test_abnormal_dir", "mask_dir", "valid_dir")},
 }
 
