@@ -22,6 +22,7 @@ from make_cflow_fixtures import BLOCKS, CONDITION, CROP, LEVELS, sine_fill_  # n
 
 FIXTURE = np.load(Path(__file__).parent / "fixtures" / "parity" / "cflow.npz")
 RTOL = 1e-5
+CLAMP = resolve_config({"model.name": "cflow"})["model"]["clamp"]  # the default (official 1.9)
 
 
 def test_fixture_names_the_pinned_commit():
@@ -66,7 +67,7 @@ def load_freia(flow: nn.Module, prefix: str) -> None:
 
 
 def test_conditional_flow_and_loss_equal_freia_cflow_head():
-    flow = conditional_flow(7, BLOCKS, 1.9, CONDITION)
+    flow = conditional_flow(7, BLOCKS, CLAMP, CONDITION)
     load_freia(flow, "flow_")
     fibers, conditions = (torch.from_numpy(FIXTURE[key]).float() for key in ("flow_fibers", "flow_conditions"))
     z, log_det = flow(fibers, conditions, per_position=True)
@@ -98,7 +99,7 @@ def stub_modeler(state: str):
     modeler = cflow_modeler(**{"model.coupling_blocks": 1, "model.condition_dim": CONDITION,
                                "train.epochs": 1, "train.sub_epochs": 1, "data.batch_size": 2})
     model = modeler.model
-    model.flows = nn.ModuleList([conditional_flow(c, BLOCKS, 1.9, CONDITION, level) for level, (c, _) in enumerate(LEVELS)])
+    model.flows = nn.ModuleList([conditional_flow(c, BLOCKS, CLAMP, CONDITION, level) for level, (c, _) in enumerate(LEVELS)])
     model.register_buffer("log_prob_max", torch.zeros(len(LEVELS)))
     for level, flow in enumerate(model.flows):
         load_freia(flow, f"initial{level}_")
