@@ -79,7 +79,7 @@ _EPOCH_TRAINING = {
     "lr": 1e-3,
     "momentum": 0.9,  # sgd only
     "weight_decay": 0.0,
-    "scheduler": "none",  # none | multistep | cosine
+    "scheduler": "none",  # none | multistep | cosine | cflow (CFlow's meta-epoch cosine with warm-up)
     "milestones": [0.8, 0.9],  # multistep: fractions of train.epochs
     "gamma": 0.1,
     "patience": 10,  # epochs without a better monitored value (train.monitor) before stopping

@@ -111,3 +111,16 @@ def test_the_schedule_resumes_at_its_epoch():
 def test_bad_cflow_settings_are_one_line_errors(overrides, message):
     with pytest.raises(FrameworkError, match=message):
         cflow(**overrides)
+
+
+def test_defaults_are_the_official_settings():
+    """gudovskiy/cflow-ad b2ebf9e: config.py (enc-arch, pool-layers, coupling-blocks, input-size, batch-size,
+    lr, meta-epochs, sub-epochs), main.py (clamp_alpha, condition_vec, lr_warm_epochs), train.py (N),
+    custom_datasets/loader.py (Resize(ANTIALIAS) without crop, RandomRotation(5))."""
+    config = resolve_config({"model.name": "cflow"})
+    model, train, data = config["model"], config["train"], config["data"]
+    assert (model["backbone"], model["layers"], model["coupling_blocks"], model["clamp"], model["condition_dim"],
+            model["fiber_batch"], model["rotation_degrees"]) == ("wide_resnet50_2.tv_in1k", [2, 3, 4], 8, 1.9, 128, 256, 5.0)
+    assert (train["optimizer"], train["lr"], train["weight_decay"], train["epochs"], train["sub_epochs"],
+            train["warmup_meta_epochs"], train["scheduler"], train["keep"]) == ("adam", 2e-4, 0.0, 200, 8, 2, "cflow", "last")
+    assert (data["image_size"], data["crop_ratio"], data["interpolation"], data["batch_size"]) == (256, 1.0, "lanczos", 32)
