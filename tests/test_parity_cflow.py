@@ -51,24 +51,30 @@ def test_encoder_is_the_official_reflection_padded_resnet_at_layers_2_to_4():
         np.testing.assert_allclose(feature.numpy(), FIXTURE[f"encoder_feature{level}"], rtol=RTOL, atol=1e-6)
 
 
-def load_freia(flow: nn.Module, prefix: str) -> None:
-    """FrEIA SequenceINN parameters (fixture keys ``<prefix>module_list.<k>.<name>``) into our flow."""
+def freia_state(key: str) -> dict[str, torch.Tensor]:
+    """A FrEIA SequenceINN state the fixture packed as one vector and its layout (name, size)."""
+    sizes = json.loads(str(FIXTURE[f"{key}_layout"]))
+    parts = np.split(FIXTURE[key], np.cumsum([size for _, size in sizes])[:-1])
+    return {name: torch.from_numpy(part).float() for (name, _), part in zip(sizes, parts)}
+
+
+def load_freia(flow: nn.Module, key: str) -> None:
+    """FrEIA parameters (names ``module_list.<k>.<name>``) into our flow; sizes agree, shapes differ
+    only by the 1×1 trailing dimensions of our convolutions and per-channel parameters."""
+    state = freia_state(key)
     with torch.no_grad():
         for k, block in enumerate(flow.blocks):
-            get = lambda name: torch.from_numpy(FIXTURE[f"{prefix}module_list.{k}.{name}"]).float()  # noqa: E731
-            for index in (0, 2):
-                weight = get(f"subnet.{index}.weight")
-                block.subnet[index].weight.copy_(weight.view(*weight.shape, 1, 1))
-                block.subnet[index].bias.copy_(get(f"subnet.{index}.bias"))
-            block.global_scale.copy_(get("global_scale").view(1, -1, 1, 1))
-            block.global_offset.copy_(get("global_offset").view(1, -1, 1, 1))
-            if f"{prefix}module_list.{k}.w_perm" in FIXTURE:
-                block.rotation.copy_(get("w_perm").view(block.rotation.shape))
+            ours = {"subnet.0.weight": block.subnet[0].weight, "subnet.0.bias": block.subnet[0].bias,
+                    "subnet.2.weight": block.subnet[2].weight, "subnet.2.bias": block.subnet[2].bias,
+                    "global_scale": block.global_scale, "global_offset": block.global_offset, "w_perm": block.rotation}
+            for name, target in ours.items():
+                if f"module_list.{k}.{name}" in state:
+                    target.copy_(state[f"module_list.{k}.{name}"].view(target.shape))
 
 
 def test_conditional_flow_and_loss_equal_freia_cflow_head():
     flow = conditional_flow(7, BLOCKS, CLAMP, CONDITION)
-    load_freia(flow, "flow_")
+    load_freia(flow, "flow")
     fibers, conditions = (torch.from_numpy(FIXTURE[key]).float() for key in ("flow_fibers", "flow_conditions"))
     z, log_det = flow(fibers, conditions, per_position=True)
     np.testing.assert_allclose(z.detach().numpy(), FIXTURE["flow_z"], rtol=RTOL, atol=1e-6)
@@ -102,9 +108,9 @@ def stub_modeler(state: str):
     model.flows = nn.ModuleList([conditional_flow(c, BLOCKS, CLAMP, CONDITION, level) for level, (c, _) in enumerate(LEVELS)])
     model.register_buffer("log_prob_max", torch.zeros(len(LEVELS)))
     for level, flow in enumerate(model.flows):
-        load_freia(flow, f"initial{level}_")
+        load_freia(flow, f"initial{level}")
         if state == "trained":
-            load_freia(flow, f"trained{level}_")
+            load_freia(flow, f"trained{level}")
     return modeler
 
 

@@ -66,6 +66,14 @@ def _half(generator: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=generator).half().float()
 
 
+def _packed(key: str, state: dict) -> dict:
+    """A decoder's state as one float32 vector ``key`` and its layout ``key_layout`` (JSON: name, size),
+    without the inverse permutations (the transposes): one array instead of hundreds keeps the file small."""
+    names = [name for name in state if "w_perm_inv" not in name]
+    layout = json.dumps([[name, state[name].numel()] for name in names])
+    return {key: torch.cat([state[name].flatten() for name in names]).numpy(), f"{key}_layout": np.array(layout)}
+
+
 def _options(**extra) -> types.SimpleNamespace:
     """The official ``c`` as main.py sets it (lr schedule rules included) for the given run."""
     c = types.SimpleNamespace(**{**dict(lr=2e-4, lr_decay_rate=0.1, lr_warm_epochs=2, lr_warm=True, lr_cosine=True,
@@ -116,7 +124,7 @@ def flow_and_loss(checkout: Path, arrays: dict) -> None:
         loss = -torch.nn.LogSigmoid()(log_prob)
     arrays.update(flow_fibers=fibers.half().numpy(), flow_conditions=conditions.half().numpy(), flow_z=z.numpy(),
                   flow_log_det=log_det.numpy(), flow_log_prob=log_prob.numpy(), flow_loss=loss.mean().numpy(),
-                  **{f"flow_{k}": v.numpy() for k, v in decoder.state_dict().items()})
+                  **_packed("flow", decoder.state_dict()))
 
 
 def learning_rates(checkout: Path, arrays: dict) -> None:
@@ -223,8 +231,8 @@ def official_train(checkout: Path, arrays: dict) -> None:
         arrays[f"train_feature{level}"] = train_features[level].half().numpy()
         arrays[f"test_feature{level}"] = test_features[level].half().numpy()
         arrays[f"test_log_prob{level}"] = np.asarray(state["test_dist"][level], dtype=np.float32)
-        arrays.update({f"initial{level}_{k}": v.numpy() for k, v in initial.items() if "w_perm_inv" not in k})
-        arrays.update({f"trained{level}_{k}": v.numpy() for k, v in trained.items() if "w_perm" not in k})
+        arrays.update(_packed(f"initial{level}", initial))
+        arrays.update(_packed(f"trained{level}", {k: v for k, v in trained.items() if "w_perm" not in k}))
     arrays.update(train_batch_order=np.concatenate(state["batches"]), train_perms=np.concatenate(state["perms"]).astype(np.int16),
                   train_perm_sizes=np.array([len(p) for p in state["perms"]]), test_masks=masks.numpy().astype(bool),
                   test_scores=state["roc"][0], test_map=state["roc"][1].reshape(3, CROP, CROP).astype(np.float32))
