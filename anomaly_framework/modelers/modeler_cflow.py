@@ -43,7 +43,8 @@ class MetaEpochSchedule:
         if meta >= self.warmup:
             return self.cosine(meta)
         per_meta = self.batches_per_epoch * self.sub_epochs
-        progress = (batch + sub * self.batches_per_epoch + meta * per_meta) / (self.warmup * per_meta)
+        # at most 1: an epoch run by hand (trainer.run_epoch without fit) may exceed the announced length
+        progress = min(1.0, (batch + sub * self.batches_per_epoch + meta * per_meta) / (self.warmup * per_meta))
         start = self.lr / 10.0
         return start + progress * (self.cosine(self.warmup) - start)
 

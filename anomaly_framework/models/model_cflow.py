@@ -31,7 +31,7 @@ def positional_encoding_2d(channels: int, height: int, width: int) -> torch.Tens
     if channels % 4:
         raise FrameworkError(f"Config key 'model.condition_dim' must be a multiple of 4, got {channels}")
     half = channels // 2
-    frequencies = torch.exp(torch.arange(0.0, half, 2) * -(math.log(1e4) / channels))
+    frequencies = torch.exp(torch.arange(0.0, half, 2) * -(math.log(1e4) / half))
     columns = torch.arange(0.0, width)[:, None] * frequencies  # [W, half/2]
     rows = torch.arange(0.0, height)[:, None] * frequencies  # [H, half/2]
     encoding = torch.zeros(channels, height, width)
