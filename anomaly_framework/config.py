@@ -80,7 +80,7 @@ _EPOCH_TRAINING = {
     "momentum": 0.9,  # sgd only
     "betas": [0.9, 0.999],  # adam / adamw only (torch's default)
     "weight_decay": 0.0,
-    "scheduler": "none",  # none | multistep | cosine
+    "scheduler": "none",  # none | multistep | cosine | cflow (CFlow's meta-epoch cosine with warm-up)
     "milestones": [0.8, 0.9],  # multistep: fractions of train.epochs
     "gamma": 0.1,
     "patience": 10,  # epochs without a better monitored value (train.monitor) before stopping
@@ -195,6 +195,21 @@ MODEL_CONFIGS: dict[str, dict] = {
         # The paper trains on every train/good image and sets no threshold; 20 % is held out for one (and the
         # validation curve): --set data.val_fraction=0 trains on all, with an in-sample threshold (warned).
         "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.2},
+    },
+    # CFlow-AD (Gudovskiy et al., WACV 2022) as gudovskiy/cflow-ad b2ebf9e (config.py, main.py, train.py):
+    # WR50 (torchvision weights, reflection-padded as its custom_models/resnet.py), pool layers 3, 8 coupling
+    # blocks, clamp 1.9, condition 128, N = 256 fibers per step; 256 px (LANCZOS, no crop), training images
+    # rotated ±5°; Adam 2e-4, batch 32, 25 meta-epochs × 8 sub-epochs (our epochs), cosine per meta-epoch
+    # to lr·1e-3 with a 2-meta-epoch warm-up from lr/10; the last epoch kept (the official reports its
+    # best test epoch). 20 % of train/good held out for the threshold, as FastFlow.
+    "cflow": {
+        "model": {"backbone": "wide_resnet50_2.tv_in1k", "layers": [2, 3, 4], "pretrained": True, "weights": None,
+                  "coupling_blocks": 8, "clamp": 1.9, "condition_dim": 128, "fiber_batch": 256,
+                  "rotation_degrees": 5.0, "reflect_padding": None},
+        "train": {"trainer": "flow", "epochs": 200, "optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0,
+                  "scheduler": "cflow", "sub_epochs": 8, "warmup_meta_epochs": 2, "patience": 200, "keep": "last"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "interpolation": "lanczos", "batch_size": 32,
+                 "val_fraction": 0.2},
     },
     # DRAEM (Zavrtanik et al., ICCV 2021) as the official code: 256 px in [0, 1], Adam 1e-4, batch 8,
     # 700 epochs, MultiStepLR at 0.8·E and 0.9·E with γ 0.2, the last epoch kept.

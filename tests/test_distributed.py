@@ -151,6 +151,9 @@ def test_dfm_scores_under_torchrun_as_in_one_process(tmp_path, demo_root, scores
 # without a gradient only at the step after the one that left it out.
 GRADIENT_CASES = {
     "fastflow": ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"],  # default: resnet18
+    # CFlow's gradients are averaged over the ranks by hand, per fiber batch (its steps bypass DDP).
+    "cflow": ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false", "--set", "model.coupling_blocks=2",
+              "--set", "model.fiber_batch=16"],
     "draem": ["--set", "model.reconstructive_width=8", "--set", "model.discriminative_width=8"],
     **{name: ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"]  # defaults: WR50
        for name in ("reverse_distillation", "simplenet", "supersimplenet")},

@@ -34,7 +34,9 @@ RELATIVE_TOLERANCE = 1e-4
 SIZE = 32
 TINY_MODELS = {"draem": {"reconstructive_width": 8, "discriminative_width": 8},
                "ae": {"base_channels": 8}, "unet_ae": {"base_channels": 8},
-               "vae": {"base_channels": 8}, "unet_vae": {"base_channels": 8}}
+               "vae": {"base_channels": 8}, "unet_vae": {"base_channels": 8},
+               # Layer 4 of a 32-pixel input is 1×1, which CFlow's reflection padding cannot take.
+               "cflow": {"backbone": "resnet18", "pretrained": False, "layers": [1, 2, 3], "coupling_blocks": 2}}
 SMALL_BACKBONE_MODELS = {"dfm": {"pooling_kernel_size": 2}}  # resnet18's layer3 is 2×2 at 32 px
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 FORMATS = ["onnx", "torchscript",

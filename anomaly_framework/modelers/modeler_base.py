@@ -260,6 +260,10 @@ class BaseModeler:
         if self.one_pass:
             self.model.begin_fit(num_images)
 
+    def set_epoch_length(self, batches: int) -> None:
+        """Tells a modeler whose learning rate changes per batch (CFlow's warm-up) how many batches an
+        epoch has; the others ignore it."""
+
     def fit(self) -> None:
         """One-pass models build their buffers from what ``training_step`` collected."""
         if self.one_pass:

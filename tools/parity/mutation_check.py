@@ -17,6 +17,8 @@ import subprocess
 import sys
 
 STAGE, E2E = "tests/test_parity.py", "tests/test_parity_end_to_end.py"
+CFLOW, CFLOW_MODEL, CFLOW_MODELER = ("tests/test_parity_cflow.py", "anomaly_framework/models/model_cflow.py",
+                                     "anomaly_framework/modelers/modeler_cflow.py")
 MB, FILTERS = "anomaly_framework/modelers/modeler_base.py", "anomaly_framework/ops/filters.py"
 CONFIG = "anomaly_framework/config.py"
 RD_MODEL, RD_BLOCKS = "anomaly_framework/models/model_reverse_distillation.py", "anomaly_framework/models/reverse_distillation_blocks.py"
@@ -111,6 +113,23 @@ CASES = [
  ("AE/VAE (sigma default)", CONFIG, "\"map_kind\": \"l2\", \"sigma\": 4.0}", "\"map_kind\": \"l2\", \"sigma\": 2.0}", E2E, "autoencoder"),
  ("AE/VAE (residual map)", "anomaly_framework/models/model_base.py", "error = (images - reconstruction).square().sum(dim=1, keepdim=True)", "error = (images - reconstruction).square().mean(dim=1, keepdim=True)", E2E, "autoencoder"),
  ("VAE (posterior mean at evaluation)", "anomaly_framework/models/model_vae.py", "latent = reparameterize(mu, log_var, self.training)", "latent = reparameterize(mu, log_var, True)", E2E, "autoencoder"),
+ # -- CFlow-AD, stage by stage (tests/test_parity_cflow.py) --------------------------------------------
+ ("CFlow (encoding frequencies)", CFLOW_MODEL, "* -(math.log(1e4) / half))", "* -(math.log(1e4) / channels))", CFLOW, "cflow"),
+ ("CFlow (encoder padding)", CFLOW_MODEL, "conv.padding_mode = \"reflect\"", "conv.padding_mode = \"zeros\"", CFLOW, "cflow"),
+ ("CFlow (encoder levels)", CONFIG, "\"layers\": [2, 3, 4]", "\"layers\": [1, 2, 3]", CFLOW, "cflow"),
+ ("CFlow (clamp default)", CONFIG, "\"clamp\": 1.9", "\"clamp\": 2.0", CFLOW, "cflow"),
+ ("CFlow (subnet width)", CFLOW_MODEL, "AllInOneCoupling(channels, 1, 2.0, clamp", "AllInOneCoupling(channels, 1, 1.0, clamp", CFLOW, "cflow"),
+ ("CFlow (soft permutation)", "anomaly_framework/models/flow_components.py", "F.linear(y, rotation.flatten(1))", "F.linear(y, rotation.flatten(1).T)", CFLOW, "cflow"),
+ ("CFlow (condition)", "anomaly_framework/models/flow_components.py", "torch.cat([x1, condition], dim=1)", "torch.cat([condition, x1], dim=1)", CFLOW, "cflow"),
+ ("CFlow (likelihood per dimension)", CFLOW_MODEL, "+ log_det) / channels", "+ log_det)", CFLOW, "cflow"),
+ ("CFlow (loss)", CFLOW_MODEL, "return -F.logsigmoid(log_prob)", "return -log_prob", CFLOW, "cflow"),
+ ("CFlow (fiber batch default)", CONFIG, "\"fiber_batch\": 256", "\"fiber_batch\": 128", CFLOW, "cflow"),
+ ("CFlow (shuffled fibers)", CFLOW_MODELER, "chosen = order[start:start + size]", "chosen = torch.arange(start, start + size)", CFLOW, "cflow"),
+ ("CFlow (warm-up start)", CFLOW_MODELER, "start = self.lr / 10.0", "start = self.lr / 5.0", CFLOW, "cflow"),
+ ("CFlow (cosine floor)", CFLOW_MODELER, "COSINE_DECAY = 0.1 ** 3", "COSINE_DECAY = 0.1 ** 2", CFLOW, "cflow"),
+ ("CFlow (max-subtraction)", CFLOW_MODEL, "torch.exp(log_prob - maximum)", "torch.exp(log_prob - 0.5 * maximum)", CFLOW, "cflow"),
+ ("CFlow (upsampling corners)", CFLOW_MODEL, "align_corners=True)", "align_corners=False)", CFLOW, "cflow"),
+ ("CFlow (fitted maxima)", CFLOW_MODELER, "level_max=self.model.log_prob_max.unbind()", "level_max=None", CFLOW, "cflow"),
  # -- glue: preprocessing --------------------------------------------------------------------------
  ("all (normalisation mean)", "anomaly_framework/ops/normalize.py", "IMAGENET_MEAN = (0.485, 0.456, 0.406)", "IMAGENET_MEAN = (0.406, 0.456, 0.485)", E2E, "preprocessing"),
  ("all (normalisation std)", "anomaly_framework/ops/normalize.py", "IMAGENET_STD = (0.229, 0.224, 0.225)", "IMAGENET_STD = (0.225, 0.224, 0.229)", E2E, "preprocessing"),
