@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", help="comma list of seeds (0,1,2): repeats every run; tables show mean ± std")
     parser.add_argument("--skip-done", action="store_true",
                         help="in a sweep, reuse runs whose resolved config already has results")
+    parser.add_argument("--launcher", choices=["local", "submitit", "ray"],
+                        help="where a sweep's runs execute: here one after another (local, the default), one SLURM "
+                             "job each (submitit) or one Ray task each (ray); settings: --set sweep.KEY=VALUE")
+    parser.add_argument("--summarize", metavar="SWEEP_DIR",
+                        help="rebuild a sweep's summary from its run folders (also while its jobs run) and print it")
     return parser
 
 
@@ -96,7 +101,7 @@ FLAG_KEYS = {
     "model": "model.name", "dataset": "data.name", "category": "data.category", "data_root": "data.root",
     "backbone": "model.backbone", "image_size": "data.image_size", "epochs": "train.epochs",
     "batch_size": "data.batch_size", "device": "device", "seed": "seed", "output_dir": "output_dir",
-    "resume": "train.resume", **{key: f"data.{key}" for key in FOLDER_FLAGS},
+    "resume": "train.resume", "launcher": "sweep.launcher", **{key: f"data.{key}" for key in FOLDER_FLAGS},
 }
 
 
@@ -139,14 +144,17 @@ def run_command(kind: str, args: argparse.Namespace) -> tuple[str, str | None]:
         print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
         return result["output_dir"], None
     from anomaly_framework.config import check_scopes, split_scoped
-    from anomaly_framework.sweeps.sweep import run_sweep, split_list
+    from anomaly_framework.sweeps.sweep import run_sweep, split_list, summarize_sweep
 
+    if args.summarize:
+        return summarize_sweep(args.summarize)
     overrides = overrides_from_args(args)
     models = split_list(args.model) or [overrides.get("model.name", "padim")]
     check_scopes(split_scoped(overrides)[1], models)
     categories = split_list(args.category) or [overrides.get("data.category")]
     seeds = [int(seed) for seed in split_list(args.seeds)] if args.seeds else [overrides.get("seed", 0)]
-    if len(models) > 1 or len(categories) > 1 or categories == ["all"] or len(seeds) > 1 or args.skip_done:
+    cluster = any(key.startswith("sweep.") for key in overrides)  # --launcher: even one run is a job
+    if len(models) > 1 or len(categories) > 1 or categories == ["all"] or len(seeds) > 1 or args.skip_done or cluster:
         if args.benchmark:
             raise FrameworkError("--benchmark times one run: give one model, one category and one seed")
         for key in ("model.name", "data.category", "seed"):

@@ -83,8 +83,9 @@ _EPOCH_TRAINING = {
     "optimizer": "adam",  # sgd | adam | adamw
     "lr": 1e-3,
     "momentum": 0.9,  # sgd only
+    "betas": [0.9, 0.999],  # adam / adamw only (torch's default)
     "weight_decay": 0.0,
-    "scheduler": "none",  # none | multistep | cosine
+    "scheduler": "none",  # none | multistep | cosine | cflow (CFlow's meta-epoch cosine with warm-up)
     "milestones": [0.8, 0.9],  # multistep: fractions of train.epochs
     "gamma": 0.1,
     "patience": 10,  # epochs without a better monitored value (train.monitor) before stopping
@@ -200,6 +201,21 @@ MODEL_CONFIGS: dict[str, dict] = {
         # validation curve): --set data.val_fraction=0 trains on all, with an in-sample threshold (warned).
         "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.2},
     },
+    # CFlow-AD (Gudovskiy et al., WACV 2022) as gudovskiy/cflow-ad b2ebf9e (config.py, main.py, train.py):
+    # WR50 (torchvision weights, reflection-padded as its custom_models/resnet.py), pool layers 3, 8 coupling
+    # blocks, clamp 1.9, condition 128, N = 256 fibers per step; 256 px (LANCZOS, no crop), training images
+    # rotated ±5°; Adam 2e-4, batch 32, 25 meta-epochs × 8 sub-epochs (our epochs), cosine per meta-epoch
+    # to lr·1e-3 with a 2-meta-epoch warm-up from lr/10; the last epoch kept (the official reports its
+    # best test epoch). 20 % of train/good held out for the threshold, as FastFlow.
+    "cflow": {
+        "model": {"backbone": "wide_resnet50_2.tv_in1k", "layers": [2, 3, 4], "pretrained": True, "weights": None,
+                  "coupling_blocks": 8, "clamp": 1.9, "condition_dim": 128, "fiber_batch": 256,
+                  "rotation_degrees": 5.0, "reflect_padding": None},
+        "train": {"trainer": "flow", "epochs": 200, "optimizer": "adam", "lr": 2e-4, "weight_decay": 0.0,
+                  "scheduler": "cflow", "sub_epochs": 8, "warmup_meta_epochs": 2, "patience": 200, "keep": "last"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "interpolation": "lanczos", "batch_size": 32,
+                 "val_fraction": 0.2},
+    },
     # DRAEM (Zavrtanik et al., ICCV 2021) as the official code: 256 px in [0, 1], Adam 1e-4, batch 8,
     # 700 epochs, MultiStepLR at 0.8·E and 0.9·E with γ 0.2, the last epoch kept.
     # The paper's schedule instead: --set train.milestones=[0.5715,0.8572] --set train.gamma=0.1 (epochs 400, 600).
@@ -211,6 +227,54 @@ MODEL_CONFIGS: dict[str, dict] = {
                   "scheduler": "multistep", "milestones": [0.8, 0.9], "gamma": 0.2, "patience": 700, "keep": "last"},
         # 20 % of train/good held out for the threshold, as FastFlow (the official code trains on all of it).
         "data": {"image_size": 256, "crop_ratio": 1.0, "normalize": "none", "batch_size": 8, "val_fraction": 0.2},
+    },
+    # Reverse Distillation (Deng & Li, CVPR 2022) as hq-deng/RD4AD main.train / test.evaluation: WR50
+    # encoder (torchvision V1 weights), 256 px (no crop), Adam lr 0.005 betas (0.5, 0.999), batch 16, 200
+    # epochs, the last epoch kept (the code saves every 10 epochs, the last at 200); map σ 4, score max.
+    "reverse_distillation": {
+        "model": {"backbone": "wide_resnet50_2.tv_in1k", "layers": [1, 2, 3], "pretrained": True, "weights": None,
+                  "sigma": 4.0},
+        "train": {"trainer": "gradient", "epochs": 200, "optimizer": "adam", "lr": 0.005, "betas": [0.5, 0.999],
+                  "weight_decay": 0.0, "patience": 200, "keep": "last"},
+        # 20 % of train/good held out for the threshold, as FastFlow (the official code trains on all of it).
+        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 16, "val_fraction": 0.2},
+    },
+    # DFM (Ahuja et al., 2019) as anomalib 2.7.0's DFM (the reference others compare against): timm's resnet50
+    # (its default weights), layer3, average pooling 4, PCA to 0.97 of the variance, score "fre", 256 px.
+    "dfm": {
+        "model": {"backbone": "resnet50", "layers": [3], "pretrained": True, "weights": None,
+                  "pooling_kernel_size": 4, "pca_level": 0.97, "score_type": "fre"},
+        "train": {"trainer": "memory"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "interpolation": "bilinear"},
+    },
+    # SimpleNet (Liu et al., CVPR 2023) as DonaldRR/SimpleNet's run.sh (351a2b8): torchvision WR50 layer2+3,
+    # patch 3, 1536/1536, one linear adaptor (pre_proj 1, AdamW lr·0.1 = 1e-4, AdamW's default decay 0.01),
+    # discriminator 2 layers × 1024 (Adam 2e-4, decay 1e-5, no cosine), noise σ 0.015, margin 0.5,
+    # batch 8, resize 329 + centre crop 288, meta_epochs 40 × gan_epochs 4 = 160 epochs. The official code
+    # keeps the meta-epoch with the best *test* AUROC; here the last epoch is kept and 20 % of train/good
+    # is held out for the threshold (docs/models.md).
+    "simplenet": {
+        "model": {"backbone": "wide_resnet50_2.tv_in1k", "layers": [2, 3], "pretrained": True, "weights": None,
+                  "patch_size": 3, "pre_embed_dim": 1536, "embed_dim": 1536, "adaptor_layers": 1,
+                  "discriminator_layers": 2, "discriminator_hidden": 1024, "noise_std": 0.015, "margin": 0.5,
+                  "sigma": 4.0},
+        "train": {"trainer": "gradient", "epochs": 160, "optimizer": "adam", "lr": 2e-4, "weight_decay": 1e-5,
+                  "adaptor_lr": 1e-4, "adaptor_weight_decay": 0.01, "scheduler": "none", "patience": 160,
+                  "keep": "last"},
+        "data": {"image_size": 288, "crop_ratio": 288 / 329, "batch_size": 8, "val_fraction": 0.2},
+    },
+    # SuperSimpleNet (Rolih et al., ICPR 2024), unsupervised MVTec setting of blaz-r/SuperSimpleNet's
+    # train.py (60d1e74): torchvision WR50 layer2+3, 256×256, batch 32, 300 epochs, AdamW (adaptor 1e-4 with
+    # decay 0.01; heads 2e-4 with decay 1e-5), MultiStepLR at 0.8·E and 0.9·E with γ 0.4, noise σ 0.015,
+    # Perlin threshold 0.2 (VisA: 0.6), stop_grad, no gradient clipping, the last epoch kept.
+    "supersimplenet": {
+        "model": {"backbone": "wide_resnet50_2.tv_in1k", "layers": [2, 3], "pretrained": True, "weights": None,
+                  "patch_size": 3, "seg_hidden": 1024, "cls_channels": 128, "cls_kernel": 5, "noise_std": 0.015,
+                  "perlin_threshold": 0.2, "margin": 0.5, "focal_gamma": 4.0, "stop_grad": True, "sigma": 4.0},
+        "train": {"trainer": "gradient", "epochs": 300, "optimizer": "adamw", "lr": 2e-4, "weight_decay": 1e-5,
+                  "adaptor_lr": 1e-4, "adaptor_weight_decay": 0.01, "scheduler": "multistep",
+                  "milestones": [0.8, 0.9], "gamma": 0.4, "patience": 300, "keep": "last"},
+        "data": {"image_size": 256, "crop_ratio": 1.0, "batch_size": 32, "val_fraction": 0.2},
     },
 }
 

@@ -32,6 +32,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "model.feature_seed": (int,),
     "model.coreset_seed": (int,),
     "model.recompute_activations": (bool,),
+    "model.reflect_padding": (bool,),
     **{f"data.{key}": (str,) for key in ("train_dir", "test_normal_dir", "test_abnormal_dir", "mask_dir", "valid_dir")},
 }
 
@@ -97,6 +98,10 @@ def check_consistency(config: dict) -> None:
         raise FrameworkError(f"Config key 'device' must be auto, cpu or cuda, got {config['device']!r}")
     if "epochs" in config["train"] and config["train"]["epochs"] < 1:
         raise FrameworkError(f"Config key 'train.epochs' (--epochs) must be at least 1, got {config['train']['epochs']}")
+    for section, key, least in (("train", "sub_epochs", 1), ("train", "warmup_meta_epochs", 0),
+                                ("model", "coupling_blocks", 1), ("model", "fiber_batch", 1)):  # CFlow's counts
+        if key in config[section] and config[section][key] < least:
+            raise FrameworkError(f"Config key '{section}.{key}' must be at least {least}, got {config[section][key]}")
     monitor = config["train"].get("monitor", "loss")
     if monitor not in MONITORS:
         raise FrameworkError(f"Config key 'train.monitor' must be one of {', '.join(MONITORS)}, got {monitor!r}")

@@ -26,7 +26,7 @@ from anomaly_framework.reporting.figures import save_sample_figures, save_score_
 from anomaly_framework.trainers.trainer_base import describe_resolution
 from anomaly_framework.utils import (RunInterrupted, library_versions, peak_memory_mb, resolve_device,
                                      save_roc_curve, save_scores_csv, seed_everything, show_data_info, show_model_info,
-                                     show_results, show_train_info, write_status)
+                                     show_results, show_train_info, read_status, write_status)
 
 
 def make_run_dir(config: dict) -> Path:
@@ -49,12 +49,29 @@ def backbone_facts(model: torch.nn.Module, config: dict) -> dict:
     }
 
 
-def run_experiment(config: dict | None = None) -> dict:
+def run_folder(config: dict, run_dir: str | Path | None) -> Path:
+    """The folder this run writes: ``run_dir`` when given (a sweep names it; a retried or requeued job
+    comes back to it), the interrupted run's own folder when ``train.resume`` continues one that is not
+    done, else a new folder. A finished run resumed to train longer keeps its results: a new folder then."""
+    resume = config["train"].get("resume")
+    if run_dir is None and resume and read_status(resume)["status"] != "done":
+        run_dir = resume
+    if run_dir is None:
+        return make_run_dir(config)
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FrameworkError(f"Cannot create the run folder '{run_dir}': {error.strerror or error}") from error
+    return Path(run_dir)
+
+
+def run_experiment(config: dict | None = None, run_dir: str | Path | None = None) -> dict:
     """Resolves ``config``, fits the model, evaluates it on the test split and writes the run folder.
 
     Args:
         config: overrides of the defaults, nested (``{"model": {"name": "padim"}}``) or dotted
             (``{"model.name": "padim", "data.category": "bottle"}``).
+        run_dir: the folder to write (created if missing); None = see ``run_folder``.
 
     Returns:
         results.json's content plus ``config`` (the resolved config). Under ``torchrun`` every rank helps
@@ -66,14 +83,14 @@ def run_experiment(config: dict | None = None) -> dict:
     device, started_group = init_from_env(resolve_device(config["device"]))
     try:
         with ctrl_c_stops_at_next_batch():
-            results = _run(config, device, start)
+            results = _run(config, device, start, run_dir)
         return results
     finally:
         if started_group:
             torch.distributed.destroy_process_group()
 
 
-def _run(config: dict, device: torch.device, start: float) -> dict:
+def _run(config: dict, device: torch.device, start: float, run_dir: str | Path | None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     dataloader = build_dataloader(config)
@@ -82,7 +99,7 @@ def _run(config: dict, device: torch.device, start: float) -> dict:
     if config["data"]["tile_size"] is None:  # tiled, the model only sees tiles
         check_image_size(model, config["data"]["image_size"])
     modeler = build_modeler(config, model)
-    run_dir = Path(broadcast_object(str(make_run_dir(config)) if is_main() else None))
+    run_dir = Path(broadcast_object(str(run_folder(config, run_dir)) if is_main() else None))
     trainer = None
     try:
         if is_main():

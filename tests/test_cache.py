@@ -32,13 +32,13 @@ def _fitted(demo_root, tmp_path, name, **overrides):
     return trainer, predictions, calls
 
 
-@pytest.mark.parametrize("name", ["padim", "patchcore"])
-def test_cached_and_uncached_paths_give_identical_scores_and_maps(demo_root, tmp_path, name):
+@pytest.mark.parametrize("name, extra", [("padim", {}), ("patchcore", {}), ("dfm", {"model.layers": [2]})])
+def test_cached_and_uncached_paths_give_identical_scores_and_maps(demo_root, tmp_path, name, extra):
     """No cache at all, a cold cache and a warm one: bit-identical maps, scores and threshold; the backbone
     sees each image once per run (plus one 1-image shape probe), and not at all once the cache is warm."""
-    cache = {"data.cache_dir": str(tmp_path / "cache")}
+    cache = {"data.cache_dir": str(tmp_path / "cache"), **extra}
     plain, reference, plain_calls = _fitted(demo_root, tmp_path, name, **{"data.cache": False,
-                                                                          "train.feature_cache_mb": 0})
+                                                                          "train.feature_cache_mb": 0, **extra})
     cold, first, cold_calls = _fitted(demo_root, tmp_path, name, **cache)
     warm, second, warm_calls = _fitted(demo_root, tmp_path, name, **cache)
     for predictions in (first, second):

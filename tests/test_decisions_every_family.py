@@ -13,16 +13,18 @@ from anomaly_framework.registry import MODEL_REGISTRY
 from anomaly_framework.reporting.predictions import normalized_score, score_scale
 
 TINY = {"draem": {"model.reconstructive_width": 4, "model.discriminative_width": 4, "model.score_filter": 3},
-        "fastflow": {"model.flow_steps": 2}, **{name: {"model.base_channels": 8} for name in ("ae", "unet_ae", "vae", "unet_vae")}}
+        "fastflow": {"model.flow_steps": 2}, "dfm": {"model.pooling_kernel_size": 2},
+        "cflow": {"model.coupling_blocks": 2, "model.layers": [1, 2, 3], "model.fiber_batch": 16},
+        **{name: {"model.base_channels": 8} for name in ("ae", "unet_ae", "vae", "unet_vae")}}
 OUT_OF_SAMPLE = {"held-out train/good", "train/good, leave-one-image-out"}
 
 
 @pytest.mark.parametrize("name", MODEL_REGISTRY.names())
 def test_every_model_calibrates_out_of_sample_and_predict_follows_its_threshold(name, tmp_path, demo_root):
-    backbone = {} if name in TINY and name != "fastflow" else {"model.backbone": "resnet18", "model.pretrained": False}
+    backbone = {} if name in TINY and name not in ("fastflow", "dfm", "cflow") else {"model.backbone": "resnet18", "model.pretrained": False}
     overrides = {"model.name": name, **backbone, **TINY.get(name, {}), "data.name": "demo", "data.root": str(demo_root),
                  "data.image_size": 32, "data.batch_size": 8, "eval.num_figures": 0, "output_dir": str(tmp_path)}
-    if name not in ("padim", "patchcore"):  # memory models have no epochs
+    if name not in ("padim", "patchcore", "dfm"):  # memory models have no epochs
         overrides["train.epochs"] = 1
     with pytest.warns(UserWarning, match="cannot be certified"):  # the demo's 40 (or 32 held-in) images < 45
         results = run_experiment(overrides)

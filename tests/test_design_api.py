@@ -100,6 +100,8 @@ FAMILIES = {
     "memory": {"model.name": "padim", **SMALL},
     "gradient": {"model.name": "stfpm", "train.lr": 0.05, "train.epochs": 1, **SMALL},
     "flow": {"model.name": "fastflow", "model.flow_steps": 2, "train.epochs": 1, **SMALL},
+    "flow (cflow)": {"model.name": "cflow", "model.coupling_blocks": 2, "model.layers": [1, 2, 3],
+                     "model.fiber_batch": 16, "train.epochs": 1, **SMALL},
     "classification": {"model.name": "draem", "model.reconstructive_width": 4, "model.discriminative_width": 4,
                        "model.score_filter": 3, "train.epochs": 1},
 }

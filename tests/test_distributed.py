@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,25 @@ def _torchrun(flags) -> Path:
     return Path(process.stdout.strip().splitlines()[-1])
 
 
+def _two_nodes(flags) -> Path:
+    """Two ``torchrun`` node launches of one process each, meeting at a c10d rendezvous on localhost, as two
+    machines meet at the first one's address (docs/usage.md). The node that gets rank 0 prints the folder."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "two-nodes",
+               str(ROOT / "main.py"), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    printed = [out.strip().splitlines()[-1] for out, _ in outputs if out.strip()]
+    assert len(printed) == 1, printed  # rank 0 alone writes and prints
+    return Path(printed[0])
+
+
 def _scores(run_dir) -> dict[str, float]:
     with open(Path(run_dir) / "scores.csv") as handle:
         return {row["image_path"]: float(row["score"]) for row in csv.DictReader(handle)}
@@ -46,10 +66,14 @@ def _single(tmp_path, demo_root, model, backbone="resnet18", **extra):
 
 # resnet18: a random subset of 100 channels; Lite0: all 176, whose covariance from the 40 demo images is of
 # rank at most 39 plus PaDiM's 0.01·I, so its inverse amplifies float32 rounding tenfold (its scores do not).
-@pytest.mark.parametrize("backbone, inverse_tolerance", [("resnet18", 1e-4), ("efficientnet_lite0", 1e-3)])
-def test_padim_statistics_from_two_processes_equal_one(tmp_path, demo_root, backbone, inverse_tolerance):
+# resnet18: a random subset of 100 channels; Lite0: all 176, whose covariance from the 40 demo images is of
+# rank at most 39 plus PaDiM's 0.01·I, so its inverse amplifies float32 rounding tenfold (its scores do not).
+@pytest.mark.parametrize("backbone, inverse_tolerance, launch", [("resnet18", 1e-4, _torchrun),
+                                                                 ("efficientnet_lite0", 1e-3, _torchrun),
+                                                                 ("resnet18", 1e-4, _two_nodes)])
+def test_padim_statistics_from_two_processes_equal_one(tmp_path, demo_root, backbone, inverse_tolerance, launch):
     single = _single(tmp_path, demo_root, "padim", backbone=backbone)
-    run_dir = _torchrun(_flags(tmp_path, demo_root, "padim", backbone=backbone))
+    run_dir = launch(_flags(tmp_path, demo_root, "padim", backbone=backbone))
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["backbone"] == backbone
     assert results["fit"]["train_images"] == single["fit"]["train_images"]
@@ -63,14 +87,16 @@ def test_padim_statistics_from_two_processes_equal_one(tmp_path, demo_root, back
     assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
 
 
-def test_stfpm_first_epoch_loss_from_two_processes_equals_one(tmp_path, demo_root):
+@pytest.mark.parametrize("launch", [_torchrun, _two_nodes])
+def test_stfpm_first_epoch_loss_from_two_processes_equals_one(tmp_path, demo_root, launch):
     # One global batch holding every training image: both runs see the same images in the first step;
     # they differ only in the student's batch-norm statistics (per rank of 16 vs 32 images).
     extra = {"train.epochs": 1, "data.batch_size": 32, "data.val_fraction": 0.2}
     single = _single(tmp_path, demo_root, "stfpm", **extra)
     flags = [item for key, value in extra.items() for item in ("--set", f"{key}={value}")]
-    run_dir = _torchrun(_flags(tmp_path, demo_root, "stfpm", *flags))
+    run_dir = launch(_flags(tmp_path, demo_root, "stfpm", *flags))
     history = json.loads((run_dir / "results.json").read_text())["fit"]["history"]
+    assert json.loads((run_dir / "results.json").read_text())["world_size"] == 2
     first = single["fit"]["history"][0]
     assert history[0]["train"]["loss"] == pytest.approx(first["train"]["loss"], rel=0.02)
     assert history[0]["valid"]["loss"] == pytest.approx(first["valid"]["loss"], rel=0.05)
@@ -111,11 +137,26 @@ def test_patchcore_with_its_whole_bank_scores_under_torchrun_as_in_one_process(t
     assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
 
 
+def test_dfm_scores_under_torchrun_as_in_one_process(tmp_path, demo_root, scores_auroc):
+    # The ranks' image vectors are gathered in rank order, so the PCA sees the single process's matrix.
+    extra = {"model.layers": [2]}  # resnet18's layer3 at 64 px is 4×4, one cell after pooling by 4
+    single = _single(tmp_path, demo_root, "dfm", **extra)
+    run_dir = _torchrun(_flags(tmp_path, demo_root, "dfm", "--set", "model.layers=[2]"))
+    _check_run(run_dir, demo_root, scores_auroc)
+    expected, got = _scores(single["run_dir"]), _scores(run_dir)
+    assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
+
+
 # Batch 8 = 4 per rank: several optimiser steps per epoch, as DistributedDataParallel refuses a parameter
 # without a gradient only at the step after the one that left it out.
 GRADIENT_CASES = {
     "fastflow": ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"],  # default: resnet18
+    # CFlow's gradients are averaged over the ranks by hand, per fiber batch (its steps bypass DDP).
+    "cflow": ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false", "--set", "model.coupling_blocks=2",
+              "--set", "model.fiber_batch=16"],
     "draem": ["--set", "model.reconstructive_width=8", "--set", "model.discriminative_width=8"],
+    **{name: ["--backbone", "efficientnet_lite0", "--set", "model.pretrained=false"]  # defaults: WR50
+       for name in ("reverse_distillation", "simplenet", "supersimplenet")},
 }
 
 

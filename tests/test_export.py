@@ -34,7 +34,10 @@ RELATIVE_TOLERANCE = 1e-4
 SIZE = 32
 TINY_MODELS = {"draem": {"reconstructive_width": 8, "discriminative_width": 8},
                "ae": {"base_channels": 8}, "unet_ae": {"base_channels": 8},
-               "vae": {"base_channels": 8}, "unet_vae": {"base_channels": 8}}
+               "vae": {"base_channels": 8}, "unet_vae": {"base_channels": 8},
+               # Layer 4 of a 32-pixel input is 1×1, which CFlow's reflection padding cannot take.
+               "cflow": {"backbone": "resnet18", "pretrained": False, "layers": [1, 2, 3], "coupling_blocks": 2}}
+SMALL_BACKBONE_MODELS = {"dfm": {"pooling_kernel_size": 2}}  # resnet18's layer3 is 2×2 at 32 px
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 FORMATS = ["onnx", "torchscript",
            pytest.param("openvino", marks=pytest.mark.skipif(not HAS_OPENVINO, reason="openvino not installed "
@@ -43,6 +46,7 @@ FORMATS = ["onnx", "torchscript",
 
 def _config(demo_root, tmp_path, name: str) -> dict:
     backbone = {"backbone": "resnet18", "pretrained": False} if name not in TINY_MODELS else TINY_MODELS[name]
+    backbone.update(SMALL_BACKBONE_MODELS.get(name, {}))
     return resolve_config({"model": {"name": name, **backbone},
                            "data": {"name": "demo", "root": str(demo_root), "image_size": SIZE, "batch_size": 8},
                            "output_dir": str(tmp_path), "eval": {"num_figures": 0}})

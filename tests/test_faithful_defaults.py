@@ -27,7 +27,11 @@ from anomaly_framework.errors import FrameworkError
 # The weights each official code loads: torchvision's ImageNet V1 (PaDiM, PatchCore, STFPM; FastFlow's
 # resnet18 through its pinned timm, whose resnet18 was torchvision's).
 OFFICIAL_TAGS = {"padim": "wide_resnet50_2.tv_in1k", "patchcore": "wide_resnet50_2.tv_in1k",
-                 "stfpm": "resnet18.tv_in1k", "fastflow": "resnet18.tv_in1k"}
+                 "stfpm": "resnet18.tv_in1k", "fastflow": "resnet18.tv_in1k", "cflow": "wide_resnet50_2.tv_in1k",
+                 "reverse_distillation": "wide_resnet50_2.tv_in1k",  # RD4AD: torchvision's wide_resnet50_2 V1 file
+                 "dfm": "resnet50.a1_in1k",  # anomalib: timm.create_model("resnet50", pretrained=True)
+                 # SimpleNet: torchvision wide_resnet50_2(pretrained=True); SuperSimpleNet: weights="IMAGENET1K_V1".
+                 "simplenet": "wide_resnet50_2.tv_in1k", "supersimplenet": "wide_resnet50_2.tv_in1k"}
 
 
 def test_every_default_backbone_resolves_to_the_official_weights():

@@ -103,6 +103,35 @@ def test_padim_end_to_end_equals_official_main(tmp_path):
     np.testing.assert_allclose(scores, official["scores"], rtol=1e-4)
 
 
+# -- Reverse Distillation and DFM (tools/parity/make_fixtures_rd_dfm.py) ---------------------------------
+def test_reverse_distillation_end_to_end_equals_official_evaluation(tmp_path):
+    """hq-deng/RD4AD's test.evaluation scoring (resnet18 pair, seeded weights by official name)."""
+    from test_parity_reverse_distillation import load_official_weights
+
+    official = fixture("reverse_distillation")
+    modeler = modeler_for("reverse_distillation", 32, backbone="resnet18", pretrained=False)
+    load_official_weights(modeler.model)
+    modeler.model.train()  # evaluate_step must put it in eval mode
+    with torch.no_grad():
+        outputs = modeler.evaluate_step(to_tensor(parity_images(4, 32, seed=2)).contiguous())
+    check_outputs(outputs, official["maps"], official["scores"], rtol=1e-5)
+    scores = predict_scores(modeler, parity_images(4, 32, seed=2), tmp_path, crop_ratio=1.0)
+    np.testing.assert_allclose(scores, official["scores"], rtol=1e-5)
+
+
+def test_dfm_end_to_end_equals_anomalib(tmp_path):
+    """anomalib 2.7.0's DFMModel fitted and scoring (resnet18 layer2, seeded weights); rtol 1e-4: the FRE is a
+    difference of a vector and its projection, summed in float32 in another order."""
+    official = fixture("dfm")
+    modeler = modeler_for("dfm", 64, backbone="resnet18", pretrained=False, layers=[2])
+    load_backbone(modeler.model.extractor)
+    fit_one_pass(modeler, to_tensor(parity_images(24, 64, seed=1)))
+    outputs = modeler.evaluate_step(to_tensor(parity_images(4, 64, seed=2)))
+    check_outputs(outputs, official["maps"], official["scores"], rtol=1e-4)
+    scores = predict_scores(modeler, parity_images(4, 64, seed=2), tmp_path, crop_ratio=1.0)
+    np.testing.assert_allclose(scores, official["scores"], rtol=1e-4)
+
+
 # -- PatchCore ------------------------------------------------------------------------------------------
 def test_patchcore_end_to_end_equals_official_predict(tmp_path):
     """The official run (backbone handed over in training mode: ``official_batchnorm_pass``), whole

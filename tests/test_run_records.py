@@ -21,7 +21,9 @@ from anomaly_framework.cli import main
 from anomaly_framework.main import run_experiment
 from anomaly_framework.models.model_draem import DraemModel
 from anomaly_framework.models.model_padim import PACKED_KEY, PadimModel
-from anomaly_framework.sweeps.sweep import NO_RUN_DIR, find_done, markdown_table, plot_summary, run_sweep, summarise
+from anomaly_framework.sweeps.plan import find_done
+from anomaly_framework.sweeps.summary import NO_RUN_DIR, markdown_table, plot_summary, summarise
+from anomaly_framework.sweeps.sweep import run_sweep
 from anomaly_framework.trainers.trainer_memory import MemoryTrainer
 from anomaly_framework.utils import read_status
 
@@ -92,8 +94,8 @@ def test_truncated_or_empty_last_pt_for_resume_is_one_line_and_a_failed_status(t
     assert main(_argv(tmp_path, demo_root, "stfpm", "--resume", str(previous))) == 2
     line = _one_error_line(capsys)
     assert str(last) in line and "not a readable checkpoint" in line
-    run_dir = next((tmp_path / "runs").rglob("config.json")).parent
-    status = read_status(run_dir)
+    assert not (tmp_path / "runs").exists()  # the run continues in its own folder
+    status = read_status(previous)
     assert status["status"] == "failed" and str(last) in status["error"]
 
 
@@ -118,7 +120,8 @@ def test_ctrl_c_says_where_and_how_to_resume_and_the_resumed_run_keeps_one_copy_
     assert results["fit"]["epochs"] == 2
     # Done: the best weights live in checkpoint.pt alone; the training state is dropped.
     assert sorted(p.name for p in resumed.glob("*.pt")) == ["checkpoint.pt"]
-    assert (interrupted / "last.pt").is_file()  # the folder resumed from is never touched
+    # The run goes on in its own folder: one folder, no interrupted copy left beside it.
+    assert resumed == interrupted and len(list((tmp_path / "runs").rglob("config.json"))) == 1
 
 
 def test_ctrl_c_in_the_first_epoch_says_the_run_restarts(tmp_path, demo_root, capsys, interrupt_training):
@@ -185,7 +188,7 @@ def test_a_real_sigint_stops_the_run_in_one_line_and_resume_finishes_it(tmp_path
     capsys.readouterr()
     assert main(argv + ["--resume", str(run_dir)]) == 0
     resumed = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    assert read_status(resumed)["status"] == "done"
+    assert resumed == run_dir and read_status(resumed)["status"] == "done"
     history = json.loads((resumed / "results.json").read_text())["fit"]["history"]
     assert [entry["epoch"] for entry in history] == list(range(1, 11))
 
@@ -321,8 +324,10 @@ def test_ctrl_c_in_a_sweep_keeps_the_summary_of_the_runs_that_finished(tmp_path,
     sweeps = list((tmp_path / "runs" / "sweeps" / "demo").iterdir())
     with open(sweeps[0] / "runs.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(sweeps) == 1 and [(row["seed"], row["status"]) for row in rows] == [("0", "ok")]
-    assert f"sweep interrupted after 1 of 3 runs; they are summarised in {sweeps[0]}" in capsys.readouterr().out
+    assert len(sweeps) == 1 and [(row["seed"], row["status"]) for row in rows] == [
+        ("0", "ok"), ("1", "interrupted"), ("2", "cancelled")]
+    assert (f"sweep interrupted after 1 of 3 runs; {sweeps[0] / 'runs.csv'} lists them and marks the rest"
+            in capsys.readouterr().out)
 
 
 def test_failed_runs_are_marked_in_the_table_and_on_the_chart(tmp_path):

@@ -13,7 +13,7 @@ from anomaly_framework.reporting.predictions import banner
 from anomaly_framework.main import run_experiment
 from anomaly_framework.metrics.metrics_base import separation
 from anomaly_framework.inference.predict import predict
-from anomaly_framework.sweeps.sweep import markdown_table
+from anomaly_framework.sweeps.summary import markdown_table
 
 
 def test_separation_equals_a_hand_computation():

@@ -269,6 +269,10 @@ class BaseModeler(TilingMixin):
         if self.one_pass:
             self.model.begin_fit(num_images * self.tiles_per_image())
 
+    def set_epoch_length(self, batches: int) -> None:
+        """Tells a modeler whose learning rate changes per batch (CFlow's warm-up) how many batches an
+        epoch has; the others ignore it."""
+
     def fit(self) -> None:
         """One-pass models build their buffers from what ``training_step`` collected."""
         if self.one_pass:
@@ -295,7 +299,8 @@ class BaseModeler(TilingMixin):
             optimizer = torch.optim.SGD(params, lr=train["lr"], momentum=train["momentum"], weight_decay=train["weight_decay"])
         elif name in ("adam", "adamw"):
             optimizer_class = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-            optimizer = optimizer_class(params, lr=train["lr"], weight_decay=train["weight_decay"])
+            optimizer = optimizer_class(params, lr=train["lr"], betas=tuple(train.get("betas", (0.9, 0.999))),
+                                        weight_decay=train["weight_decay"])
         else:
             raise FrameworkError(f"Config key 'train.optimizer' must be sgd, adam or adamw, got {name!r}")
         return optimizer, self._scheduler(optimizer, train)

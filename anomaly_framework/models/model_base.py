@@ -22,10 +22,15 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
             minimum = max(module.reductions)
             raise FrameworkError(f"data.image_size={image_size} is too small for {module.backbone_name} layers "
                                  f"{module.layers} (stride {minimum}): the minimum is {minimum}")
+        least = getattr(module, "size_minimum", None)
+        if least and image_size < least:
+            raise FrameworkError(f"data.image_size={image_size} is too small for {type(module).__name__}'s pooled "
+                                 f"grid: the minimum is {least}")
         multiple = getattr(module, "size_multiple", None)
         if multiple and image_size % multiple:
-            raise FrameworkError(f"data.image_size={image_size} does not suit the U-Net's {multiple.bit_length() - 1} "
-                                 f"poolings: use a multiple of {multiple} (the minimum is {multiple})")
+            reason = getattr(module, "size_reason", f"the U-Net's {multiple.bit_length() - 1} poolings")
+            raise FrameworkError(f"data.image_size={image_size} does not suit {reason}: use a multiple of {multiple} "
+                                 f"(the minimum is {multiple})")
 
 
 def tileable(model: nn.Module) -> bool:

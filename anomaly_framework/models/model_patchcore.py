@@ -9,7 +9,6 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -17,6 +16,7 @@ from anomaly_framework.execution.distributed import gather_rows
 from anomaly_framework.execution.interrupts import raise_if_interrupted
 from anomaly_framework.backbones.extractors import TimmFeatureExtractor
 from anomaly_framework.models.model_base import FittedBuffersMixin
+from anomaly_framework.models.patch_aggregation import PatchAggregationMixin
 from anomaly_framework.models.nearest_neighbors import bank_chunked_topk_nearest, chunked_nearest, chunked_topk_nearest
 from anomaly_framework.registry import MODEL_REGISTRY
 from anomaly_framework.errors import FrameworkError
@@ -25,7 +25,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @MODEL_REGISTRY.register("patchcore")
-class PatchcoreModel(FittedBuffersMixin, nn.Module):
+class PatchcoreModel(PatchAggregationMixin, FittedBuffersMixin, nn.Module):
     """Memory bank of neighbourhood-aggregated features; anomaly = distance to the nearest bank entry.
 
     Args:
@@ -89,100 +89,15 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
         self.register_buffer("memory_bank", torch.empty(0, embed_dim))
         # Source image of each bank row, for leave-one-image-out scores right after the fit (not saved).
         self.register_buffer("bank_source", torch.empty(0, dtype=torch.long), persistent=False)
-        # The fused convolution costs embed_dim·C·p² per position: worth it only for narrow layers.
-        self.fused = all(c * patch_size**2 <= 2 * pre_embed_dim for c in self.extractor.channels)
-        if self.fused:
-            for index, weight in enumerate(self._projection_weights()):
-                self.register_buffer(f"aggregation_{index}", weight, persistent=False)
+        self.init_aggregation()
         self._features: torch.Tensor | None = None  # preallocated [N_patches, D] during fitting
         self._batchnorm_pass_done = False
         self._filled = 0
         self._expected_images = 0
         self._patches_per_image = 0
         self.coreset_stats: dict[str, int] = {}
-        self.export_mode = False  # see prepare_export
-        self._pool_matrices: dict[tuple[int, int], torch.Tensor] = {}
-
-    # -- features ---------------------------------------------------------------------------------
-    def _projection_weights(self) -> list[torch.Tensor]:
-        """Per-layer conv weights [embed_dim, C, p, p] equal to the official aggregation.
-
-        The official code unfolds each position's p×p neighbourhood (C·p² values, channel-major),
-        adaptive-average-pools them to ``pre_embed_dim``, stacks the layers and pools again to
-        ``embed_dim``. Every step is linear, so the chain is one fixed matrix per layer; applied as a
-        convolution it gives the same features without materialising the unfolded patches.
-        """
-        channels = self.extractor.channels
-        stacked = _pool_matrix(len(channels) * self.pre_embed_dim, self.embed_dim)
-        weights = []
-        for index, channel in enumerate(channels):
-            per_layer = _pool_matrix(channel * self.patch_size**2, self.pre_embed_dim)
-            rows = stacked[index * self.pre_embed_dim:(index + 1) * self.pre_embed_dim]
-            combined = per_layer @ rows  # [C·p², embed_dim]
-            weights.append(combined.T.reshape(self.embed_dim, channel, self.patch_size, self.patch_size).contiguous())
-        return weights
-
-    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen backbone's features per layer; the memory trainer caches them once per image."""
-        return self.extractor(images)
-
-    def embed(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Locally aware patch features [B, h, w, embed_dim] on the first layer's grid, from images
-        [B, 3, H, W] or the per-layer features ``extract`` gave for them.
-
-        Deeper layers are bilinearly resized to that grid after the (linear) aggregation, which equals
-        the official resize-then-pool order. Narrow backbones use the fused convolution; wide ones
-        (C·p² well above ``pre_embed_dim``, e.g. WR50) pool the unfolded patches, which costs fewer
-        operations there.
-        """
-        features = self.extract(inputs) if isinstance(inputs, torch.Tensor) else inputs
-        if not self.fused:
-            return self._embed_by_pooling(features)
-        grid = features[0].shape[-2:]
-        embedding = None
-        for feature, weight in zip(features, self.aggregation_weights):
-            layer = F.conv2d(feature, weight, padding=self.patch_size // 2)
-            if layer.shape[-2:] != grid:
-                layer = F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
-            embedding = layer if embedding is None else embedding.add_(layer)
-        return embedding.permute(0, 2, 3, 1)
-
-    def _embed_by_pooling(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """The official steps: unfold, adaptive-average-pool per layer, resize, stack, pool again."""
-        grid = features[0].shape[-2:]
-        pooled = []
-        for feature in features:
-            batch, channels, height, width = feature.shape
-            patches = F.unfold(feature, kernel_size=self.patch_size, padding=self.patch_size // 2)
-            patches = patches.transpose(1, 2).reshape(-1, 1, channels * self.patch_size**2)
-            layer = self._pool(patches, self.pre_embed_dim).reshape(batch, height, width, -1)
-            if (height, width) != tuple(grid):
-                layer = F.interpolate(layer.permute(0, 3, 1, 2), size=grid, mode="bilinear", align_corners=False)
-                layer = layer.permute(0, 2, 3, 1)
-            pooled.append(layer)
-        stacked = torch.stack(pooled, dim=3).reshape(-1, 1, len(pooled) * self.pre_embed_dim)
-        return self._pool(stacked, self.embed_dim).reshape(*pooled[0].shape[:3], self.embed_dim)
-
-    def _pool(self, rows: torch.Tensor, size: int) -> torch.Tensor:
-        """Adaptive average pooling of [N, 1, L] rows to ``size``; exported graphs multiply by its matrix."""
-        if self.export_mode:
-            return rows @ self._pool_matrices[(int(rows.shape[-1]), size)].to(rows)
-        return F.adaptive_avg_pool1d(rows, size)
-
-    def prepare_export(self) -> None:
-        """Switches to graph-friendly equivalents so that a traced graph keeps a dynamic batch: the search
-        chunked over the constant bank only, and pooling as a product with its (precomputed) matrix. Same
-        values up to float rounding; the search's memory then grows with the batch instead of staying bounded."""
-        self.export_mode = True
-        widths = [(c * self.patch_size**2, self.pre_embed_dim) for c in self.extractor.channels]
-        widths.append((len(self.extractor.channels) * self.pre_embed_dim, self.embed_dim))
-        self._pool_matrices = {pair: _pool_matrix(*pair) for pair in widths}
 
     # -- fitting ----------------------------------------------------------------------------------
-    @property
-    def aggregation_weights(self) -> list[torch.Tensor]:
-        return [getattr(self, f"aggregation_{i}") for i in range(len(self.extractor.channels))]
-
     def memory_estimate_mb(self, num_patches: int, query_patches: int = 0) -> dict[str, float]:
         """Bytes the fit will hold: collected features, the kept bank, and the coreset's working set."""
         item = torch.finfo(self.bank_dtype).bits // 8
@@ -318,11 +233,6 @@ class PatchcoreModel(FittedBuffersMixin, nn.Module):
 
     def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.score_patches(self.embed(inputs))
-
-
-def _pool_matrix(inputs: int, outputs: int) -> torch.Tensor:
-    """[inputs, outputs] matrix M with x @ M == adaptive_avg_pool1d(x, outputs)."""
-    return F.adaptive_avg_pool1d(torch.eye(inputs).unsqueeze(1), outputs).squeeze(1)
 
 
 def greedy_coreset(

@@ -241,8 +241,11 @@ class GradientTrainer(BaseTrainer):
         self.best_epoch = state.get("best_epoch")
         set_rng_state(rng)
         # The best epoch may precede the interruption; this run's folder must hold it for evaluation. A run
-        # that finished keeps it in checkpoint.pt (best.pt is dropped then).
+        # that finished keeps it in checkpoint.pt (best.pt is dropped then). A run resumed in its own folder
+        # already holds it there.
         for best in (Path(run_dir) / BEST_NAME, Path(run_dir) / CHECKPOINT_NAME):
+            if best.resolve() == (self.run_dir / BEST_NAME).resolve():
+                break
             if is_main() and best.is_file():
                 shutil.copy2(best, self.run_dir / BEST_NAME)
                 break
