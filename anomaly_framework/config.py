@@ -44,11 +44,7 @@ BASE_CONFIGS: dict[str, Any] = {
         # memory-mapped by every run and worker); false = decode on every read.
         "cache": True,
         "cache_dir": None,  # None = $ANOMALY_FRAMEWORK_CACHE, else ~/.cache/anomaly_framework (images/, features/)
-        # Tiled models (docs/high_resolution.md): the image_size square is cut into tile_size squares every
-        # tile_stride pixels (None = tile_size: no overlap), the model sees tiles, maps are stitched back
-        # (overlaps averaged). None = untiled. Tiling makes mask_size "native" unless set.
-        "tile_size": None,
-        "tile_stride": None,
+        "tile_size": None, "tile_stride": None,  # tiles of the image_size square (None: untiled): high_resolution.md
     },
     "model": {"name": "padim"},
     "train": {"trainer": "memory"},
@@ -408,8 +404,7 @@ def resolve_config(overrides: dict | None = None) -> dict:
     refuse_epoch_keys_of_one_pass_models(config, overrides.get("train", {}))
     _apply(config, overrides)
     check_consistency(config)
-    if config["data"]["tile_size"] is not None and config["data"]["mask_size"] is None:
-        config["data"]["mask_size"] = "native"  # a tiled model's point: defects judged at the image's own size
+    config["data"]["mask_size"] = config["data"]["mask_size"] or ("native" if config["data"]["tile_size"] else None)
     for key in DERIVED_SEEDS:
         if key in config["model"] and config["model"][key] is None:
             config["model"][key] = config["seed"]
