@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from anomaly_framework.backbones.runtimes import module_digest
+from anomaly_framework.dataloaders.prefetch import ThreadedLoader
 from anomaly_framework.dataloaders.image_cache import ArrayStore, cache_root
 from anomaly_framework.execution.distributed import is_main
 from anomaly_framework.execution.interrupts import raise_if_interrupted
@@ -212,6 +213,8 @@ class FeatureCacheMixin:
         # fork_rng: iterating a loader draws a seed, which would change every later shuffle.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             loader = self.dataloader.make_loader(subset, shuffle=False)
+            if loader.num_workers == 0 and not loader.pin_memory:  # decoding off the backbone's path
+                loader = ThreadedLoader(subset, loader.batch_size)
             for batch in tqdm(loader, desc=f"cache {split} features", leave=False, disable=not is_main()):
                 raise_if_interrupted()
                 features = self.modeler.model.extract(self.modeler.images(batch))
