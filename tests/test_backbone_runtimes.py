@@ -84,3 +84,18 @@ def test_auto_rule():
     expected = "onnxruntime" if "onnxruntime" in AVAILABLE else "torchscript"
     assert resolve_runtime("auto", "cpu") == expected
     assert resolve_runtime("torchscript", "cuda") == "torchscript"
+
+
+def test_vit_extractor_exports_with_a_dynamic_batch(tmp_path):
+    from anomaly_framework.backbones.extractors import ViTFeatureExtractor
+
+    torch.manual_seed(0)
+    extractor = ViTFeatureExtractor("vit_tiny_patch16_224", block_index=1, pretrained=False)
+    images = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        (expected,) = extractor.eager(images)
+        extractor.use_runtime("torchscript", tmp_path)
+        (single,) = extractor(images[:1])  # exported with a batch of 2
+        (got,) = extractor(images)
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() <= 1e-5 * scale and (single - expected[:1]).abs().max() <= 1e-5 * scale

@@ -222,7 +222,7 @@ class ViTFeatureExtractor(FrozenRuntimeMixin, nn.Module):
             tokens = block(tokens)
         tokens = model.norm(tokens)[:, prefix:]
         side = images.shape[-1] // self.patch
-        return [tokens.transpose(1, 2).reshape(len(images), -1, images.shape[-2] // self.patch, side)]
+        return [tokens.transpose(1, 2).reshape(tokens.shape[0], -1, images.shape[-2] // self.patch, side)]
 
 
 def weights_record(model: nn.Module) -> dict[str, str | None]:
