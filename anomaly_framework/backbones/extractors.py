@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from anomaly_framework.backbones.runtimes import ExportedBackbone, check_runtime
+from anomaly_framework.backbones.runtimes import ExportedBackbone
 from anomaly_framework.backbones.weights import (LITE_PACKAGE_MEAN, LITE_PACKAGE_STD, check_backbone, file_sha256,
                                                  resolve_backbone_state)
 from anomaly_framework.errors import FrameworkError
@@ -25,7 +25,6 @@ class FrozenRuntimeMixin:
 
     def use_runtime(self, runtime: str, folder: Path) -> None:
         """Runs later frozen passes in ``runtime``, exports stored in ``folder`` (``torch``: eager)."""
-        check_runtime(runtime)
         facts = (type(self).__name__, self.backbone_name, getattr(self, "layers", None), getattr(self, "block_index", None))
         self.exported = ExportedBackbone(self, runtime, folder, facts) if runtime != "torch" else None
 
@@ -44,7 +43,6 @@ class FrozenRuntimeMixin:
 
 def use_backbone_runtime(model: nn.Module, runtime: str, folder: Path) -> None:
     """Gives every frozen extractor inside ``model`` the runtime ``runtime`` (trained parts stay eager)."""
-    check_runtime(runtime)
     for module in model.modules():
         if isinstance(module, FrozenRuntimeMixin) and module.frozen:
             module.use_runtime(runtime, folder)

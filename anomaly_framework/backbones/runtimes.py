@@ -36,13 +36,13 @@ ONNX_OPSET = 17
 SUFFIXES = {"torchscript": ".pt", "onnxruntime": ".onnx", "openvino": ".onnx"}
 
 
-def check_runtime(name: object, key: str = "model.backbone_runtime") -> str:
+def check_runtime(name: object) -> str:
     """The runtime name if known and installed; else a one-line error naming the key and the package."""
     if name not in RUNTIMES:
-        raise FrameworkError(f"Unknown {key} '{name}': use one of {', '.join(RUNTIMES)}")
+        raise FrameworkError(f"Unknown model.backbone_runtime '{name}': use one of {', '.join(RUNTIMES)}")
     missing = [package for package in RUNTIME_PACKAGES.get(name, ()) if importlib.util.find_spec(package) is None]
     if missing:
-        raise FrameworkError(f"{key}='{name}' needs the package '{missing[-1]}', which is not installed "
+        raise FrameworkError(f"model.backbone_runtime='{name}' needs the package '{missing[-1]}', which is not installed "
                              f"(pip install {' '.join(missing)}, or the 'export' extra)")
     return name
 
