@@ -99,3 +99,16 @@ def test_vit_extractor_exports_with_a_dynamic_batch(tmp_path):
         (got,) = extractor(images)
     scale = expected.abs().max()
     assert (got - expected).abs().max() <= 1e-5 * scale and (single - expected[:1]).abs().max() <= 1e-5 * scale
+
+
+def test_unwritable_export_folder_warns_and_runs_eagerly(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the folder should be: mkdir fails
+    extractor = _extractor()
+    extractor.use_runtime("torchscript", blocker / "backbones")
+    images = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="Cannot store the torchscript backbone"), torch.no_grad():
+        got = extractor(images)
+    with torch.no_grad():
+        for want, have in zip(extractor.eager(images), got):
+            assert torch.equal(want, have)

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -126,8 +127,12 @@ def _load(runtime: str, path: Path, device: torch.device) -> Callable[[torch.Ten
     import openvino
 
     compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads})
-    return lambda images: [torch.from_numpy(compiled(images.detach().cpu().numpy())[out].copy()).to(images.device)
-                           for out in compiled.outputs]
+
+    def run(images: torch.Tensor) -> list[torch.Tensor]:
+        results = compiled(images.detach().cpu().numpy())  # one inference, every output
+        return [torch.from_numpy(results[out].copy()).to(images.device) for out in compiled.outputs]
+
+    return run
 
 
 class ExportedBackbone:
@@ -172,7 +177,11 @@ class ExportedBackbone:
                 if not path.is_file():
                     module = _Tupled(self.owner)
                     example = torch.zeros(2, *shape, device=device)
-                    _atomic_write(path, lambda temporary: _export(module, runtime, example, temporary))
-                runner = _load(runtime, path, device)
+                    try:
+                        _atomic_write(path, lambda temporary: _export(module, runtime, example, temporary))
+                    except OSError as error:  # a read-only or full cache folder: the run goes on eagerly
+                        warnings.warn(f"Cannot store the {runtime} backbone in '{self.folder}' ({error}): running "
+                                      f"it in torch (set data.cache_dir to a writable folder)")
+                runner = _load(runtime, path, device) if path.is_file() else None
             self._loaded[slot] = runner
         return self._loaded[slot]
