@@ -46,7 +46,10 @@ BASE_CONFIGS: dict[str, Any] = {
         "cache": True,
         "cache_dir": None,  # None = $ANOMALY_FRAMEWORK_CACHE, else ~/.cache/anomaly_framework (images/, features/)
     },
-    "model": {"name": "padim"},
+    # Where frozen backbones (PaDiM, PatchCore, the STFPM and FastFlow teachers...) run: torch | torchscript |
+    # onnxruntime | openvino | auto (eager on a GPU, else onnxruntime if installed, else torchscript). Exports
+    # are stored under <data.cache_dir>/backbones; features match eager within 1e-5 (backbones/runtimes.py).
+    "model": {"name": "padim", "backbone_runtime": "torch"},
     "train": {"trainer": "memory"},
     "eval": {
         # false_alarm_rate: the lowest order statistic of out-of-sample normal scores whose false-alarm
