@@ -143,7 +143,7 @@ def run_command(kind: str, args: argparse.Namespace) -> tuple[str, str | None]:
             print(f"skipped: {reason}", file=sys.stderr)
         print(f"{len(result['rows'])} images scored, {len(result['skipped'])} skipped; threshold {result['threshold']}")
         return result["output_dir"], None
-    from anomaly_framework.config import check_scopes, split_scoped
+    from anomaly_framework.config_overrides import check_scopes, split_scoped
     from anomaly_framework.sweeps.sweep import run_sweep, split_list, summarize_sweep
 
     if args.summarize:

@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from anomaly_framework import dataloaders, metrics, modelers, models, trainers
+from anomaly_framework.backbones.extractors import use_backbone_runtime
+from anomaly_framework.backbones.runtimes import check_runtime
 from anomaly_framework.dataloaders.dataloader_base import BaseDataloader
+from anomaly_framework.dataloaders.image_cache import cache_root
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.modelers.modeler_base import BaseModeler
 from anomaly_framework.registry import (DATALOADER_REGISTRY, METRICS_REGISTRY, MODEL_REGISTRY, MODELER_REGISTRY,
@@ -39,10 +42,13 @@ def build_model(config: dict) -> nn.Module:
     Models whose layers depend on the input size (``image_size`` argument) get ``data.image_size``.
     """
     model_class = MODEL_REGISTRY.get(config["model"]["name"])
-    kwargs = {key: value for key, value in config["model"].items() if key != "name"}
+    kwargs = {key: value for key, value in config["model"].items() if key not in ("name", "backbone_runtime")}
+    runtime = check_runtime(config["model"].get("backbone_runtime", "torch"))
     if "image_size" in inspect.signature(model_class).parameters:
         kwargs["image_size"] = config["data"].get("tile_size") or config["data"]["image_size"]  # the model's input
-    return model_class(**kwargs)
+    model = model_class(**kwargs)
+    use_backbone_runtime(model, runtime, cache_root(config["data"].get("cache_dir")) / "backbones")
+    return model
 
 
 def build_modeler(config: dict, model: nn.Module) -> BaseModeler:

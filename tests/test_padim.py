@@ -30,3 +30,14 @@ def test_channel_subset_follows_the_paper_rule():
     assert PadimModel(backbone="wide_resnet50_2", pretrained=False).feature_index.numel() == 550  # Rd550
     lite0 = PadimModel(backbone="efficientnet_lite0", pretrained=False)
     assert lite0.feature_index.numel() == sum(lite0.extractor.channels)  # fewer than 550 channels: all kept
+
+
+def test_embedding_that_keeps_every_channel_is_the_plain_concatenation():
+    """n_features = all channels skips the channel copy: same values as upsampling and concatenating by hand."""
+    torch.manual_seed(0)
+    model = PadimModel("resnet18", [1, 2], pretrained=False, n_features=64 + 128)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        first, second = model.extract(images)
+        expected = torch.cat([first, second.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)], dim=1)
+        assert torch.equal(model.embed(images), expected)

@@ -84,7 +84,7 @@ def test_a_plugin_by_module_name_brings_its_defaults_and_family(plugin_file, mon
     resolved = config.resolve_config({"plugins": ["knn_detector"], "model.name": "knn", "model.k": 2})
     assert resolved["plugins"] == ["knn_detector"] and resolved["train"]["trainer"] == "memory"
     assert resolved["model"] == {"name": "knn", "backbone": "resnet18", "layers": [2], "pretrained": True,
-                                 "weights": None, "k": 2, "sigma": 4.0}
+                                 "weights": None, "k": 2, "sigma": 4.0, "backbone_runtime": "torch"}
     assert resolved["data"]["image_size"] == 224 and resolved["data"]["crop_ratio"] == 0.875
     with pytest.raises(FrameworkError, match="Unknown config key 'model.neighbours'"):
         config.resolve_config({"model.name": "knn", "model.neighbours": 2})

@@ -8,13 +8,47 @@ import timm
 import torch
 from torch import nn
 
+from anomaly_framework.backbones.runtimes import ExportedBackbone
 from anomaly_framework.backbones.weights import (LITE_PACKAGE_MEAN, LITE_PACKAGE_STD, check_backbone, file_sha256,
                                                  resolve_backbone_state)
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 
-class TimmFeatureExtractor(nn.Module):
+class FrozenRuntimeMixin:
+    """A frozen extractor's forward in the runtime ``model.backbone_runtime`` chose (``backbones.runtimes``);
+    ``eager(images)`` is the PyTorch computation, used for everything but frozen eval-mode passes whose
+    inputs need no gradient (and while a whole model is traced for export)."""
+
+    exported: ExportedBackbone | None = None
+    frozen = True
+
+    def use_runtime(self, runtime: str, folder: Path) -> None:
+        """Runs later frozen passes in ``runtime``, exports stored in ``folder`` (``torch``: eager)."""
+        facts = (type(self).__name__, self.backbone_name, getattr(self, "layers", None), getattr(self, "block_index", None))
+        self.exported = ExportedBackbone(self, runtime, folder, facts) if runtime != "torch" else None
+
+    def runtime_name(self, device_type: str) -> str:
+        """The concrete runtime of this extractor's frozen passes on ``device_type``."""
+        return self.exported.concrete(device_type) if self.exported is not None else "torch"
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Returns one feature map [B, C_i, H/r_i, W/r_i] per requested layer."""
+        runner = None
+        if (self.exported is not None and self.frozen and not self.model.training and not images.requires_grad
+                and not torch.jit.is_tracing()):
+            runner = self.exported.runner(images)
+        return runner(images) if runner is not None else self.eager(images)
+
+
+def use_backbone_runtime(model: nn.Module, runtime: str, folder: Path) -> None:
+    """Gives every frozen extractor inside ``model`` the runtime ``runtime`` (trained parts stay eager)."""
+    for module in model.modules():
+        if isinstance(module, FrozenRuntimeMixin) and module.frozen:
+            module.use_runtime(runtime, folder)
+
+
+class TimmFeatureExtractor(FrozenRuntimeMixin, nn.Module):
     """A frozen timm backbone returning intermediate feature maps, always in eval mode.
 
     Inputs are ImageNet-normalised [B, 3, H, W]; backbones whose weights expect other input statistics
@@ -77,6 +111,8 @@ class TimmFeatureExtractor(nn.Module):
     @staticmethod
     def _after_load(module: "TimmFeatureExtractor", _incompatible_keys) -> None:
         module._apply_batchnorm_eps()
+        if module.exported is not None:
+            module.exported.forget()
 
     def _apply_batchnorm_eps(self) -> None:
         eps = float(self.batchnorm_eps)
@@ -99,8 +135,8 @@ class TimmFeatureExtractor(nn.Module):
         """A frozen extractor stays in eval mode so batch-norm statistics never drift."""
         return super().train(mode and not getattr(self, "frozen", False))
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Returns one feature map [B, C_i, H/r_i, W/r_i] per requested layer."""
+    def eager(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Returns one feature map [B, C_i, H/r_i, W/r_i] per requested layer, in PyTorch."""
         return self.model(images * self.input_scale + self.input_shift)
 
     @torch.no_grad()
@@ -115,6 +151,8 @@ class TimmFeatureExtractor(nn.Module):
             self(torch.ones(1, 3, image_size, image_size, device=self.input_scale.device))
         finally:
             self.model.train(False)
+            if self.exported is not None:
+                self.exported.forget()
 
 
 def _truncated(features: nn.Module) -> nn.Module:
@@ -135,7 +173,7 @@ def reset_batchnorm(module: nn.Module) -> None:
             nn.init.zeros_(layer.bias)
 
 
-class ViTFeatureExtractor(nn.Module):
+class ViTFeatureExtractor(FrozenRuntimeMixin, nn.Module):
     """A frozen timm vision transformer (DeiT, CaiT) cut after block ``block_index``, as one feature map.
 
     As FastFlow's reference: patch embedding and position embedding, blocks 0..block_index, the
@@ -166,7 +204,7 @@ class ViTFeatureExtractor(nn.Module):
     def train(self, mode: bool = True) -> "ViTFeatureExtractor":
         return super().train(False)
 
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def eager(self, images: torch.Tensor) -> list[torch.Tensor]:
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise FrameworkError(f"'{self.backbone_name}' needs {self.image_size}×{self.image_size} inputs "
                                  f"(set data.image_size={self.image_size}), got {tuple(images.shape[-2:])}")
@@ -182,7 +220,7 @@ class ViTFeatureExtractor(nn.Module):
             tokens = block(tokens)
         tokens = model.norm(tokens)[:, prefix:]
         side = images.shape[-1] // self.patch
-        return [tokens.transpose(1, 2).reshape(len(images), -1, images.shape[-2] // self.patch, side)]
+        return [tokens.transpose(1, 2).reshape(tokens.shape[0], -1, images.shape[-2] // self.patch, side)]
 
 
 def weights_record(model: nn.Module) -> dict[str, str | None]:

@@ -99,7 +99,11 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         features = self.extract(inputs) if isinstance(inputs, torch.Tensor) else inputs
         grid = features[0].shape[-2:]
         aligned = [features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]]
-        return torch.cat(aligned, dim=1).index_select(1, self.feature_index)
+        embedding = torch.cat(aligned, dim=1)
+        # A sorted subset of every channel is the identity: skip its copy (Lite0 keeps all 176 of 176).
+        if self.feature_index.numel() == embedding.shape[1]:
+            return embedding
+        return embedding.index_select(1, self.feature_index)
 
     def begin_fit(self, num_images: int) -> None:
         """Streaming statistics need no reservation; starts a fresh accumulation."""

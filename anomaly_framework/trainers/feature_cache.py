@@ -14,7 +14,6 @@ preprocessing, normalisation). Stored features are float32 as computed, so resul
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from anomaly_framework.backbones.runtimes import module_digest
+from anomaly_framework.dataloaders.prefetch import ThreadedLoader
 from anomaly_framework.dataloaders.image_cache import ArrayStore, cache_root
 from anomaly_framework.execution.distributed import is_main
 from anomaly_framework.execution.interrupts import raise_if_interrupted
@@ -72,18 +73,14 @@ def item_keys(dataset: Dataset) -> list[str] | None:
 
 
 def extractor_key(extractor: nn.Module, device: torch.device) -> str:
-    """Identifies what a frozen extractor computes: class, layers, every weight and buffer, device type, versions."""
+    """Identifies what a frozen extractor computes: class, layers, every weight and buffer, device type,
+    versions, and the runtime its frozen passes use (an exported runtime's features differ in rounding)."""
     import timm
 
-    digest = hashlib.sha1()
+    runtime = extractor.runtime_name(device.type) if hasattr(extractor, "runtime_name") else "torch"
     facts = (type(extractor).__name__, getattr(extractor, "backbone_name", ""), getattr(extractor, "layers", ""),
              getattr(extractor, "block_index", ""), device.type, torch.__version__, timm.__version__)
-    digest.update(repr(facts).encode())
-    for name, tensor in extractor.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    return module_digest(extractor, *facts, *(() if runtime == "torch" else (runtime,)))
 
 
 def evict(folder: Path, budget_mb: float) -> None:
@@ -218,6 +215,8 @@ class FeatureCacheMixin:
         # fork_rng: iterating a loader draws a seed, which would change every later shuffle.
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             loader = self.dataloader.make_loader(subset, shuffle=False)
+            if loader.num_workers == 0 and not loader.pin_memory:  # decoding off the backbone's path
+                loader = ThreadedLoader(subset, loader.batch_size)
             for batch in tqdm(loader, desc=f"cache {split} features", leave=False, disable=not is_main()):
                 raise_if_interrupted()
                 features = self.modeler.extract(self.modeler.images(batch))  # tiled: [B, T, ...]
