@@ -66,8 +66,6 @@ def _single(tmp_path, demo_root, model, backbone="resnet18", **extra):
 
 # resnet18: a random subset of 100 channels; Lite0: all 176, whose covariance from the 40 demo images is of
 # rank at most 39 plus PaDiM's 0.01·I, so its inverse amplifies float32 rounding tenfold (its scores do not).
-# resnet18: a random subset of 100 channels; Lite0: all 176, whose covariance from the 40 demo images is of
-# rank at most 39 plus PaDiM's 0.01·I, so its inverse amplifies float32 rounding tenfold (its scores do not).
 @pytest.mark.parametrize("backbone, inverse_tolerance, launch", [("resnet18", 1e-4, _torchrun),
                                                                  ("efficientnet_lite0", 1e-3, _torchrun),
                                                                  ("resnet18", 1e-4, _two_nodes)])
@@ -144,6 +142,21 @@ def test_dfm_scores_under_torchrun_as_in_one_process(tmp_path, demo_root, scores
     run_dir = _torchrun(_flags(tmp_path, demo_root, "dfm", "--set", "model.layers=[2]"))
     _check_run(run_dir, demo_root, scores_auroc)
     expected, got = _scores(single["run_dir"]), _scores(run_dir)
+    assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
+
+
+def test_tiled_padim_under_torchrun_scores_as_in_one_process(tmp_path, demo_root, scores_auroc):
+    # Overlapping 32-px tiles of the 64-px images (3 × 3 per image): the ranks fit one Gaussian set from every
+    # tile of their shards, rank 0 stitches and scores the whole images.
+    tiles = {"data.tile_size": 32, "data.tile_stride": 16}
+    single = _single(tmp_path, demo_root, "padim", **tiles)
+    run_dir = _torchrun(_flags(tmp_path, demo_root, "padim", *[f for key, value in tiles.items()
+                                                              for f in ("--set", f"{key}={value}")]))
+    results = _check_run(run_dir, demo_root, scores_auroc)
+    assert json.loads((run_dir / "config.json").read_text())["data"]["tile_size"] == 32
+    assert results["fit"]["train_images"] == single["fit"]["train_images"]
+    expected, got = _scores(single["run_dir"]), _scores(run_dir)
+    assert expected.keys() == got.keys()
     assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
 
 
