@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from parity_inputs import parity_images, seeded_flow_tensors, seeded_tensors, to_tensor
-from test_parity_end_to_end import check_outputs, fixture, load_backbone, modeler_for, predict_scores
+from test_parity_end_to_end import check_outputs, fixture, load_backbone, modeler_for, our_preprocessing, predict_scores
 from test_parity_simplenet import SIMPLENET_KEYS, SUPERSIMPLENET_KEYS
 
 MAP_ATOL = 2e-6  # CFlow: its maps are 0 where the summed probability map peaks
@@ -114,3 +115,18 @@ def test_cflow_end_to_end_equals_official_train_test_path(tmp_path):
 def check_outputs_shifted(outputs: dict, official: dict, shift: float) -> None:
     np.testing.assert_allclose(outputs["anomaly_maps"][:, 0].numpy(), official["maps"] + shift, rtol=1e-5, atol=MAP_ATOL)
     np.testing.assert_allclose(outputs["anomaly_scores"].numpy(), official["scores"] + shift, rtol=1e-5, atol=MAP_ATOL)
+
+
+@pytest.mark.parametrize("name", ["simplenet", "cflow"])
+def test_preprocessing_equals_the_official_dataset(name, tmp_path):
+    """Our folder dataset with the model's default data config against the official dataset class on the
+    same PNG files (320 px): SimpleNet's datasets.mvtec (run.sh: bilinear resize 329, centre crop 288),
+    CFlow's custom_datasets MVTecDataset (LANCZOS resize to 256 × 256, no crop); both ToTensor + ImageNet
+    normalisation. Every 9th pixel and the sums over all pixels, to float32 rounding. (SuperSimpleNet's
+    datamodule is anomalib / albumentations code the parity virtualenv does not run: not compared.)"""
+    official = fixture(name)
+    ours = our_preprocessing(name, tmp_path)
+    assert tuple(ours.shape) == tuple(official["preprocessing_shape"])
+    np.testing.assert_allclose(ours[:, :, ::9, ::9].float().numpy(), official["preprocessing_grid"], rtol=1e-6, atol=1e-6)
+    assert ours.sum().item() == pytest.approx(float(official["preprocessing_sum"]), rel=1e-6)
+    assert ours.square().sum().item() == pytest.approx(float(official["preprocessing_sum_squares"]), rel=1e-6)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tools" / "parity")]
 from parity_inputs import parity_images, seeded_flow_tensors, seeded_state, to_tensor  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures" / "parity" / "cflow.npz"
@@ -268,7 +268,7 @@ def official_end_to_end(checkout: Path) -> dict:
                "save_results", "test_meta_epoch", "roc_auc_score")
     saved = (model.resnet18, {name: getattr(train, name) for name in patched})
     try:
-        return _end_to_end_run(model, train)
+        return {**_end_to_end_run(model, train), **_official_preprocessing(checkout)}
     finally:  # the stage fixtures patch the same functions afterwards
         model.resnet18 = saved[0]
         for name, value in saved[1].items():
@@ -314,6 +314,29 @@ def _end_to_end_run(model, train) -> dict:
     return {**{f"log_prob{level}": p.numpy().astype(np.float32) for level, p in enumerate(log_probs)},
             "scores": state["roc"][0], "maps": state["roc"][1].reshape(4, E2E_SIZE, E2E_SIZE).astype(np.float32),
             "total_max": total.max().numpy(), "decoder_layout": np.array(json.dumps(layouts))}
+
+
+def _official_preprocessing(checkout: Path) -> dict:
+    """custom_datasets' MVTecDataset, test split (its training split adds the ±5° rotation), at main.py's
+    defaults (input 256: Resize (256, 256) with ANTIALIAS, which Pillow >= 10 names LANCZOS, CentreCrop 256,
+    ImageNet normalisation) on the fixed PNG files."""
+    import tempfile
+
+    import PIL.Image
+    import torchvision.io
+
+    from make_fixtures import _import as import_file
+    from preprocessing_fixtures import COUNT, coarse_summary, mvtec_pngs
+
+    PIL.Image.ANTIALIAS = PIL.Image.LANCZOS
+    if not hasattr(torchvision.io, "read_video"):  # imported for its video dataset only, gone from torchvision
+        torchvision.io.read_video = None
+    loader = import_file(checkout / "custom_datasets" / "loader.py", "cflow_official_loader")
+    with tempfile.TemporaryDirectory() as tmp:
+        c = types.SimpleNamespace(data_path=str(mvtec_pngs(Path(tmp), "test")), class_name="bottle", img_size=(256, 256),
+                                  crp_size=(256, 256), norm_mean=[0.485, 0.456, 0.406], norm_std=[0.229, 0.224, 0.225])
+        dataset = loader.MVTecDataset(c, is_train=False)
+        return coarse_summary([dataset[i][0] for i in range(COUNT)])
 
 
 class _Fixed(torch.utils.data.Dataset):

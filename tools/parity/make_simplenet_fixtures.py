@@ -274,8 +274,15 @@ def supersimplenet(checkout: Path) -> None:
 def simplenet_end_to_end(checkout: Path) -> None:
     """SimpleNet.load on a seeded torchvision resnet18 (layer2 + layer3), pretrain/target 48, discriminator
     2 × 32, heads seeded by official name (batch norm in eval mode), then ``_predict`` on 4 fixed images."""
-    import simplenet as official
+    import tempfile
 
+    import simplenet as official
+    from datasets.mvtec import DatasetSplit, MVTecDataset
+    from preprocessing_fixtures import COUNT, coarse_summary, mvtec_pngs
+
+    with tempfile.TemporaryDirectory() as tmp:  # run.sh's MVTec transform: resize 329, centre crop 288
+        dataset = MVTecDataset(str(mvtec_pngs(Path(tmp))), "bottle", resize=329, imagesize=288, split=DatasetSplit.TRAIN)
+        preprocessing = coarse_summary([dataset[i]["image"] for i in range(COUNT)])
     model = official.SimpleNet(torch.device("cpu"))
     model.load(_seeded_resnet18(), ["layer2", "layer3"], torch.device("cpu"), (3, E2E_SIZE, E2E_SIZE), 48, 48,
                patchsize=3, dsc_layers=2, dsc_hidden=E2E_HIDDEN, pre_proj=1)
@@ -284,8 +291,10 @@ def simplenet_end_to_end(checkout: Path) -> None:
     _save("simplenet", prefix="e2e_",
           functions="SimpleNet.load(resnet18 seeded, layer2+layer3, 48, 48, patchsize 3, dsc 2 x 32, pre_proj 1)._predict "
                     "(NetworkFeatureAggregator, PatchMaker, Preprocessing/Aggregator, Projection, Discriminator, "
-                    "RescaleSegmentor: bilinear upsampling + gaussian_filter sigma 4; image score = max patch score)",
-          maps=np.stack(maps).astype(np.float32), scores=np.asarray(scores, dtype=np.float32))
+                    "RescaleSegmentor: bilinear upsampling + gaussian_filter sigma 4; image score = max patch score); "
+                    "preprocessing_*: datasets.mvtec.MVTecDataset(resize 329, imagesize 288) on the PNG files of "
+                    "tools/parity/preprocessing_fixtures.py",
+          maps=np.stack(maps).astype(np.float32), scores=np.asarray(scores, dtype=np.float32), **preprocessing)
 
 
 def supersimplenet_end_to_end(checkout: Path) -> None:
