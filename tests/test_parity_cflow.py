@@ -59,9 +59,13 @@ def freia_state(key: str) -> dict[str, torch.Tensor]:
 
 
 def load_freia(flow: nn.Module, key: str) -> None:
+    """The fixture's FrEIA state ``key`` into our flow."""
+    load_freia_state(flow, freia_state(key))
+
+
+def load_freia_state(flow: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """FrEIA parameters (names ``module_list.<k>.<name>``) into our flow; sizes agree, shapes differ
     only by the 1×1 trailing dimensions of our convolutions and per-channel parameters."""
-    state = freia_state(key)
     with torch.no_grad():
         for k, block in enumerate(flow.blocks):
             ours = {"subnet.0.weight": block.subnet[0].weight, "subnet.0.bias": block.subnet[0].bias,

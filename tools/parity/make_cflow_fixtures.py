@@ -8,6 +8,10 @@ applies to ours by name); ``model.freia_cflow_head`` (FrEIA AllInOneBlock, rando
 initial and trained decoder weights, the permutations its fiber batches drew, the order of its image
 batches, its per-level test log-likelihoods, and the map and scores it hands to ``roc_auc_score``.
 
+The whole-path fixture e2e_cflow.npz: ``train.train`` with its training step skipped, on a seeded
+reflection-padded resnet18 encoder and seeded decoders (tests/parity_inputs.py), scoring 4 fixed 64-pixel
+images: per-level test log-likelihoods, the map and the image scores it hands to ``roc_auc_score``.
+
 Run it in a virtualenv with the official dependencies (FrEIA, scikit-image, scikit-learn, matplotlib):
     python tools/parity/make_cflow_fixtures.py --cflow DIR [--freia DIR]
 """
@@ -25,6 +29,9 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tools" / "parity")]
+from parity_inputs import parity_images, seeded_flow_tensors, seeded_state, to_tensor  # noqa: E402
+
 OUT = ROOT / "tests" / "fixtures" / "parity" / "cflow.npz"
 OFFICIAL = ("gudovskiy/cflow-ad", "b2ebf9e673a0aa46992a3b18367ec066a57bba89")
 FREIA = ("vislearn/FrEIA (VLL-HD/FrEIA), as installed in the parity virtualenv", "FrEIA 0.2")
@@ -167,9 +174,6 @@ class _StubImages(torch.utils.data.Dataset):
 
 def official_train(checkout: Path, arrays: dict) -> None:
     """train.train for one meta-epoch of one sub-epoch: 4 training images in batches of 2, 3 test images."""
-    # Its dataset module imports torchvision's video reader, gone from recent torchvision; stubbed below anyway.
-    sys.modules.setdefault("custom_datasets", types.SimpleNamespace(__all__=["MVTecDataset", "StcDataset"],
-                                                                    MVTecDataset=None, StcDataset=None))
     model, train = _import(checkout, "model"), _import(checkout, "train")
     g = torch.Generator().manual_seed(7)
     train_features = [_half(g, 4, c, s, s) for c, s in LEVELS]
@@ -238,25 +242,148 @@ def official_train(checkout: Path, arrays: dict) -> None:
                   test_scores=state["roc"][0], test_map=state["roc"][1].reshape(3, CROP, CROP).astype(np.float32))
 
 
+E2E_SIZE = 64
+
+
+def _seeded_decoders(make_decoder):
+    """``make_decoder`` wrapped: the k-th decoder made gets the seeded values of ``decoders.<k>.<FrEIA name>``."""
+    made = []
+
+    def seeded(c, dim_in):
+        decoder = make_decoder(c, dim_in)
+        prefix = f"decoders.{len(made)}."
+        values = seeded_flow_tensors({prefix + k: v for k, v in decoder.state_dict().items()})
+        decoder.load_state_dict({k[len(prefix):]: v for k, v in values.items()})
+        made.append(decoder)
+        return decoder
+    return seeded
+
+
+def official_end_to_end(checkout: Path) -> dict:
+    """train.train on 4 fixed 64-px images (its test split, one batch, labels 0/1 alternating) with its
+    training meta-epoch skipped: seeded reflection-padded resnet18 encoder, seeded 8-block decoders
+    (condition 8). Returns the e2e_cflow.npz arrays."""
+    model, train = _import(checkout, "model"), _import(checkout, "train")
+    patched = ("load_encoder_arch", "load_decoder_arch", "MVTecDataset", "train_meta_epoch", "save_weights",
+               "save_results", "test_meta_epoch", "roc_auc_score")
+    saved = (model.resnet18, {name: getattr(train, name) for name in patched})
+    try:
+        return {**_end_to_end_run(model, train), **_official_preprocessing(checkout)}
+    finally:  # the stage fixtures patch the same functions afterwards
+        model.resnet18 = saved[0]
+        for name, value in saved[1].items():
+            setattr(train, name, value)
+
+
+def _end_to_end_run(model, train) -> dict:
+    original = model.resnet18
+    model.resnet18 = lambda pretrained, progress: original(pretrained=False)
+
+    def encoder_arch(c, L):
+        encoder, pool_layers, pool_dims = model.load_encoder_arch(c, L)
+        encoder.load_state_dict(seeded_state(encoder))
+        return encoder, pool_layers, pool_dims
+
+    train.load_encoder_arch = encoder_arch
+    train.load_decoder_arch = _seeded_decoders(model.load_decoder_arch)
+    images = to_tensor(parity_images(4, E2E_SIZE, seed=11))
+    train.MVTecDataset = lambda c, is_train: _Fixed(images, [0, 1, 0, 1])
+    train.train_meta_epoch = lambda *args: None
+    train.save_weights = train.save_results = lambda *args, **kwargs: None
+    state = {"roc": []}
+    original_test_epoch = train.test_meta_epoch
+
+    def test_epoch(*args):
+        result = original_test_epoch(*args)
+        state["test_dist"], state["sides"] = result[3], result[0]
+        return result
+
+    train.test_meta_epoch = test_epoch
+    train.roc_auc_score = lambda truth, scores: state["roc"].append(np.asarray(scores)) or 0.5
+    c = _options(condition_vec=CONDITION, meta_epochs=1, dataset="mvtec", action_type="norm-train", checkpoint="",
+                 batch_size=4, workers=0, use_cuda=False, device=torch.device("cpu"), crp_size=(E2E_SIZE, E2E_SIZE),
+                 model="seeded", class_name="seeded", verbose=False, hide_tqdm_bar=True, pro=False, viz=False)
+    train.train(c)
+    log_probs = [torch.tensor(level, dtype=torch.float64) for level in state["test_dist"]]
+    # The largest value of its summed probability map (train.train's score_map.max(), a local): recomputed
+    # from its log-likelihoods in float64 as it does, so the test can place our fitted-maximum shift.
+    total = sum(torch.nn.functional.interpolate(torch.exp(p - p.max()).reshape(4, 1, side, side), size=c.crp_size,
+                                                mode="bilinear", align_corners=True)
+                for p, side in zip(log_probs, state["sides"]))
+    layouts = [{k: list(v.shape) for k, v in model.freia_cflow_head(c, dim).state_dict().items()} for dim in (128, 256, 512)]
+    return {**{f"log_prob{level}": p.numpy().astype(np.float32) for level, p in enumerate(log_probs)},
+            "scores": state["roc"][0], "maps": state["roc"][1].reshape(4, E2E_SIZE, E2E_SIZE).astype(np.float32),
+            "total_max": total.max().numpy(), "decoder_layout": np.array(json.dumps(layouts))}
+
+
+def _official_preprocessing(checkout: Path) -> dict:
+    """custom_datasets' MVTecDataset, test split (its training split adds the ±5° rotation), at main.py's
+    defaults (input 256: Resize (256, 256) with ANTIALIAS, which Pillow >= 10 names LANCZOS, CentreCrop 256,
+    ImageNet normalisation) on the fixed PNG files."""
+    import tempfile
+
+    import PIL.Image
+    import torchvision.io
+
+    from make_fixtures import _import as import_file
+    from preprocessing_fixtures import COUNT, coarse_summary, mvtec_pngs
+
+    PIL.Image.ANTIALIAS = PIL.Image.LANCZOS
+    if not hasattr(torchvision.io, "read_video"):  # imported for its video dataset only, gone from torchvision
+        torchvision.io.read_video = None
+    loader = import_file(checkout / "custom_datasets" / "loader.py", "cflow_official_loader")
+    with tempfile.TemporaryDirectory() as tmp:
+        c = types.SimpleNamespace(data_path=str(mvtec_pngs(Path(tmp), "test")), class_name="bottle", img_size=(256, 256),
+                                  crp_size=(256, 256), norm_mean=[0.485, 0.456, 0.406], norm_std=[0.229, 0.224, 0.225])
+        dataset = loader.MVTecDataset(c, is_train=False)
+        return coarse_summary([dataset[i][0] for i in range(COUNT)])
+
+
+class _Fixed(torch.utils.data.Dataset):
+    """The test split: fixed images (as the official transform gives them: no resize at 64 px), labels, empty masks."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int]) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.labels[index], torch.zeros(1, E2E_SIZE, E2E_SIZE)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cflow", type=Path, required=True, help=f"checkout of {OFFICIAL[0]} at {OFFICIAL[1][:10]}")
     parser.add_argument("--freia", type=Path, help="FrEIA checkout (default: the installed package)")
+    parser.add_argument("--only", choices=("stages", "end_to_end"), help="one fixture (default: both)")
     args = parser.parse_args()
     if args.freia is not None:
         sys.path.insert(0, str(args.freia.resolve()))
     checkout = args.cflow.resolve()
+    # Its dataset module imports torchvision's video reader, gone from recent torchvision; stubbed below anyway.
+    sys.modules.setdefault("custom_datasets", types.SimpleNamespace(__all__=["MVTecDataset", "StcDataset"],
+                                                                    MVTecDataset=None, StcDataset=None))
+    if args.only != "stages":  # first: the stages below leave train's functions patched
+        torch.manual_seed(0)
+        _write(OUT.with_name("e2e_cflow.npz"), "train.train with train_meta_epoch skipped (load_encoder_arch resnet18 "
+               "seeded, load_decoder_arch freia-cflow seeded, test_meta_epoch, its test-set normalisation, upsampling, "
+               "super_mask and score_label)", official_end_to_end(checkout))
+    if args.only == "end_to_end":
+        return
     arrays: dict = {}
     for stage in (encoding_and_encoder, flow_and_loss, learning_rates, official_train):
         torch.manual_seed(0)
         stage(checkout, arrays)
-    source = json.dumps({"repository": OFFICIAL[0], "commit": OFFICIAL[1], "flow": FREIA[0],
-                         "functions": "model.positionalencoding2d, load_encoder_arch, freia_cflow_head; utils.get_logp; "
-                                      "custom_models.utils.adjust_learning_rate / warmup_learning_rate; train.train"})
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT, source=np.array(source), **arrays)
-    print(f"{OUT.name}: {OUT.stat().st_size / 1024:.0f} KB")
+    _write(OUT, "model.positionalencoding2d, load_encoder_arch, freia_cflow_head; utils.get_logp; "
+                "custom_models.utils.adjust_learning_rate / warmup_learning_rate; train.train", arrays)
 
+
+def _write(path: Path, functions: str, arrays: dict) -> None:
+    source = json.dumps({"repository": OFFICIAL[0], "commit": OFFICIAL[1], "flow": FREIA[0], "functions": functions})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, source=np.array(source), **arrays)
+    print(f"{path.name}: {path.stat().st_size / 1024:.0f} KB")
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,11 @@ steps each, with the Gaussian noise and (SuperSimpleNet) the Perlin masks fixed 
 1e-5, move a weight by less than the 1e-5 tolerance in two steps) so that the tests see which decay is
 coupled and which decoupled. SuperSimpleNet's hidden width is 32 instead of its hard-coded 1024, for size.
 
+The whole-path fixtures e2e_simplenet.npz / e2e_supersimplenet.npz: the official models on a torchvision
+resnet18 (layer2 + layer3) with the seeded weights of tests/parity_inputs.py (heads seeded per official
+tensor name, small widths), scoring fixed 64-pixel images with the official evaluation code (``_predict``;
+``forward`` in eval mode and ``train.test``'s sigmoid of the score).
+
 Run it in the parity virtualenv (the official code's torch, torchvision, scipy, scikit-learn):
     python tools/parity/make_simplenet_fixtures.py --simplenet DIR --supersimplenet DIR
 """
@@ -25,23 +30,44 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2] / "tests")]
 from make_fixtures import OUT, _half, _IndexedStub, _indexed_images  # noqa: E402
+from parity_inputs import parity_images, seeded_state, seeded_tensors, to_tensor  # noqa: E402
 
 OFFICIAL = {
     "simplenet": ("DonaldRR/SimpleNet", "351a2b8d4e8cfc944dbccbf9bc6ceda930c6f26b"),
     "supersimplenet": ("blaz-r/SuperSimpleNet", "60d1e742c836bdd5cd24388ffb2250059faa2ec4"),
 }
 SIZE = 32
+E2E_SIZE, E2E_HIDDEN = 64, 32  # whole-path fixtures: 64-pixel images, heads 32 wide
 DECAY_HEADS, DECAY_ADAPTOR = 0.5, 1.0
 
 
-def _save(name: str, functions: str, **arrays) -> None:
+def _save(name: str, functions: str, prefix: str = "", **arrays) -> None:
+    """``<prefix><name>.npz`` with its ``source`` (``prefix="e2e_"`` for the whole-path fixtures)."""
     repo, commit = OFFICIAL[name]
     source = json.dumps({"repository": repo, "commit": commit, "functions": functions,
                          "weight_decay": {"heads": DECAY_HEADS, "adaptor": DECAY_ADAPTOR}})
-    np.savez_compressed(OUT / f"{name}.npz", source=np.array(source), **arrays)
-    print(f"{name}.npz: {(OUT / f'{name}.npz').stat().st_size / 1024:.0f} KB")
+    path = OUT / f"{prefix}{name}.npz"
+    np.savez_compressed(path, source=np.array(source), **arrays)
+    print(f"{path.name}: {path.stat().st_size / 1024:.0f} KB")
+
+
+def _seeded_resnet18() -> nn.Module:
+    """torchvision's resnet18 with the seeded weights (the same values per name as our timm backbone)."""
+    import torchvision
+
+    backbone = torchvision.models.resnet18(weights=None)
+    backbone.load_state_dict(seeded_state(backbone))
+    return backbone.eval()
+
+
+def _seed_named(modules: dict[str, nn.Module]) -> None:
+    """Seeded values for every tensor of each module, drawn per ``<key>.<tensor name>``."""
+    for key, module in modules.items():
+        names = {f"{key}.{name}": tensor for name, tensor in module.state_dict().items()}
+        values = seeded_tensors(names)
+        module.load_state_dict({name[len(key) + 1:]: values[name] for name in names})
 
 
 def _placeholder(attribute: str) -> type:
@@ -245,6 +271,61 @@ def supersimplenet(checkout: Path) -> None:
     )
 
 
+def simplenet_end_to_end(checkout: Path) -> None:
+    """SimpleNet.load on a seeded torchvision resnet18 (layer2 + layer3), pretrain/target 48, discriminator
+    2 × 32, heads seeded by official name (batch norm in eval mode), then ``_predict`` on 4 fixed images."""
+    import tempfile
+
+    import simplenet as official
+    from datasets.mvtec import DatasetSplit, MVTecDataset
+    from preprocessing_fixtures import COUNT, coarse_summary, mvtec_pngs
+
+    with tempfile.TemporaryDirectory() as tmp:  # run.sh's MVTec transform: resize 329, centre crop 288
+        dataset = MVTecDataset(str(mvtec_pngs(Path(tmp))), "bottle", resize=329, imagesize=288, split=DatasetSplit.TRAIN)
+        preprocessing = coarse_summary([dataset[i]["image"] for i in range(COUNT)])
+    model = official.SimpleNet(torch.device("cpu"))
+    model.load(_seeded_resnet18(), ["layer2", "layer3"], torch.device("cpu"), (3, E2E_SIZE, E2E_SIZE), 48, 48,
+               patchsize=3, dsc_layers=2, dsc_hidden=E2E_HIDDEN, pre_proj=1)
+    _seed_named({"adaptor": model.pre_projection, "discriminator": model.discriminator})
+    scores, maps, _ = model._predict(to_tensor(parity_images(4, E2E_SIZE, seed=9)).contiguous())
+    _save("simplenet", prefix="e2e_",
+          functions="SimpleNet.load(resnet18 seeded, layer2+layer3, 48, 48, patchsize 3, dsc 2 x 32, pre_proj 1)._predict "
+                    "(NetworkFeatureAggregator, PatchMaker, Preprocessing/Aggregator, Projection, Discriminator, "
+                    "RescaleSegmentor: bilinear upsampling + gaussian_filter sigma 4; image score = max patch score); "
+                    "preprocessing_*: datasets.mvtec.MVTecDataset(resize 329, imagesize 288) on the PNG files of "
+                    "tools/parity/preprocessing_fixtures.py",
+          maps=np.stack(maps).astype(np.float32), scores=np.asarray(scores, dtype=np.float32), **preprocessing)
+
+
+def supersimplenet_end_to_end(checkout: Path) -> None:
+    """SuperSimpleNet((64, 64), the unsupervised config) on a seeded torchvision resnet18, segmentation head
+    32 wide, every head seeded by official name, forward in eval mode; image score = sigmoid(score) as
+    train.test stores it."""
+    import torchvision.models
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    import model.feature_extractor as extractor_module
+    import model.supersimplenet as official
+
+    extractor_module.create_feature_extractor = create_feature_extractor  # supersimplenet() stubbed it
+    torchvision.models.seeded_resnet18 = lambda weights=None: _seeded_resnet18()
+    config = {"backbone": "seeded_resnet18", "layers": ["layer2", "layer3"], "patch_size": 3, "noise": True,
+              "perlin": True, "no_anomaly": "empty", "bad": True, "overlap": True, "noise_std": 0.015,
+              "perlin_thr": 0.2, "stop_grad": True}
+    model = official.SuperSimpleNet((E2E_SIZE, E2E_SIZE), config)
+    model.discriminator = official.Discriminator(model.feature_extractor.feature_dim[0], E2E_HIDDEN, model.fw,
+                                                 model.fh, config)
+    _seed_named({"feature_adaptor": model.feature_adaptor, "discriminator": model.discriminator})
+    model.eval()
+    with torch.no_grad():
+        anomaly_map, score = model(to_tensor(parity_images(4, E2E_SIZE, seed=10)).contiguous())
+    _save("supersimplenet", prefix="e2e_",
+          functions="model.supersimplenet.SuperSimpleNet((64, 64), unsupervised config; resnet18 seeded, Discriminator "
+                    "hidden 32).forward in eval mode (FeatureExtractor, FeatureAdaptor, Discriminator, "
+                    "AnomalyMapGenerator); scores = torch.sigmoid(score) as train.test",
+          maps=anomaly_map[:, 0].numpy(), scores=torch.sigmoid(score).numpy())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--simplenet", type=Path, help=f"checkout of {OFFICIAL['simplenet'][0]} at {OFFICIAL['simplenet'][1][:10]}")
@@ -253,9 +334,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.simplenet:
         simplenet(args.simplenet.resolve())
+        simplenet_end_to_end(args.simplenet.resolve())
         sys.path.remove(str(args.simplenet.resolve()))  # its common.py would shadow SuperSimpleNet's common/
     if args.supersimplenet:
         supersimplenet(args.supersimplenet.resolve())
+        supersimplenet_end_to_end(args.supersimplenet.resolve())
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ RD_TESTS, DFM_TESTS = "tests/test_parity_reverse_distillation.py", "tests/test_p
 AGGREGATION = "anomaly_framework/models/patch_aggregation.py"
 SN, SSN = "anomaly_framework/models/model_simplenet.py", "anomaly_framework/models/model_supersimplenet.py"
 SN_MODELER, SN_TESTS = "anomaly_framework/modelers/modeler_simplenet.py", "tests/test_parity_simplenet.py"
+E2E_NEW = "tests/test_parity_end_to_end_cflow_simplenet.py"  # CFlow, SimpleNet, SuperSimpleNet whole paths
 # (model, file, line as it is, line broken, tests file, pytest -k selection)
 CASES = [
  ("PaDiM", "anomaly_framework/models/model_padim.py", "COVARIANCE_EPS = 0.01", "COVARIANCE_EPS = 0.1", STAGE, "padim"),
@@ -130,6 +131,20 @@ CASES = [
  ("CFlow (max-subtraction)", CFLOW_MODEL, "torch.exp(log_prob - maximum)", "torch.exp(log_prob - 0.5 * maximum)", CFLOW, "cflow"),
  ("CFlow (upsampling corners)", CFLOW_MODEL, "align_corners=True)", "align_corners=False)", CFLOW, "cflow"),
  ("CFlow (fitted maxima)", CFLOW_MODELER, "level_max=self.model.log_prob_max.unbind()", "level_max=None", CFLOW, "cflow"),
+ # -- glue of CFlow, SimpleNet, SuperSimpleNet (tests/test_parity_end_to_end_cflow_simplenet.py) -------
+ ("SimpleNet (crop ratio, e2e)", CONFIG, "\"data\": {\"image_size\": 288, \"crop_ratio\": 288 / 329,", "\"data\": {\"image_size\": 288, \"crop_ratio\": 1.0,", E2E_NEW, "simplenet"),
+ ("CFlow (resize filter, e2e)", CONFIG, "\"crop_ratio\": 1.0, \"interpolation\": \"lanczos\", \"batch_size\": 32", "\"crop_ratio\": 1.0, \"interpolation\": \"bilinear\", \"batch_size\": 32", E2E_NEW, "cflow"),
+ ("SimpleNet, CFlow (normalisation mean, e2e)", "anomaly_framework/ops/normalize.py", "IMAGENET_MEAN = (0.485, 0.456, 0.406)", "IMAGENET_MEAN = (0.406, 0.456, 0.485)", E2E_NEW, "preprocessing"),
+ ("SimpleNet (resize filter, e2e)", CONFIG, "\"crop_ratio\": 288 / 329, \"batch_size\": 8,", "\"crop_ratio\": 288 / 329, \"interpolation\": \"bicubic\", \"batch_size\": 8,", E2E_NEW, "simplenet"),
+ ("SimpleNet (normalisation, e2e)", CONFIG, "\"crop_ratio\": 288 / 329, \"batch_size\": 8,", "\"crop_ratio\": 288 / 329, \"normalize\": \"none\", \"batch_size\": 8,", E2E_NEW, "simplenet"),
+ ("SuperSimpleNet (normalisation, e2e)", CONFIG, "\"crop_ratio\": 1.0, \"batch_size\": 32, \"val_fraction\": 0.2},\n    },\n}", "\"crop_ratio\": 1.0, \"normalize\": \"none\", \"batch_size\": 32, \"val_fraction\": 0.2},\n    },\n}", E2E_NEW, "supersimplenet"),
+ ("CFlow (normalisation, e2e)", CONFIG, "\"crop_ratio\": 1.0, \"interpolation\": \"lanczos\", \"batch_size\": 32", "\"crop_ratio\": 1.0, \"interpolation\": \"lanczos\", \"normalize\": \"none\", \"batch_size\": 32", E2E_NEW, "cflow"),
+ ("SimpleNet (backbone layers default, e2e)", CONFIG, "\"layers\": [2, 3], \"pretrained\": True, \"weights\": None,\n                  \"patch_size\": 3, \"pre_embed_dim\"", "\"layers\": [1, 2], \"pretrained\": True, \"weights\": None,\n                  \"patch_size\": 3, \"pre_embed_dim\"", E2E_NEW, "simplenet"),
+ ("SimpleNet (map upsampling mode, e2e)", SN, "upsample_maps(outputs[\"patch_scores\"], size), self.sigma)", "upsample_maps(outputs[\"patch_scores\"], size, mode=\"nearest\"), self.sigma)", E2E_NEW, "simplenet"),
+ ("SimpleNet, SuperSimpleNet (score from the smoothed map, e2e)", SN_MODELER, "return self.model.image_score(outputs)", "return maps.amax(dim=(1, 2, 3))", E2E_NEW, "simplenet"),
+ ("SuperSimpleNet (map upsampling mode, e2e)", SSN, "upsample_maps(outputs[\"map\"], size), self.sigma)", "upsample_maps(outputs[\"map\"], size, mode=\"nearest\"), self.sigma)", E2E_NEW, "supersimplenet"),
+ ("CFlow (map upsampling mode, e2e)", CFLOW_MODEL, "size=tuple(size), mode=\"bilinear\",", "size=tuple(size), mode=\"bicubic\",", E2E_NEW, "cflow"),
+ ("CFlow (run shift, e2e)", CFLOW_MODELER, "shift=float(len(outputs[\"log_prob\"])))", "shift=None)", E2E_NEW, "cflow"),
  # -- glue: preprocessing --------------------------------------------------------------------------
  ("all (normalisation mean)", "anomaly_framework/ops/normalize.py", "IMAGENET_MEAN = (0.485, 0.456, 0.406)", "IMAGENET_MEAN = (0.406, 0.456, 0.485)", E2E, "preprocessing"),
  ("all (normalisation std)", "anomaly_framework/ops/normalize.py", "IMAGENET_STD = (0.229, 0.224, 0.225)", "IMAGENET_STD = (0.225, 0.224, 0.229)", E2E, "preprocessing"),

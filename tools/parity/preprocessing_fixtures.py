@@ -40,6 +40,19 @@ def summary(name: str, tensors: list[torch.Tensor]) -> dict[str, np.ndarray]:
             f"{name}_shape": np.array(stacked.shape)}
 
 
+def mvtec_pngs(root: Path, split: str = "train") -> Path:
+    """The fixed PNG files in an MVTec layout under ``root`` (class ``bottle``, ``split``/good); returns root."""
+    write_pngs(root / "bottle" / split / "good")
+    return root
+
+
+def coarse_summary(tensors: list[torch.Tensor], step: int = 3 * STEP) -> dict[str, np.ndarray]:
+    """``summary`` under ``preprocessing_*`` keys with every ``step``-th pixel (small fixtures)."""
+    arrays = summary("preprocessing", tensors)
+    arrays["preprocessing_grid"] = arrays["preprocessing_grid"][:, :, ::step // STEP, ::step // STEP]
+    return arrays
+
+
 def official_preprocessing(checkouts: dict[str, Path]) -> dict[str, np.ndarray]:
     """Runs each official dataset's transform on the PNG files; returns the fixture arrays."""
     import PIL.Image
