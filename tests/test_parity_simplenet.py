@@ -177,7 +177,15 @@ def test_supersimplenet_training_steps_losses_weights_and_evaluation():
     for step, output in enumerate(outputs):
         np.testing.assert_allclose(output["map"].detach().numpy(), fixture["train_maps"][step], rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(output["score"].detach().numpy(), fixture["train_scores"][step], rtol=RTOL, atol=ATOL)
-    _assert_state(model, _official(fixture, model, SUPERSIMPLENET_KEYS, "trained."))
+    # As SimpleNet's adaptor bias: each head's first convolution bias is removed by the train-mode batch norm
+    # right after it, so its gradient is float rounding noise that Adam's normalised step follows (it moved
+    # beyond 1e-5 with two threads, not with one). It and that batch norm's running mean are left out;
+    # evaluation then runs on the official trained weights.
+    trained = _official(fixture, model, SUPERSIMPLENET_KEYS, "trained.")
+    noise_only = ("segmentation.0.bias", "segmentation.1.running_mean", "classification.0.bias",
+                  "classification.1.running_mean")
+    _assert_state(model, {key: value for key, value in trained.items() if key not in noise_only})
+    _load(model, trained)
 
     layers = _test_layers(fixture)
     with torch.no_grad():
@@ -222,7 +230,7 @@ def test_defaults_are_the_official_settings():
     assert simplenet["model"] | {"backbone": None} == {
         "name": "simplenet", "backbone": None, "layers": [2, 3], "pretrained": True, "weights": None, "patch_size": 3,
         "pre_embed_dim": 1536, "embed_dim": 1536, "adaptor_layers": 1, "discriminator_layers": 2,
-        "discriminator_hidden": 1024, "noise_std": 0.015, "margin": 0.5, "sigma": 4.0}
+        "discriminator_hidden": 1024, "noise_std": 0.015, "margin": 0.5, "sigma": 4.0, "backbone_runtime": "torch"}
     train = simplenet["train"]
     assert (train["epochs"], train["optimizer"], train["lr"], train["weight_decay"], train["adaptor_lr"],
             train["adaptor_weight_decay"], train["scheduler"]) == (40 * 4, "adam", 2e-4, 1e-5, 1e-3 * 0.1, 0.01, "none")
@@ -233,7 +241,8 @@ def test_defaults_are_the_official_settings():
     assert supersimplenet["model"] | {"backbone": None} == {
         "name": "supersimplenet", "backbone": None, "layers": [2, 3], "pretrained": True, "weights": None,
         "patch_size": 3, "seg_hidden": 1024, "cls_channels": 128, "cls_kernel": 5, "noise_std": 0.015,
-        "perlin_threshold": 0.2, "margin": 0.5, "focal_gamma": 4.0, "stop_grad": True, "sigma": 4.0}
+        "perlin_threshold": 0.2, "margin": 0.5, "focal_gamma": 4.0, "stop_grad": True, "sigma": 4.0,
+        "backbone_runtime": "torch"}
     train = supersimplenet["train"]
     assert (train["epochs"], train["optimizer"], train["lr"], train["weight_decay"], train["adaptor_lr"],
             train["adaptor_weight_decay"], train["scheduler"], train["milestones"], train["gamma"]) == (
