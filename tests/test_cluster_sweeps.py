@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from anomaly_framework.cli import main
 from anomaly_framework.main import run_experiment
@@ -22,9 +23,15 @@ REASON = "{} is an optional extra (pip install 'anomaly-framework[cluster]'; the
 
 @pytest.fixture(autouse=True)
 def jobs_import_this_checkout(monkeypatch):
-    """Job processes and Ray workers inherit the environment: they import this checkout, one thread each."""
+    """Job processes and Ray workers inherit the environment: they import this checkout, one thread each.
+    The runs made in this process (the local launcher, the references) use one thread too, so that every
+    side sums in the same order and scores.csv can be compared byte for byte."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _overrides(tmp_path, demo_root, name: str, **extra) -> dict:
