@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from anomaly_framework.config import resolve_config
 from anomaly_framework.main import run_experiment
+from anomaly_framework.modelers.modeler_base import BaseModeler
 from anomaly_framework.trainers.training_log import HISTORY_NAME, TrainingLog, read_history
 from anomaly_framework.errors import FrameworkError
 
@@ -87,3 +89,11 @@ def test_tensorboard_asked_for_but_missing_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # an import of it now fails
     with pytest.raises(FrameworkError, match="needs the tensorboard package"):
         TrainingLog(tmp_path, tensorboard=True)
+
+
+def test_a_one_epoch_multistep_run_trains_at_the_configured_rate():
+    # floor(0.8 · 1) = 0 would put both decays before the first step (lr · 0.4² from the start).
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = BaseModeler._scheduler(optimizer, {"scheduler": "multistep", "epochs": 1, "milestones": [0.8, 0.9],
+                                                   "gamma": 0.4})
+    assert optimizer.param_groups[0]["lr"] == 0.1 and scheduler.milestones == {1: 2}

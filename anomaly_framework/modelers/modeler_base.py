@@ -311,7 +311,9 @@ class BaseModeler(TilingMixin):
         if name == "none":
             return None
         if name == "multistep":
-            milestones = [math.floor(fraction * train["epochs"]) for fraction in train["milestones"]]
+            # A milestone of epoch 0 would lower the rate before the first step (a run of 1 epoch at 0.8·E):
+            # the earliest decay is after the first epoch.
+            milestones = [max(1, math.floor(fraction * train["epochs"])) for fraction in train["milestones"]]
             return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=train["gamma"])
         if name == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train["epochs"])
