@@ -21,16 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 REASON = "{} is an optional extra (pip install 'anomaly-framework[cluster]'; the test extra includes it)"
 
 
-@pytest.fixture(autouse=True)
-def jobs_import_this_checkout(monkeypatch):
+@pytest.fixture(autouse=True, scope="module")
+def jobs_import_this_checkout():
     """Job processes and Ray workers inherit the environment: they import this checkout, one thread each.
-    The runs made in this process (the local launcher, the references) use one thread too, so that every
-    side sums in the same order and scores.csv can be compared byte for byte."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    The runs made in this process (the local launcher, the references, module fixtures included) use one
+    thread too, so that every side sums in the same order and scores.csv can be compared byte for byte."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
     torch.set_num_threads(threads)
 
 
