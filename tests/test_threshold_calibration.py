@@ -3,6 +3,7 @@
 The in-sample scores of a memory model's own training images are biased low (PatchCore finds each
 patch in its bank at distance 0), so the default threshold is set on leave-one-out scores instead.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -21,14 +22,17 @@ def _fit(model, images):
 
 
 def _padim_refit_distances(samples: torch.Tensor, i: int) -> torch.Tensor:
-    """Brute force in float64: Gaussians fitted on every image but ``i`` (normaliser n − 2, ε·I), image i's distances."""
+    """Brute force in float64: Gaussians fitted on every image but ``i`` (normaliser n − 2, ε·I), image i's distances.
+    Solved by numpy, a reference apart from torch (torch 2.14's batched float64 solve on the CPU can spin
+    forever in MKL's nested OpenMP team with two threads: seen once on a fresh virtualenv)."""
+    samples = samples.numpy()
     n, dim = samples.shape[1:]
-    others = torch.cat([samples[:, :i], samples[:, i + 1:]], dim=1)
-    mean = others.mean(dim=1)
-    centred = others - mean.unsqueeze(1)
-    covariance = centred.transpose(1, 2) @ centred / (n - 2) + COVARIANCE_EPS * torch.eye(dim, dtype=torch.float64)
+    others = np.concatenate([samples[:, :i], samples[:, i + 1:]], axis=1)
+    mean = others.mean(axis=1)
+    centred = others - mean[:, None]
+    covariance = centred.transpose(0, 2, 1) @ centred / (n - 2) + COVARIANCE_EPS * np.eye(dim)
     delta = samples[:, i] - mean
-    return (delta.unsqueeze(1) @ torch.linalg.solve(covariance, delta.unsqueeze(2))).reshape(-1).sqrt()
+    return torch.from_numpy(np.sqrt((delta[:, None] @ np.linalg.solve(covariance, delta[:, :, None])).reshape(-1)))
 
 
 @pytest.mark.parametrize("count, dim, scale", [(3, 24, 1.0), (8, 176, 6.0), (12, 64, 6.0), (40, 8, 1.0)])
