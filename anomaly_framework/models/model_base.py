@@ -56,6 +56,20 @@ def check_tiling(model: nn.Module, data_cfg: dict) -> None:
         raise FrameworkError(str(error).replace("data.image_size", "data.tile_size")) from None
 
 
+class FrozenExtractorMixin:
+    """Models with a frozen feature extractor (``self.extractor``): ``extract`` gives its per-layer features,
+    which the memory and flow trainers compute once per image (feature cache) and tiling streams tile by tile;
+    ``forward`` / ``embed`` accept them in place of images."""
+
+    extractor: nn.Module
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen backbone's features per layer [B, C, h, w] each (no autograd record: nothing above
+        the frozen extractor trains it)."""
+        return self.extractor(images)
+
+
 class FittedBuffersMixin:
     """Lets buffers whose shape is only known after fitting (covariances, memory banks) load from a state dict.
 

@@ -21,6 +21,7 @@ from anomaly_framework.errors import FrameworkError
 from anomaly_framework.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_framework.models.flow_components import AllInOneCoupling, SequentialFlow
 from anomaly_framework.registry import MODEL_REGISTRY
+from anomaly_framework.models.model_base import FrozenExtractorMixin
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -59,7 +60,7 @@ def use_reflect_padding(module: nn.Module) -> None:
 
 
 @MODEL_REGISTRY.register("cflow")
-class CflowModel(nn.Module):
+class CflowModel(FrozenExtractorMixin, nn.Module):
     """One conditional flow per encoder level, on fibers [C] conditioned on their position [P].
 
     Args:
@@ -103,11 +104,6 @@ class CflowModel(nn.Module):
         angles = torch.empty(images.shape[0]).uniform_(-self.rotation_degrees, self.rotation_degrees)
         return torch.stack([rotate(image, float(angle), InterpolationMode.NEAREST, fill=fill)
                             for image, angle in zip(images, angles)])
-
-    @torch.no_grad()
-    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen encoder's features per level; the flow trainer caches them once for all epochs."""
-        return self.extractor(images)
 
     def conditions(self, feature: torch.Tensor) -> torch.Tensor:
         """The positional encoding of a level's feature map, [B, P, H, W]."""

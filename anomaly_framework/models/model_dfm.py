@@ -15,7 +15,7 @@ from torch import nn
 from anomaly_framework.backbones.extractors import TimmFeatureExtractor
 from anomaly_framework.execution.distributed import gather_rows
 from anomaly_framework.errors import FrameworkError
-from anomaly_framework.models.model_base import FittedBuffersMixin
+from anomaly_framework.models.model_base import FittedBuffersMixin, FrozenExtractorMixin
 from anomaly_framework.registry import MODEL_REGISTRY
 
 SCORE_TYPES = ("fre", "nll")
@@ -40,7 +40,7 @@ def fit_pca(rows: torch.Tensor, level: float) -> tuple[torch.Tensor, torch.Tenso
 
 
 @MODEL_REGISTRY.register("dfm")
-class DFMModel(FittedBuffersMixin, nn.Module):
+class DFMModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
     """One vector per image (a layer's features average-pooled, flattened), a PCA of the training vectors,
     and either the feature reconstruction error (``fre``) or the negative log-likelihood of a Gaussian on
     the PCA coefficients (``nll``).
@@ -77,10 +77,6 @@ class DFMModel(FittedBuffersMixin, nn.Module):
         self.register_buffer("gaussian_scales", torch.empty(0))
         self._rows: list[torch.Tensor] = []
         self._fit_rows: torch.Tensor | None = None  # the fit's vectors, for leave_one_out (not saved)
-
-    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen backbone's feature map [B, C, h, w] (one level); the memory trainer caches it."""
-        return self.extractor(images)
 
     def pooled(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """The average-pooled map [B, C, h/k, w/k] of images or of the features ``extract`` gave for them."""

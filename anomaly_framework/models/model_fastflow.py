@@ -16,6 +16,7 @@ from anomaly_framework.backbones.extractors import TimmFeatureExtractor, ViTFeat
 from anomaly_framework.backbones.weights import arch_name
 from anomaly_framework.ops.filters import upsample_maps
 from anomaly_framework.registry import MODEL_REGISTRY
+from anomaly_framework.models.model_base import FrozenExtractorMixin
 
 # Paper settings per backbone: (flow steps, hidden ratio, 3×3 convolutions only).
 PAPER_FLOW_SETTINGS = {"resnet18": (8, 1.0, True), "wide_resnet50_2": (8, 1.0, False)}
@@ -30,7 +31,7 @@ def is_vit(backbone: str) -> bool:
 
 
 @MODEL_REGISTRY.register("fastflow")
-class FastFlowModel(nn.Module):
+class FastFlowModel(FrozenExtractorMixin, nn.Module):
     """One flow per CNN stage on LayerNorm-ed frozen features.
 
     Args:
@@ -76,11 +77,6 @@ class FastFlowModel(nn.Module):
             ])
             for stage, shape in enumerate(shapes)
         ])
-
-    @torch.no_grad()
-    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen backbone's features per stage; the flow trainer caches them once for all epochs."""
-        return self.extractor(images)
 
     def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
         """Latents z [B, C_i, h_i, w_i] and log-determinants [B] per stage, from images [B, 3, H, W]

@@ -17,7 +17,7 @@ from anomaly_framework.backbones.extractors import TimmFeatureExtractor
 
 from anomaly_framework.backbones.weights import arch_name
 
-from anomaly_framework.models.model_base import FittedBuffersMixin
+from anomaly_framework.models.model_base import FittedBuffersMixin, FrozenExtractorMixin
 from anomaly_framework.registry import MODEL_REGISTRY
 from anomaly_framework.errors import FrameworkError
 
@@ -37,7 +37,7 @@ LEAVE_ONE_OUT_CACHE_BYTES = 2**30
 
 
 @MODEL_REGISTRY.register("padim")
-class PadimModel(FittedBuffersMixin, nn.Module):
+class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
     """Multivariate Gaussian per embedding position; the anomaly map is the Mahalanobis distance.
 
     Statistics accumulate in one streaming pass (Chan et al.'s pairwise update of mean and centred
@@ -85,10 +85,6 @@ class PadimModel(FittedBuffersMixin, nn.Module):
         self.fit_images = 0
         self._fit_scatter: torch.Tensor | None = None
         self._refit_factors: dict[int, torch.Tensor] = {}  # leave_one_out's Cholesky factors by first position
-
-    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen backbone's features per layer; the memory trainer caches them once per image."""
-        return self.extractor(images)
 
     def embed(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Concatenated, channel-subset features on the first layer's grid [B, d, h, w], from images

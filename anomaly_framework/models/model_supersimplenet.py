@@ -20,6 +20,7 @@ from anomaly_framework.dataloaders.anomaly_simulation import perlin_noise_2d
 from anomaly_framework.models.model_simplenet import truncated_l1, xavier_linear
 from anomaly_framework.ops.filters import gaussian_kernel1d, upsample_maps
 from anomaly_framework.registry import MODEL_REGISTRY
+from anomaly_framework.models.model_base import FrozenExtractorMixin
 
 PERLIN_SCALES = (0, 6)  # lattice cells 2^a per axis, a ∈ [0, 6), as the official generator
 
@@ -56,7 +57,7 @@ def perlin_feature_mask(height: int, width: int, threshold: float, rng: np.rando
 
 
 @MODEL_REGISTRY.register("supersimplenet")
-class SuperSimpleNetModel(nn.Module):
+class SuperSimpleNetModel(FrozenExtractorMixin, nn.Module):
     """Frozen backbone → upscaled, 3×3-averaged features → 1×1 adaptor → segmentation and classification heads.
 
     Training doubles the batch and adds N(0, σ²) noise inside Perlin masks of the feature grid; the masks
@@ -95,10 +96,6 @@ class SuperSimpleNetModel(nn.Module):
         self.score = nn.Linear(2 * cls_channels + 2, 1)
         for part in (self.adaptor, self.segmentation, self.classification, self.score):
             part.apply(xavier_linear)
-
-    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen backbone's features per layer."""
-        return self.extractor(images)
 
     def features(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Every layer resized to twice the first layer's grid (align_corners=True, as the official

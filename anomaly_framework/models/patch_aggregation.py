@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from anomaly_framework.models.model_base import FrozenExtractorMixin
+
 
 def _pool_matrix(inputs: int, outputs: int) -> torch.Tensor:
     """[inputs, outputs] matrix M with x @ M == adaptive_avg_pool1d(x, outputs)."""
     return F.adaptive_avg_pool1d(torch.eye(inputs).unsqueeze(1), outputs).squeeze(1)
 
 
-class PatchAggregationMixin:
+class PatchAggregationMixin(FrozenExtractorMixin):
     """For an ``nn.Module`` with ``extractor`` (a ``TimmFeatureExtractor``), ``patch_size``,
     ``pre_embed_dim`` and ``embed_dim``; ``init_aggregation`` is called once those are set."""
 
@@ -50,10 +52,6 @@ class PatchAggregationMixin:
     @property
     def aggregation_weights(self) -> list[torch.Tensor]:
         return [getattr(self, f"aggregation_{i}") for i in range(len(self.extractor.channels))]
-
-    def extract(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The frozen backbone's features per layer; trainers with a feature cache compute them once per image."""
-        return self.extractor(images)
 
     def embed(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Locally aware patch features [B, h, w, embed_dim] on the first layer's grid, from images
