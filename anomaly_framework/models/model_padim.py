@@ -181,8 +181,9 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         # (3136 inverses of 176² for Lite0 at 224 px: 1.7 s instead of 3.0 s on one core).
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(covariance))
         # Exactly symmetric (rounding-level asymmetry otherwise) and row-major as a loaded checkpoint is,
-        # so that storing one triangle is lossless and a reloaded model scores bit for bit the same.
-        self.inv_covariance = ((inverse + inverse.mT) / 2).contiguous()
+        # so that storing one triangle is lossless and a reloaded model scores bit for bit the same; written
+        # over the covariance, no longer needed (no third [P, d, d] array).
+        self.inv_covariance = torch.add(inverse, inverse.mT, out=covariance).mul_(0.5)
         self.mean = self.mean.clone()
         # Kept for leave_one_out (as large as the inverse; the peak above already held both).
         self._fit_scatter, self._refit_factors = self._scatter, {}
@@ -193,8 +194,10 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         inverse = destination.pop(prefix + "inv_covariance")
         if inverse.numel():
-            rows, cols = torch.triu_indices(*inverse.shape[-2:], device=inverse.device)
-            destination[prefix + PACKED_KEY] = inverse[:, rows, cols]  # [P, d(d+1)/2]
+            dim = inverse.shape[-1]
+            rows, cols = torch.triu_indices(dim, dim, device=inverse.device)
+            # index_select on the flattened matrices: half the time of inverse[:, rows, cols], same values
+            destination[prefix + PACKED_KEY] = inverse.flatten(1).index_select(1, rows * dim + cols)  # [P, d(d+1)/2]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: D401 (torch hook)
         packed = state_dict.pop(prefix + PACKED_KEY, None)

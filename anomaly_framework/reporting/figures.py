@@ -23,6 +23,8 @@ from anomaly_framework.ops.normalize import denormalize  # noqa: E402
 
 NORMAL_COLOUR, ANOMALY_COLOUR = "#1f77b4", "#d62728"
 DPI = 100
+# PNG written at zlib level 1: lossless as the default 6, a few % larger, 0.1 s less per figure (1500×430 px).
+SAVE_OPTIONS = {"dpi": DPI, "pil_kwargs": {"compress_level": 1}}
 
 
 def verdict(score: float, threshold: float | None) -> str:
@@ -82,7 +84,7 @@ def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | 
                         f"{verdict(score, threshold)}", fontsize=12, color=ANOMALY_COLOUR if label else "black")
         figure.tight_layout()
         path = folder / f"{index:04d}_{predictions.defect_types[index]}.png"
-        figure.savefig(path, dpi=DPI)
+        figure.savefig(path, **SAVE_OPTIONS)
         plt.close(figure)
         paths.append(path)
     return paths
@@ -111,7 +113,7 @@ def save_score_histogram(path: Path, labels: np.ndarray, anomaly_scores: np.ndar
     source = "\n".join(textwrap.wrap(f"threshold source: {threshold_source}", 95))
     figure.text(0.01, 0.01, source, fontsize=9, va="bottom")
     figure.tight_layout(rect=(0, 0.06, 1, 1))
-    figure.savefig(path, dpi=DPI)
+    figure.savefig(path, **SAVE_OPTIONS)
     plt.close(figure)
     return path
 
@@ -147,6 +149,6 @@ def save_training_curves(path: Path, rows: list[dict]) -> Path | None:
     for axis in list(axes.flat)[len(names):]:
         axis.axis("off")
     figure.tight_layout()
-    figure.savefig(path, dpi=DPI)
+    figure.savefig(path, **SAVE_OPTIONS)
     plt.close(figure)
     return path
