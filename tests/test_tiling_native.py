@@ -186,10 +186,12 @@ def test_native_is_accepted_from_the_cli_and_set():
     ({"image_size": "native"}, "'data.image_size'=native needs data.tile_size"),
     ({"image_size": "native", "tile_size": 32, "mask_size": 64}, "'data.mask_size'=64 does not apply"),
     ({"image_size": "big", "tile_size": 32}, "'data.image_size' must be int"),
+    ({"image_size": "native", "tile_size": 32, "monitor": "synthetic_pixel_auroc"}, "needs square images"),
 ])
 def test_bad_native_settings_are_one_line_errors(data, fragment):
+    train = {"monitor": data.pop("monitor")} if "monitor" in data else {}
     with pytest.raises(FrameworkError) as error:
-        resolve_config({"data": data})
+        resolve_config({"model": {"name": "stfpm"}, "data": data, "train": train})
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 

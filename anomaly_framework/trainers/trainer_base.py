@@ -106,8 +106,10 @@ def describe_resolution(data_cfg: dict) -> str:
     size = evaluation_resolution(data_cfg)
     if size is None:
         return f"input {data_cfg['image_size']}x{data_cfg['image_size']} (masks resized by nearest neighbour as the images)"
+    if data_cfg["image_size"] == "native":
+        return "native (each file read at its own size, no resize or crop; maps at that size, original masks)"
     if size == "native":
-        crop = "" if data_cfg["crop_ratio"] == 1.0 or data_cfg["image_size"] == "native" else ", its centre-crop region"
+        crop = "" if data_cfg["crop_ratio"] == 1.0 else ", its centre-crop region"
         return f"native (each original image's own size{crop}; map bilinearly upsampled, original masks)"
     return f"{size}x{size} (map bilinearly resized, original masks resized by nearest neighbour and cropped)"
 
