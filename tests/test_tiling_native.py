@@ -207,3 +207,26 @@ def test_an_image_smaller_than_a_tile_is_refused_naming_it(folder, tmp_path):
         build_dataloader(resolve_config(config))
     message = str(error.value)
     assert f"'{small / '2.png'}' is 40x20, smaller than data.tile_size=32" in message and "\n" not in message
+
+
+def test_native_patchcore_under_torchrun_scores_and_calibrates_as_in_one_process(folder, tmp_path):
+    """Two ranks fit shards whose images hold different numbers of tiles; rank 0 merges the whole bank
+    (coreset 1) and scores leave-one-tile-out at the global tile positions: the threshold and the test
+    scores of one process."""
+    from tests.test_distributed import _torchrun
+
+    single = run_experiment({**_config(folder, tmp_path / "one", "patchcore"),
+                             "model": {"name": "patchcore", "backbone": "resnet18", "pretrained": False,
+                                       "coreset_ratio": 1.0}})
+    flags = ["--model", "patchcore", "--backbone", "resnet18", "--dataset", "folder", "--data-root", str(folder),
+             "--train-dir", "train", "--test-normal-dir", "good", "--test-abnormal-dir", "bad", "--mask-dir", "masks",
+             "--image-size", "native", "--batch-size", "4", "--output-dir", str(tmp_path / "ddp"),
+             *[flag for key in ("model.pretrained=false", "model.coreset_ratio=1.0", f"data.tile_size={TILE}",
+                                f"data.tile_stride={STRIDE}", "eval.num_figures=0") for flag in ("--set", key)]]
+    run_dir = _torchrun(flags)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["fit"]["bank_patches"] == single["fit"]["bank_patches"]
+    assert results["metrics"]["threshold"] == pytest.approx(single["metrics"]["threshold"], rel=1e-4)
+    expected, got = _scores(single["run_dir"]), _scores(run_dir)
+    assert expected.keys() == got.keys()
+    assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
