@@ -1,6 +1,7 @@
 """The decoded-image cache and the frozen-feature reuse: same results, each image decoded and run once."""
 import multiprocessing
 import os
+import threading
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ from anomaly_framework.config import resolve_config
 from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample
 from anomaly_framework.dataloaders.image_cache import ArrayStore, cache_root, default_cache_root
 from anomaly_framework.factories import build_dataloader, build_model, build_modeler, build_trainer
-from anomaly_framework.trainers.feature_cache import evict, extractor_key
+from anomaly_framework.trainers.feature_cache import FeatureCacheMixin, evict, extractor_key
 from anomaly_framework.backbones.extractors import TimmFeatureExtractor
 
 
@@ -50,6 +51,28 @@ def test_cached_and_uncached_paths_give_identical_scores_and_maps(demo_root, tmp
     assert sum(cold_calls) == train + test + 1 and sum(warm_calls) == 1
     assert len(list((tmp_path / "cache" / "images").rglob("*.npy"))) == train + test + len(
         [s for s in plain.dataloader.test_dataset.samples if s.mask_path is not None])
+
+
+@pytest.mark.parametrize("name", ["padim", "patchcore"])
+def test_test_features_computed_during_the_fit_score_as_computed_after_it(demo_root, tmp_path, name):
+    """With no worker processes the test split's backbone pass runs in a background thread while the fit's
+    statistics (or coreset) and the threshold pass run: maps, scores and threshold equal those of the
+    sequential path without any feature cache, and the main thread never ran the test images."""
+    plain, reference, _ = _fitted(demo_root, tmp_path, name, **{"data.cache": False, "train.feature_cache_mb": 0})
+    threads = []
+    original = FeatureCacheMixin._run_backbone
+
+    def recording(self, subset, *args, **kwargs):
+        threads.append((args[2], threading.current_thread() is threading.main_thread()))
+        return original(self, subset, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FeatureCacheMixin, "_run_backbone", recording)
+        ahead, predictions, _ = _fitted(demo_root, tmp_path, name, **{"data.num_workers": 0,
+                                                                       "data.cache_dir": str(tmp_path / "cache")})
+    assert threads == [("train", True), ("test", False)]
+    assert torch.equal(predictions.maps, reference.maps) and torch.equal(predictions.scores, reference.scores)
+    assert torch.equal(predictions.masks, reference.masks) and ahead.threshold == plain.threshold
 
 
 def test_batchnorm_pass_and_original_masks_through_the_feature_cache(demo_root, tmp_path):

@@ -41,3 +41,20 @@ def test_embedding_that_keeps_every_channel_is_the_plain_concatenation():
         first, second = model.extract(images)
         expected = torch.cat([first, second.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)], dim=1)
         assert torch.equal(model.embed(images), expected)
+
+
+def test_embedding_with_any_channel_order_and_grid_ratio_equals_interpolate_concat_select():
+    """The stack written layer by layer equals the reference recipe (nearest interpolation to the first
+    grid, concatenation, index_select) for an unsorted subset (the official random.sample draw) and for
+    grids that are not whole multiples of each other (a 72-px input: 18, 9 and 5 cells)."""
+    torch.manual_seed(0)
+    model = PadimModel("resnet18", [1, 2, 3], pretrained=False, n_features=50)
+    model.feature_index = torch.randperm(64 + 128 + 256)[:50]  # unsorted, layers interleaved
+    for size in (64, 72):
+        images = torch.randn(3, 3, size, size)
+        with torch.no_grad():
+            features = model.extract(images)
+            grid = features[0].shape[-2:]
+            upsampled = [features[0]] + [torch.nn.functional.interpolate(f, size=grid, mode="nearest") for f in features[1:]]
+            expected = torch.cat(upsampled, dim=1).index_select(1, model.feature_index)
+            assert torch.equal(model.embed(features), expected)

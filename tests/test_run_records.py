@@ -204,6 +204,25 @@ def test_ctrl_c_is_raised_between_batches_a_second_one_at_once_and_a_late_one_at
     assert capsys.readouterr().err.count("Ctrl-C: stopping at the next batch") == 3
 
 
+def test_a_background_thread_stops_on_ctrl_c_and_leaves_it_to_the_main_thread(monkeypatch, capsys):
+    """A split's features computed ahead in a thread stop at their next batch, and the run still stops."""
+    import concurrent.futures
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ctrl_c_stops_at_next_batch():
+            signal.raise_signal(signal.SIGINT)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                with pytest.raises(KeyboardInterrupt):
+                    pool.submit(raise_if_interrupted).result()
+            with pytest.raises(KeyboardInterrupt):
+                raise_if_interrupted()  # still requested for the main thread
+            raise_if_interrupted()  # and consumed by it
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _interrupt_in_every_way() -> None:
     with pytest.raises(KeyboardInterrupt) as late:
         with ctrl_c_stops_at_next_batch():

@@ -34,9 +34,11 @@ def _on_sigint(signum, frame) -> None:
 
 
 def raise_if_interrupted() -> None:
-    """Raises KeyboardInterrupt once a Ctrl-C has been requested (called between batches)."""
+    """Raises KeyboardInterrupt once a Ctrl-C has been requested (called between batches). A background
+    thread (a split's features computed ahead) stops too but leaves the request for the main thread."""
     if _state["requested"]:
-        _state["requested"] = False
+        if threading.current_thread() is threading.main_thread():
+            _state["requested"] = False
         raise KeyboardInterrupt
 
 

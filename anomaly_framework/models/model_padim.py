@@ -88,38 +88,68 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
 
     def embed(self, inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Concatenated, channel-subset features on the first layer's grid [B, d, h, w], from images
-        [B, 3, H, W] or the per-layer features ``extract`` gave for them.
+        [B, 3, H, W] or the per-layer features ``extract`` gave for them (a view of ``_by_position``'s stack).
 
         Deeper maps are upsampled by nearest neighbour, which equals the reference code's unfold/fold.
         """
-        features = self.extract(inputs) if isinstance(inputs, torch.Tensor) else inputs
-        grid = features[0].shape[-2:]
-        aligned = [features[0]] + [F.interpolate(f, size=grid, mode="nearest") for f in features[1:]]
-        embedding = torch.cat(aligned, dim=1)
-        # A sorted subset of every channel is the identity: skip its copy (Lite0 keeps all 176 of 176).
-        if self.feature_index.numel() == embedding.shape[1]:
-            return embedding
-        return embedding.index_select(1, self.feature_index)
+        stacked, (height, width) = self._by_position(inputs)
+        return stacked.reshape(height, width, *stacked.shape[1:]).permute(3, 2, 0, 1)
 
     def begin_fit(self, num_images: int) -> None:
         """Streaming statistics need no reservation; starts a fresh accumulation."""
         self._count, self._scatter = 0, None
 
+    def _by_position(self, inputs: torch.Tensor | list[torch.Tensor], dtype: torch.dtype = torch.float32,
+                     centre: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The embedding as one contiguous [P, d, B] stack per position (minus ``centre`` [P, d] if given),
+        and its grid (h, w), P = h·w.
+
+        Each layer's kept channels are written straight into the stack, upsampled by repetition where the
+        grids differ by a whole factor (nearest-neighbour interpolation otherwise): no concatenated copy,
+        and the batched products read each position's [d, B] block contiguously. On the strided layout of a
+        [B, d, h, w] embedding the scatter update ran 1.9x, the batch mean 25x, and building the embedding
+        6x slower (Lite0, batch 32, one thread).
+        """
+        features = self.extract(inputs) if isinstance(inputs, torch.Tensor) else inputs
+        batch, (height, width) = features[0].shape[0], features[0].shape[-2:]
+        stacked = features[0].new_empty((height, width, self.feature_index.numel(), batch), dtype=dtype)
+        first = 0  # the layer's first channel among all of them
+        for feature in features:
+            channels, rows, cols = feature.shape[1:]
+            slots = ((self.feature_index >= first) & (self.feature_index < first + channels)).nonzero()[:, 0]
+            chosen = self.feature_index[slots] - first  # the layer's kept channels, in the stack's order
+            first += channels
+            if slots.numel() == 0:
+                continue
+            if not torch.equal(chosen, torch.arange(channels, device=chosen.device)):
+                feature = feature.index_select(1, chosen)
+            if height % rows or width % cols:
+                feature, rows, cols = F.interpolate(feature, size=(height, width), mode="nearest"), height, width
+            # The kept channels' places in the stack: a slice when in order (the sorted default), else indices.
+            start = int(slots[0])
+            if torch.equal(slots, torch.arange(start, start + slots.numel(), device=slots.device)):
+                slots = slice(start, start + slots.numel())
+            blocks = stacked.view(rows, height // rows, cols, width // cols, -1, batch)
+            blocks[:, :, :, :, slots] = feature.permute(2, 3, 1, 0)[:, None, :, None]  # broadcast: the repetition
+        stacked = stacked.view(height * width, -1, batch)
+        if centre is not None:
+            stacked -= centre.to(dtype).unsqueeze(2)
+        return stacked, (height, width)
+
     @torch.no_grad()
     def update(self, inputs: torch.Tensor | list[torch.Tensor]) -> None:
         """Adds a batch of normal images (or their features) to the running per-position mean and scatter."""
-        embedding = self.embed(inputs).float()
-        batch, dim, height, width = embedding.shape
-        samples = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim)  # [P, B, d]
-        batch_mean = samples.mean(dim=1)
-        centred = samples - batch_mean.unsqueeze(1)
+        samples, _ = self._by_position(inputs, torch.float32)  # [P, d, B]
+        batch = samples.shape[2]
+        batch_mean = samples.mean(dim=2)
+        centred = samples.sub_(batch_mean.unsqueeze(2))
         if self._count == 0:
-            self.mean, self._scatter = batch_mean, centred.transpose(1, 2) @ centred  # [P, d, d]
+            self.mean, self._scatter = batch_mean, centred @ centred.mT  # [P, d, d]
         else:
             # In place: a [P, d, d] temporary per batch (800 MB for Lite0 at 320 px) would dominate the fit.
             total = self._count + batch
             delta = batch_mean - self.mean
-            self._scatter.baddbmm_(centred.transpose(1, 2), centred)
+            self._scatter.baddbmm_(centred, centred.mT)
             self._scatter.baddbmm_(delta.unsqueeze(2), delta.unsqueeze(1), alpha=self._count * batch / total)
             self.mean += delta * (batch / total)
         self._count += batch
@@ -184,11 +214,9 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         images or their features."""
         if self.inv_covariance.numel() == 0:
             raise FrameworkError("PaDiM is not fitted: run the memory trainer (or load a checkpoint) first")
-        embedding = self.embed(inputs).float()
-        batch, dim, height, width = embedding.shape
-        centred = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim) - self.mean.unsqueeze(1)
-        squared = ((centred @ self.inv_covariance) * centred).sum(-1)  # [P, B]
-        return squared.clamp_min(0).T.reshape(batch, 1, height, width)
+        centred, (height, width) = self._by_position(inputs, torch.float32, centre=self.mean)  # [P, d, B]
+        squared = ((self.inv_covariance @ centred) * centred).sum(1)  # [P, B]
+        return squared.clamp_min(0).T.reshape(-1, 1, height, width)
 
     def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Mahalanobis distance of every position's embedding to its Gaussian [B, 1, h, w] (images or features)."""
@@ -209,16 +237,14 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         count = self.fit_images
         if count < 3 or self._fit_scatter is None:
             raise FrameworkError("PaDiM's leave-one-out scores need the fit's own images (at least 3) in this process")
-        embedding = self.embed(images).double()
-        batch, dim, height, width = embedding.shape
-        centred = embedding.permute(2, 3, 0, 1).reshape(height * width, batch, dim) - self.mean.double().unsqueeze(1)
+        centred, (height, width) = self._by_position(images, torch.float64, centre=self.mean)  # [P, d, B]
+        positions, dim, batch = centred.shape
         downdate = count / ((count - 1) * (count - 2))
         step = max(1, LEAVE_ONE_OUT_CHUNK_BYTES // (8 * dim * dim))
-        squared = torch.empty(height * width, batch, dtype=torch.float64, device=centred.device)
-        for start in range(0, height * width, step):
+        squared = torch.empty(positions, batch, dtype=torch.float64, device=centred.device)
+        for start in range(0, positions, step):
             block = slice(start, start + step)
-            factor = self._refit_factor(block, count)
-            solved = torch.linalg.solve_triangular(factor, centred[block].transpose(1, 2), upper=False)  # [p, d, B]
+            solved = torch.linalg.solve_triangular(self._refit_factor(block, count), centred[block], upper=False)
             quadratic = solved.square().sum(dim=1)
             # The refitted covariance is positive definite (ε·I), so 1 − c·q > 0 up to float64 rounding.
             squared[block] = quadratic * (count / (count - 1)) ** 2 / (1 - downdate * quadratic).clamp_min(1e-300)
@@ -229,9 +255,9 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         ``LEAVE_ONE_OUT_CACHE_BYTES`` (the calibration pass then factorises once, not once per batch)."""
         factor = self._refit_factors.get(block.start)
         if factor is None:
-            scatter = self._fit_scatter[block].double()
-            regulariser = COVARIANCE_EPS * torch.eye(scatter.shape[-1], dtype=torch.float64, device=scatter.device)
-            factor = torch.linalg.cholesky(scatter / (count - 2) + regulariser)
+            refit = self._fit_scatter[block].to(torch.float64, copy=True).div_(count - 2)  # M, in place
+            refit.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
+            factor = torch.linalg.cholesky(refit)
             if self._fit_scatter.numel() * 8 <= LEAVE_ONE_OUT_CACHE_BYTES:
                 self._refit_factors[block.start] = factor
         return factor

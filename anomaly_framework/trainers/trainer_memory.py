@@ -72,6 +72,8 @@ class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
         if prepare is not None:
             prepare(self.config["data"].get("tile_size") or self.config["data"]["image_size"])  # before any feature is computed or looked up
         source, workers = self.split_dataset(dataset, "train")
+        # The test split's decoding and backbone pass overlap the fit's math (one core) from here on.
+        self.prefetch_split_features(self.dataloader.test_dataset, "test", with_targets=True)
         # In order, whatever the given loader's order: the coreset's start points are bank positions.
         loader = self.dataloader.make_loader(source, shuffle=False, num_workers=workers, batch_size=train_loader.batch_size)
         summary = self.run_epoch(loader)
