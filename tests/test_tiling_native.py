@@ -148,7 +148,7 @@ def test_onnx_runner_reads_native_images_and_equals_the_eager_model(native_runs,
     from anomaly_framework.deploy.export import export
     from anomaly_framework.deploy.onnx_runner import OnnxDetector
 
-    run_dir = native_runs["padim"]["run_dir"]
+    run_dir = native_runs["stfpm"]["run_dir"]
     artifact = export(run_dir, "onnx", tmp_path / "model.onnx")
     sidecar = json.loads(Path(f"{artifact}.json").read_text())["input"]
     assert (sidecar["image_size"], sidecar["resize"], sidecar["shape"]) == ("native", None, ["batch", TILE, TILE, 3])

@@ -250,8 +250,8 @@ class FeatureCacheMixin:
                     stage[rows] = torch.from_numpy(np.concatenate(parts)).reshape(len(rows), *stage.shape[1:]).to(self.device)
         targets: dict[str, list] = {}
         if missing:
-            self._run_backbone(Subset(dataset, missing), missing, offsets, stages, split,
-                               targets if with_targets else None, progress)
+            self._run_backbone(Subset(dataset, missing), missing, stages, split, targets if with_targets else None,
+                               progress, offsets)
             if store is not None:
                 computed = [stage[item_rows(offsets, missing)].flatten(1).cpu().numpy() for stage in stages]
                 start = 0
@@ -272,8 +272,8 @@ class FeatureCacheMixin:
             return ThreadedLoader(dataset, loader.batch_size)
         return loader
 
-    def _run_backbone(self, subset: Subset, indices: list[int], offsets: list[int] | None, stages: list[torch.Tensor],
-                      split: str, targets: dict[str, list] | None, progress: bool = True) -> None:
+    def _run_backbone(self, subset: Subset, indices: list[int], stages: list[torch.Tensor], split: str,
+                      targets: dict[str, list] | None, progress: bool = True, offsets: list[int] | None = None) -> None:
         """Fills ``stages`` at the rows of items ``indices`` with the extractor's features; collects the
         batches' targets."""
         start = 0
