@@ -31,9 +31,11 @@ def test_pixel_metrics_match_sklearn_on_maps():
     masks = np.zeros((6, 32, 32), dtype=np.uint8)
     masks[1:4, 8:16, 10:20] = 1
     maps = rng.random((6, 32, 32)).astype(np.float32) + masks * 0.5
-    result = compute_pixel_metrics(masks, maps)
-    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
-    assert result["pixel_aupr"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-9)
+    for maps in (maps, np.round(maps, 1)):  # distinct scores, then ties (one shared sort serves all three)
+        result = compute_pixel_metrics(masks, maps)
+        assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-9)
+        assert result["pixel_aupr"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-9)
+        assert result["aupro"] == aupro(masks, maps)  # its own sort
 
 
 def test_f1_max_matches_brute_force():

@@ -11,7 +11,7 @@ from PIL import Image
 
 from anomaly_framework.config import resolve_config
 from anomaly_framework.cli import main
-from anomaly_framework.benchmarks.floors import run_benchmark
+from anomaly_framework.benchmarks.floors import run_benchmark, search_arithmetic_tflop
 from anomaly_framework.main import run_experiment
 from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold
 from anomaly_framework.inference.predict import predict
@@ -160,6 +160,17 @@ def test_benchmark_sets_stage_timings_beside_their_floors(tmp_path, demo_root, c
 
     padim = run_benchmark(_overrides(tmp_path, demo_root, **{"model.name": "padim"}))["benchmark"]
     assert "search_tflop" not in padim and "coreset_gb_per_s" not in padim  # no bank, no coreset
+
+
+def test_benchmark_search_estimate_counts_every_tile_s_patches(tmp_path, demo_root):
+    """A tiled PatchCore searches each tile's patches: 3x3 tiles of 32 px (stride 16) on a 64-px image."""
+    overrides = _overrides(tmp_path, demo_root, **{"model.name": "patchcore", "model.coreset_ratio": 0.25,
+                                                   "data.tile_size": 32, "data.tile_stride": 16})
+    results = run_experiment(overrides)
+    test_images = len(build_dataloader(resolve_config(overrides)).test_dataset)
+    fit = results["fit"]
+    expected = 2 * test_images * 9 * (32 // 8) ** 2 * fit["bank_patches"] * 1024 / 1e12  # resnet18 layer 2: stride 8
+    assert search_arithmetic_tflop(results["run_dir"], fit, test_images, results["config"]["data"]) == pytest.approx(expected)
 
 
 def test_benchmark_refuses_torchrun(tmp_path, demo_root, monkeypatch):

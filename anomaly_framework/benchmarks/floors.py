@@ -44,15 +44,18 @@ def matmul_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> f
     return 2 * (2 * size) * size * (2 * size) * repeats / (time.perf_counter() - start) / 1e9
 
 
-def search_arithmetic_tflop(run_dir: str, fit: dict, test_images: int, image_size: int) -> float | None:
+def search_arithmetic_tflop(run_dir: str, fit: dict, test_images: int, data: dict) -> float | None:
     """2 · test patches · bank entries · dimension: the work of the brute-force exact nearest-neighbour
-    search (the official one) over the test split, for models with a memory bank (None for the others)."""
-    if "bank_patches" not in fit:
+    search (the official one) over the test split, for models with a memory bank (None for the others).
+    A tiled run searches every tile's patches: the model's grid at the tile size times the tiles of an image."""
+    if "bank_patches" not in fit or not isinstance(data["image_size"], int):  # native: sizes vary per image
         return None
     modeler, _ = load_checkpoint(run_dir)  # the patch grid per image, from the fitted model itself
+    side = data.get("tile_size") or data["image_size"]
     with torch.inference_mode():
-        _, height, width, _ = modeler.model.embed(torch.zeros(1, 3, image_size, image_size)).shape
-    return 2 * test_images * height * width * fit["bank_patches"] * fit["bank_dim"] / 1e12
+        _, height, width, _ = modeler.model.embed(torch.zeros(1, 3, side, side)).shape
+    tiles = modeler.tiles_per_image()
+    return 2 * test_images * tiles * height * width * fit["bank_patches"] * fit["bank_dim"] / 1e12
 
 
 def backbone_floor(config: dict) -> dict:
@@ -105,8 +108,7 @@ def run_benchmark(config: dict | None = None) -> dict:
     stats = results["fit"].get("coreset")
     if stats and coreset > 0:
         report["coreset_gb_per_s"] = stats["steps"] * stats["bytes_per_step"] / coreset / 1e9
-    search_tflop = search_arithmetic_tflop(results["run_dir"], results["fit"], floor["test_images"],
-                                           resolved["data"]["image_size"])
+    search_tflop = search_arithmetic_tflop(results["run_dir"], results["fit"], floor["test_images"], resolved["data"])
     if search_tflop is not None:
         # A brute-force search cannot beat its arithmetic at the machine's matrix-product rate.
         search_floor = search_tflop * 1e3 / gflops

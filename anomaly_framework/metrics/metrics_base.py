@@ -29,9 +29,15 @@ def _check(labels: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarra
     return labels, scores
 
 
-def _distinct_cumulative(labels: np.ndarray, scores: np.ndarray):
-    """Cumulative true/false positives at each distinct score, thresholds descending (sklearn's grouping)."""
-    order = np.argsort(scores, kind="mergesort")[::-1]
+def _descending(scores: np.ndarray) -> np.ndarray:
+    """The order of ``scores`` from the highest (a stable sort: ties keep a fixed order)."""
+    return np.argsort(scores, kind="mergesort")[::-1]
+
+
+def _distinct_cumulative(labels: np.ndarray, scores: np.ndarray, order: np.ndarray | None = None):
+    """Cumulative true/false positives at each distinct score, thresholds descending (sklearn's grouping);
+    ``order``: ``_descending(scores)`` when the caller has it already."""
+    order = _descending(scores) if order is None else order
     sorted_scores, sorted_labels = scores[order], labels[order]
     last_of_run = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_labels.size - 1]
     true_positives = np.cumsum(sorted_labels, dtype=np.int64)[last_of_run]
@@ -42,19 +48,21 @@ def _distinct_cumulative(labels: np.ndarray, scores: np.ndarray):
 def auroc(labels: np.ndarray, scores: np.ndarray, what: str = "AUROC") -> float:
     """Area under the ROC curve (trapezoid over distinct thresholds; ties count ½ as in sklearn)."""
     labels, scores = _check(labels, scores, what)
-    tp, fp, _ = _distinct_cumulative(labels, scores)
-    tpr = np.r_[0.0, tp / tp[-1]]
-    fpr = np.r_[0.0, fp / fp[-1]]
-    return float(np.trapezoid(tpr, fpr))
+    return _roc_area(*_distinct_cumulative(labels, scores)[:2])
+
+
+def _roc_area(tp: np.ndarray, fp: np.ndarray) -> float:
+    return float(np.trapezoid(np.r_[0.0, tp / tp[-1]], np.r_[0.0, fp / fp[-1]]))
+
+
+def _precision_recall_area(tp: np.ndarray, fp: np.ndarray) -> float:
+    return float(np.sum(np.diff(np.r_[0.0, tp / tp[-1]]) * tp / (tp + fp)))
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray, what: str = "AUPR") -> float:
     """Step-wise area under the precision–recall curve, as sklearn's ``average_precision_score``."""
     labels, scores = _check(labels, scores, what)
-    tp, fp, _ = _distinct_cumulative(labels, scores)
-    precision = tp / (tp + fp)
-    recall = np.r_[0.0, tp / tp[-1]]
-    return float(np.sum(np.diff(recall) * precision))
+    return _precision_recall_area(*_distinct_cumulative(labels, scores)[:2])
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
@@ -106,13 +114,14 @@ def normal_threshold(normal_scores: np.ndarray, quantile: float) -> float:
     return float(np.quantile(normal_scores, quantile))
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, order: np.ndarray | None = None) -> float:
     """Area under the per-region-overlap curve up to ``fpr_limit``, normalised by it (official MVTec).
 
     Regions are the 8-connected components of each ground-truth mask; each region weighs the same
     whatever its size. FPR counts every ground-truth-negative pixel of every test image, good images
     included. Every distinct score is a threshold: one global sort, then cumulative sums of each
-    pixel's contribution (1/|region| / #regions to the overlap, 1/#negatives to the FPR).
+    pixel's contribution (1/|region| / #regions to the overlap, 1/#negatives to the FPR). ``order``: the
+    descending order of the maps' concatenated pixels when the caller has sorted them already.
     """
     mask_list, map_list = per_image(masks, maps)
     regions, offset = [], 0
@@ -125,7 +134,7 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     scores = np.concatenate([m.ravel() for m in map_list])
     if not np.isfinite(scores).all():
         raise FrameworkError("AU-PRO: anomaly maps contain NaN or infinite values")
-    order = np.argsort(scores, kind="mergesort")[::-1]
+    order = _descending(scores) if order is None else order
     sorted_scores = scores[order]
     del scores
     last_of_run = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
@@ -211,12 +220,12 @@ def compute_pixel_metrics(masks, maps) -> dict:
     """Pixel AUROC and AUPR over all pixels of all test images (good ones included), and AU-PRO.
 
     ``masks`` and ``maps`` are arrays [N, 1, H, W], or lists of per-image arrays of any sizes.
+    One sort of the pixels serves all three (4.2 M pixels on MVTec bottle at 224 px: 0.5 s a sort).
     """
     mask_list, map_list = per_image(masks, maps)
-    flat_masks = np.concatenate([mask.ravel() for mask in mask_list])
-    flat_maps = np.concatenate([heat.ravel() for heat in map_list])
-    return {
-        "pixel_auroc": auroc(flat_masks, flat_maps, "pixel AUROC"),
-        "pixel_aupr": average_precision(flat_masks, flat_maps, "pixel AUPR"),
-        "aupro": aupro(mask_list, map_list),
-    }
+    labels, scores = _check(np.concatenate([mask.ravel() for mask in mask_list]),
+                            np.concatenate([heat.ravel() for heat in map_list]), "pixel AUROC")
+    order = _descending(scores)
+    tp, fp, _ = _distinct_cumulative(labels, scores, order)
+    return {"pixel_auroc": _roc_area(tp, fp), "pixel_aupr": _precision_recall_area(tp, fp),
+            "aupro": aupro(mask_list, map_list, order=order)}
