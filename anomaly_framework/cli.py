@@ -27,6 +27,16 @@ def parse_value(text: str):
         return text
 
 
+def image_size_argument(text: str) -> int | str:
+    """``--image-size``: a side in pixels or ``native``."""
+    if text == "native":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a side in pixels or 'native', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train and evaluate an anomaly detector.")
     parser.add_argument("--model", help="model name, e.g. padim; a comma list (padim,patchcore) runs a sweep")
@@ -36,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     for key, what in FOLDER_FLAGS.items():
         parser.add_argument(f"--{key.replace('_', '-')}", help=f"--dataset folder: {what} (data.{key})")
     parser.add_argument("--backbone", help="timm backbone, e.g. wide_resnet50_2")
-    parser.add_argument("--image-size", type=int, help="model input side in pixels")
+    parser.add_argument("--image-size", type=image_size_argument,
+                        help="model input side in pixels, or 'native' (each file at its own size; needs data.tile_size)")
     parser.add_argument("--epochs", type=int, help="training epochs (gradient-trained models)")
     parser.add_argument("--batch-size", type=int, help="batch size")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to run")

@@ -25,7 +25,7 @@ BASE_CONFIGS: dict[str, Any] = {
         "name": "demo",
         "category": None,
         "root": None,  # else the dataset's environment variable (MVTEC_ROOT, VISA_ROOT, BTAD_ROOT, ANOMALY_DEMO_ROOT)
-        "image_size": 224,  # side of the model input
+        "image_size": 224,  # side of the model input; "native" = each file at its own size (tiled runs only)
         "crop_ratio": 0.875,  # resize to image_size / crop_ratio, then centre-crop; 1.0 = plain resize
         "interpolation": "bilinear",  # bilinear | bicubic | lanczos (masks always nearest)
         "normalize": "imagenet",  # imagenet | none

@@ -10,6 +10,7 @@ from anomaly_framework.errors import FrameworkError
 MONITORS = ("loss", "synthetic_pixel_auroc", "normal_map_mean")
 KEEPS = ("best", "last")
 THRESHOLD_STRATEGIES = ("false_alarm_rate", "normal_quantile", "f1_adaptive", "manual")
+NATIVE = "native"  # data.image_size: each file read at its own size (tiled runs only)
 
 # Keys whose default is None, with the type a set value must have.
 NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
@@ -39,6 +40,8 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
 
 def check_value(path: str, default: Any, value: Any) -> Any:
     """Returns ``value`` (ints widened to float where a float is expected) or refuses it naming the key."""
+    if path == "data.image_size" and value == NATIVE:
+        return value
     if default is None:
         allowed = NULLABLE_TYPES.get(path)
         if value is None or allowed is None:
@@ -89,9 +92,10 @@ def check_consistency(config: dict) -> None:
     if isinstance(data["mask_size"], int) and data["mask_size"] <= 0:
         raise FrameworkError(f"Config key 'data.mask_size' must be positive, got {data['mask_size']}")
     for key in ("image_size", "batch_size"):
-        if data[key] <= 0:
+        if data[key] != NATIVE and data[key] <= 0:
             raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
     check_tiling(data)
+    check_native(config)
     if data["num_workers"] is not None and data["num_workers"] < 0:
         raise FrameworkError(f"Config key 'data.num_workers' must be >= 0 or null (auto), got {data['num_workers']}")
     if config["device"] not in ("auto", "cpu", "cuda"):
@@ -133,9 +137,25 @@ def check_tiling(data: dict) -> None:
         if stride is not None:
             raise FrameworkError(f"Config key 'data.tile_stride'={stride} needs data.tile_size (the tiles' side)")
         return
-    if not 0 < size <= data["image_size"]:
+    if not 0 < size <= (size if data["image_size"] == NATIVE else data["image_size"]):  # native: per file, when read
         raise FrameworkError(f"Config key 'data.tile_size' must be in 1..data.image_size={data['image_size']} "
                              f"(the image is read at image_size and cut into tiles), got {size}")
     if stride is not None and not 0 < stride <= size:
         raise FrameworkError(f"Config key 'data.tile_stride' must be in 1..data.tile_size={size} "
                              f"(a larger step would leave pixels without a tile), got {stride}")
+
+
+def check_native(config: dict) -> None:
+    """``data.image_size=native`` needs tiles (models take one fixed input size) and evaluates at the files' own size."""
+    data = config["data"]
+    if data["image_size"] != NATIVE:
+        return
+    if data["tile_size"] is None:
+        raise FrameworkError("Config key 'data.image_size'=native needs data.tile_size: models take a fixed input "
+                             "size, so images of their own sizes must be cut into tiles (e.g. --set data.tile_size=224)")
+    if data["mask_size"] not in (None, NATIVE):
+        raise FrameworkError(f"Config key 'data.mask_size'={data['mask_size']!r} does not apply with data.image_size=native "
+                             "(maps and masks are at each file's own size): leave it unset or native")
+    if config["train"].get("monitor") == "synthetic_pixel_auroc":
+        raise FrameworkError("Config key 'train.monitor'=synthetic_pixel_auroc needs square images (its textures are "
+                             "data.image_size squares): not with data.image_size=native")

@@ -14,18 +14,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from anomaly_framework.dataloaders.image_cache import ArrayStore, cache_root, file_key
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.images.decode import header_size, open_image, open_mask
 from anomaly_framework.images.geometry import crop_offset, interpolation_code, resize_and_crop
+from anomaly_framework.images.tiling import check_holds_tile
 from anomaly_framework.ops import normalize as ops_normalize
 
 IMAGENET_MEAN = torch.tensor(ops_normalize.IMAGENET_MEAN).view(3, 1, 1)
 IMAGENET_STD = torch.tensor(ops_normalize.IMAGENET_STD).view(3, 1, 1)
 # Part of every image-cache key: raise it when the decoding or the geometry below changes.
 _CACHE_VERSION = 1
+NATIVE = "native"  # data.image_size: each file at its own size, no resize, no crop (tiled runs)
+# Item fields whose size is the image's own at data.image_size=native: batched as lists, not stacked.
+RAGGED_FIELDS = ("image", "mask", "features")
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,12 @@ def mask_size_error(sample: Sample, mask_size: tuple[int, int], image_size: tupl
                           f"{image_size[0]}x{image_size[1]}: masks must have their image's size")
 
 
-def check_files(samples: list[Sample]) -> None:
-    """Reads every image's and mask's header, so a broken file or a mask of the wrong size stops the run
-    before the fit, not after it."""
+def check_files(samples: list[Sample], native_tile: int | None = None) -> None:
+    """Reads every image's and mask's header, so a broken file, a mask of the wrong size or (``native_tile``:
+    native size) an image smaller than a tile stops the run before the fit, not after it."""
     for sample in samples:
         size = header_size(sample.path)
+        check_holds_tile(sample.path, size, native_tile)
         if sample.mask_path is not None:
             mask_size = header_size(sample.mask_path)
             if mask_size != size:
@@ -59,6 +64,17 @@ def auto_workers() -> int:
     the model, else one per spare core up to 8 (decoding then overlaps the forward pass)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 0 if cores <= 2 else min(8, cores - 1)
+
+
+def collate_native(items: list[dict]) -> dict:
+    """A batch of images of their own sizes: ``image``, ``mask`` (and cached ``features``, per stage) as
+    lists of the items' tensors; the other fields as the default collation makes them."""
+    batch = default_collate([{key: value for key, value in item.items() if key not in RAGGED_FIELDS} for item in items])
+    for key in RAGGED_FIELDS:
+        if key in items[0]:
+            values = [item[key] for item in items]
+            batch[key] = [list(stage) for stage in zip(*values)] if key == "features" else values
+    return batch
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -80,20 +96,25 @@ class AnomalyDataset(Dataset):
         self.samples = samples
         self.image_size = data_cfg["image_size"]
         self.crop_ratio = data_cfg["crop_ratio"]
-        self.resize = round(self.image_size / self.crop_ratio)
+        self.native = self.image_size == NATIVE
+        self.tile_size = data_cfg.get("tile_size")
+        self.resize = None if self.native else round(self.image_size / self.crop_ratio)
         self.interpolation = interpolation_code(data_cfg["interpolation"])
         if data_cfg["normalize"] not in ("imagenet", "none"):
             raise FrameworkError(f"data.normalize must be 'imagenet' or 'none', got {data_cfg['normalize']!r}")
         self.normalize = data_cfg["normalize"]
-        self.protocol = (f"v{_CACHE_VERSION}|resize={self.resize}|{data_cfg['interpolation']}|crop={self.image_size}")
+        self.protocol = (f"v{_CACHE_VERSION}|native" if self.native else
+                         f"v{_CACHE_VERSION}|resize={self.resize}|{data_cfg['interpolation']}|crop={self.image_size}")
         self.store = ArrayStore(cache_root(data_cfg.get("cache_dir")) / "images") if data_cfg["cache"] else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _geometry(self, image: Image.Image, interpolation: int, size: int | None = None) -> torch.Tensor:
-        """Resize to a square of side ``size / crop_ratio``, centre-crop ``size`` (default: the model input);
-        uint8 [C, H, W]."""
+        """Resize to a square of side ``size / crop_ratio``, centre-crop ``size`` (default: the model input;
+        native: the image as it is); uint8 [C, H, W]."""
+        if size is None and self.native:
+            return _to_tensor(image)
         size = size or self.image_size
         return _to_tensor(resize_and_crop(image, round(size / self.crop_ratio), size, interpolation))
 
@@ -110,13 +131,24 @@ class AnomalyDataset(Dataset):
     def load_image(self, index: int) -> torch.Tensor:
         """Preprocessed uint8 image [3, H, W] of one sample."""
         path = self.samples[index].path
-        return self._cached(path, "rgb", lambda: self._geometry(open_image(path, "RGB"), self.interpolation).numpy())
+        image = self._cached(path, "rgb", lambda: self._geometry(open_image(path, "RGB"), self.interpolation).numpy())
+        if self.native:
+            check_holds_tile(path, (image.shape[2], image.shape[1]), self.tile_size)
+        return image
+
+    def input_shape(self, index: int) -> tuple[int, int]:
+        """(H, W) of the model input of item ``index``: the configured square, or (native) the file's own
+        upright size, from its header."""
+        if not self.native:
+            return self.image_size, self.image_size
+        width, height = header_size(self.samples[index].path)
+        return height, width
 
     def load_mask(self, index: int) -> torch.Tensor:
         """Binary uint8 mask [1, H, W] of one sample (zeros when it has none)."""
         sample = self.samples[index]
         if sample.mask_path is None:
-            return torch.zeros(1, self.image_size, self.image_size, dtype=torch.uint8)
+            return torch.zeros(1, *self.input_shape(index), dtype=torch.uint8)
         # The image's key joins the mask's: the size check below must see the current image.
         kind = f"mask|{file_key(sample.path)}"
         return self._cached(sample.mask_path, kind, lambda: self._decode_mask(sample))
@@ -130,6 +162,8 @@ class AnomalyDataset(Dataset):
 
     def native_crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """The centre crop (left, top, right, bottom) in an original image's own pixels: what the model sees."""
+        if self.native:
+            return 0, 0, width, height
         offset = crop_offset(self.resize, self.image_size)
         left, right = round(offset * width / self.resize), round((offset + self.image_size) * width / self.resize)
         top, bottom = round(offset * height / self.resize), round((offset + self.image_size) * height / self.resize)
@@ -207,7 +241,7 @@ class BaseDataloader:
             raise FrameworkError(f"No training images for category '{self.category}' under '{self.root}' ({self.layout})")
         if not test:
             raise FrameworkError(f"No test images for category '{self.category}' under '{self.root}' ({self.layout})")
-        check_files(train + test)
+        check_files(train + test, data_cfg["tile_size"] if data_cfg["image_size"] == NATIVE else None)
         self.has_masks = any(sample.mask_path is not None for sample in test)
         if not self.has_masks:
             warnings.warn(f"Category '{self.category}' has no ground-truth masks: pixel metrics are unavailable")
@@ -273,6 +307,7 @@ class BaseDataloader:
             drop_last = False  # a tiny split still trains on its one partial batch
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
                           num_workers=num_workers, persistent_workers=False,
+                          collate_fn=collate_native if self.cfg["image_size"] == NATIVE else None,
                           pin_memory=getattr(self, "pin_memory", False) and not getattr(dataset, "on_device", False))
 
     def train_loader(self, shuffle: bool = True, drop_last: bool = False) -> DataLoader:
@@ -300,7 +335,8 @@ class BaseDataloader:
                                     + (f" (+{len(self.labelled_valid_dataset)} labelled valid from test)"
                                        if self.labelled_valid_dataset else ""),
             "test types": ", ".join(f"{name} {count}" for name, count in sorted(test_types.items())),
-            "protocol": f"resize {self.train_dataset.resize} ({self.cfg['interpolation']}) -> crop {self.cfg['image_size']}, "
-                        f"normalize {self.cfg['normalize']}",
+            "protocol": (f"native size (no resize, no crop), tiles {self.cfg['tile_size']}" if self.train_dataset.native else
+                         f"resize {self.train_dataset.resize} ({self.cfg['interpolation']}) -> crop {self.cfg['image_size']}")
+                        + f", normalize {self.cfg['normalize']}",
             "masks": "yes" if self.has_masks else "none (pixel metrics unavailable)",
         }

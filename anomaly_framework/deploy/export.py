@@ -9,8 +9,9 @@ score ≥ the run's stored threshold). Resizing and centre-cropping stay outside
 (``images.geometry.resize_and_crop``, which the ONNX runner calls too). Every export is checked against the eager model on random
 images at two batch sizes; the differences are written into the sidecar.
 A tiled run (``data.tile_size``) exports the model on one tile: the artifact takes tiles, and the sidecar's
-``tile_size`` / ``tile_stride`` tell the runner how to cut the ``image_size`` image and stitch the tiles' maps
-(``images.tiling``, the modelers' own code), the image score being the stitched map's maximum.
+``tile_size`` / ``tile_stride`` tell the runner how to cut the ``image_size`` image (``native``: each image at
+its own size, ``resize`` null) and stitch the tiles' maps (``images.tiling``, the modelers' own code), the
+image score being the stitched map's maximum.
 """
 from __future__ import annotations
 
@@ -245,7 +246,7 @@ def export_check(modeler, config: dict, threshold: float, runner: Runner) -> dic
 def describe(config: dict, saved: dict, format: str, output: Path) -> dict:
     """The sidecar: the model, the input contract, the outputs, the threshold and its source, the versions."""
     data, model = config["data"], config["model"]
-    size = input_side(data)
+    size, native = input_side(data), data["image_size"] == "native"
     versions = library_versions()
     for package in ("onnx", "onnxruntime", "openvino"):
         try:
@@ -259,10 +260,11 @@ def describe(config: dict, saved: dict, format: str, output: Path) -> dict:
         "backbone": model.get("backbone", "none"),
         "dataset": f"{data['name']}/{data['category']}",
         "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, 3],
-                  "colour": "RGB", "image_size": data["image_size"], "resize": round(data["image_size"] / data["crop_ratio"]),
+                  "colour": "RGB", "image_size": data["image_size"], "resize": None if native else round(data["image_size"] / data["crop_ratio"]),
                   "tile_size": data.get("tile_size"), "tile_stride": data.get("tile_stride") or data.get("tile_size"),
                   "interpolation": data["interpolation"],
-                  "outside_the_model": "resize to resize×resize (interpolation, on uint8), centre-crop image_size"
+                  "outside_the_model": ("each image at its own size (image_size native: no resize, no crop)" if native else
+                                        "resize to resize×resize (interpolation, on uint8), centre-crop image_size")
                   + (", cut tile_size tiles every tile_stride px (images.tiling); tile maps stitched by overlap "
                      "averaging, score = the stitched map's maximum" if data.get("tile_size") else ""),
                   "inside_the_model": f"/255, normalize {data['normalize']}"},

@@ -12,7 +12,8 @@ two paths can be compared file by file. Images are resized and centre-cropped as
 then handed to the graph as uint8 RGB [B, H, W, 3]; the graph normalises, scores and thresholds.
 A tiled run's graph takes tiles: the runner cuts each image into the sidecar's tiles, runs them in batches
 and stitches their maps (``images.tiling``, the code the framework's modelers use), the score being the
-stitched map's maximum and the label score ≥ threshold, as the eager tiled model computes them.
+stitched map's maximum and the label score ≥ threshold, as the eager tiled model computes them. A run at
+``data.image_size=native`` reads each image at its own size (no resize, no crop), cut on its own grid.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from PIL import Image
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.images.decode import find_images, open_image
 from anomaly_framework.images.geometry import interpolation_code, resize_and_crop
-from anomaly_framework.images.tiling import cut, stitch, tile_origins
+from anomaly_framework.images.tiling import check_holds_tile, cut, stitch, tile_origins
 from anomaly_framework.reporting.predictions import new_output_dir, normalized_score, save_overlays, write_predictions
 
 
@@ -60,13 +61,24 @@ class OnnxDetector:
         options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
+    @property
+    def native(self) -> bool:
+        """The run read each image at its own size (``data.image_size=native``): no resize, no crop."""
+        return self.image_size == "native"
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """Resize to the run's square side, centre-crop its input size: uint8 [H, W, 3], as the run's dataset."""
+        """Resize to the run's square side, centre-crop its input size (native: the image as it is):
+        uint8 [H, W, 3], as the run's dataset."""
+        if self.native:
+            return np.asarray(image)
         return np.asarray(resize_and_crop(image, self.resize, self.image_size, self.interpolation))
 
     def load(self, path: Path) -> np.ndarray:
         """An image file as the graph's input: the framework's decoder, then ``preprocess``."""
-        return self.preprocess(open_image(path, "RGB"))
+        image = open_image(path, "RGB")
+        if self.native:
+            check_holds_tile(path, image.size, self.tile_size)
+        return self.preprocess(image)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         expected = (self.input_size, self.input_size, 3)
@@ -76,21 +88,24 @@ class OnnxDetector:
         maps, scores, labels = self.session.run(None, {"images": images})
         return maps, scores, labels
 
-    def detect(self, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Maps [B, H, W], scores and labels of uint8 RGB images at the run's image size (``preprocess``)."""
+    def detect(self, images: np.ndarray | list[np.ndarray],
+               batch_size: int = 8) -> tuple[np.ndarray | list[np.ndarray], np.ndarray, np.ndarray]:
+        """Maps [B, H, W], scores and labels of uint8 RGB images at the run's image size (``preprocess``);
+        native size: a list of images [H, W, 3] of their own sizes in, a list of their maps out."""
         if self.tile_size is None:
             return self.run(images)
-        side, size, stride = self.image_size, self.tile_size, self.tile_stride
-        origins = tile_origins(side, side, size, stride)
+        size, stride = self.tile_size, self.tile_stride
         maps = []
         for image in images:
-            tiles = np.stack(cut(image.transpose(2, 0, 1), origins, size)).transpose(0, 2, 3, 1)  # [T, t, t, 3]
+            height, width = image.shape[:2]
+            tiles = np.stack(cut(image.transpose(2, 0, 1), tile_origins(height, width, size, stride), size))
+            tiles = tiles.transpose(0, 2, 3, 1)  # [T, t, t, 3]
             tile_maps = [self.run(np.ascontiguousarray(tiles[start:start + batch_size]))[0]
                          for start in range(0, len(tiles), batch_size)]
-            maps.append(stitch(np.concatenate(tile_maps), side, side, size, stride))
-        maps = np.stack(maps)
-        scores = maps.max(axis=(1, 2))
-        return maps, scores, (scores.astype(np.float64) >= self.info["threshold"]).astype(np.int64)
+            maps.append(stitch(np.concatenate(tile_maps), height, width, size, stride))
+        scores = np.array([heat.max() for heat in maps])
+        labels = (scores.astype(np.float64) >= self.info["threshold"]).astype(np.int64)
+        return (maps if self.native else np.stack(maps)), scores, labels
 
 
 def predict_onnx(model_file: str | Path, input_path: str | Path, output_dir: str | Path | None = None,
@@ -112,8 +127,10 @@ def predict_onnx(model_file: str | Path, input_path: str | Path, output_dir: str
             skipped.append((str(path), str(error)))
     if not readable:
         raise FrameworkError(f"None of the {len(paths)} images under '{input_path}' could be read")
-    outputs = [detector.detect(np.stack(inputs[start:start + batch_size])) for start in range(0, len(inputs), batch_size)]
-    maps, scores, labels = (np.concatenate(part) for part in zip(*outputs))
+    batches = [inputs[start:start + batch_size] for start in range(0, len(inputs), batch_size)]
+    outputs = [detector.detect(batch if detector.native else np.stack(batch)) for batch in batches]
+    maps = [heat for output in outputs for heat in output[0]]  # native: each at its own size
+    scores, labels = (np.concatenate(part) for part in list(zip(*outputs))[1:])
 
     folder = Path(output_dir) if output_dir else new_output_dir(Path(model_file).parent / "predictions")
     folder.mkdir(parents=True, exist_ok=True)

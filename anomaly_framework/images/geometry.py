@@ -30,11 +30,15 @@ def resize_and_crop(image: Image.Image, resize: int, size: int, interpolation: i
     return image.crop((offset, offset, offset + size, offset + size))
 
 
-def map_to_original(anomaly_map: np.ndarray, resize: int, size: int, original: tuple[int, int]) -> np.ndarray:
+def map_to_original(anomaly_map: np.ndarray, resize: int | None, size: int | str, original: tuple[int, int]) -> np.ndarray:
     """Undoes resize + centre crop for a map [h, w] over the model input: the map (bilinearly brought to
     ``size`` if it is smaller) goes back into the resized square, the cropped-away border gets the map's
-    minimum, and the square is resized to the ``original`` (width, height)."""
+    minimum, and the square is resized to the ``original`` (width, height). ``resize`` None
+    (``data.image_size=native``): the input was the original itself, the map is only brought to its size."""
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    if resize is None:
+        same = anomaly_map.shape == (original[1], original[0])
+        return anomaly_map if same else cv2.resize(anomaly_map, original, interpolation=cv2.INTER_LINEAR)
     if anomaly_map.shape != (size, size):
         anomaly_map = cv2.resize(anomaly_map, (size, size), interpolation=cv2.INTER_LINEAR)
     canvas = np.full((resize, resize), anomaly_map.min(), dtype=np.float32)

@@ -9,6 +9,7 @@ the averaging needs no full-size weight array (the stitched sum is the only full
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -24,6 +25,14 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     if starts[-1] + tile < length:
         starts.append(length - tile)
     return starts
+
+
+def check_holds_tile(path: Path, size: tuple[int, int], tile: int | None) -> None:
+    """At ``data.image_size=native`` an image of (width, height) ``size`` is cut as it is: refuses one
+    smaller than a tile in either side, naming the file."""
+    if tile is not None and min(size) < tile:
+        raise FrameworkError(f"Image '{path}' is {size[0]}x{size[1]}, smaller than data.tile_size={tile} "
+                             f"(data.image_size=native reads it at its own size): remove it or lower data.tile_size")
 
 
 def tile_origins(height: int, width: int, tile: int, stride: int) -> list[tuple[int, int]]:
@@ -48,9 +57,10 @@ def cut(image: Any, origins: Sequence[tuple[int, int]], tile: int) -> list[Any]:
     return [image[..., y:y + tile, x:x + tile] for y, x in origins]
 
 
-def tile_chunks(num_images: int, tiles: int, chunk: int) -> Iterator[list[tuple[int, int]]]:
-    """(image, tile) pairs of a batch, image by image, ``chunk`` at a time: the backbone's batches."""
-    pairs = [(image, index) for image in range(num_images) for index in range(tiles)]
+def tile_chunks(counts: Sequence[int], chunk: int) -> Iterator[list[tuple[int, int]]]:
+    """(image, tile) pairs of a batch whose images have ``counts`` tiles each (they differ at
+    ``data.image_size=native``), image by image, ``chunk`` at a time: the backbone's batches."""
+    pairs = [(image, index) for image, tiles in enumerate(counts) for index in range(tiles)]
     for start in range(0, len(pairs), chunk):
         yield pairs[start:start + chunk]
 

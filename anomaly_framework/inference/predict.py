@@ -12,11 +12,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample
+from anomaly_framework.dataloaders.dataloader_base import AnomalyDataset, Sample, collate_native
 from anomaly_framework.images.decode import find_images
 from anomaly_framework.reporting.predictions import new_output_dir, normalized_score, save_overlays, write_predictions
 from anomaly_framework.inference.checkpoint import load_checkpoint
 from anomaly_framework.errors import FrameworkError
+from anomaly_framework.ops.ragged import joined
 
 
 def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Path | None = None,
@@ -55,14 +56,15 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
     except OSError as error:
         raise FrameworkError(f"Cannot create the output folder '{folder}' (--output-dir): "
                              f"{error.strerror or error}") from error
-    loader = DataLoader(Subset(dataset, readable), batch_size=config["data"]["batch_size"], shuffle=False)
+    loader = DataLoader(Subset(dataset, readable), batch_size=config["data"]["batch_size"], shuffle=False,
+                        collate_fn=collate_native if dataset.native else None)  # native: each file at its own size
     scores, maps = [], []
     with torch.inference_mode():
         for batch in tqdm(loader, desc="predict", leave=False, dynamic_ncols=True):
             output = modeler.evaluate_step(batch)
             scores.append(output["anomaly_scores"].float().cpu())
-            maps.append(output["anomaly_maps"].float().cpu())
-    scores_all, maps_all = torch.cat(scores), torch.cat(maps)
+            maps.append([heat.float().cpu() for heat in output["anomaly_maps"]])
+    scores_all, maps_all = torch.cat(scores), joined(maps)
 
     scale = saved.get("score_scale")
     rows = [{"image_path": str(paths[index]), "score": float(score),
@@ -71,7 +73,7 @@ def predict(checkpoint: str | Path, input_path: str | Path, output_dir: str | Pa
             for index, score in zip(readable, scores_all.tolist())]
     write_predictions(folder, rows, skipped)
     if overlays:
-        save_overlays(folder, Path(input_path), [paths[index] for index in readable], maps_all[:, 0].numpy(),
+        save_overlays(folder, Path(input_path), [paths[index] for index in readable], [heat[0].numpy() for heat in maps_all],
                       [row["score"] for row in rows], threshold, dataset.resize, dataset.image_size,
                       wrap=lambda items: tqdm(items, desc="overlays", leave=False, dynamic_ncols=True))
     return {"rows": rows, "skipped": skipped, "threshold": threshold, "output_dir": str(folder)}

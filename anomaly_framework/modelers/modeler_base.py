@@ -112,8 +112,10 @@ class BaseModeler(TilingMixin):
         which compute no gradient, use the bare model."""
         return (self.network if self.model.training and torch.is_grad_enabled() else self.model)(inputs)
 
-    def images(self, batch: dict) -> torch.Tensor:
-        """The batch's images on the modeler's device [B, 3, H, W]."""
+    def images(self, batch: dict) -> torch.Tensor | list[torch.Tensor]:
+        """The batch's images on the modeler's device [B, 3, H, W] (``data.image_size=native``: a list of [3, H, W])."""
+        if isinstance(batch["image"], list):
+            return [image.to(self.device, non_blocking=True) for image in batch["image"]]
         return batch["image"].to(self.device, non_blocking=True)
 
     def inputs(self, batch: dict) -> torch.Tensor | list[torch.Tensor]:
@@ -225,7 +227,8 @@ class BaseModeler(TilingMixin):
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate_step(self, inputs: dict | torch.Tensor, held_out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Anomaly maps [B, 1, H, W] at the input resolution and image scores [B].
+        """Anomaly maps [B, 1, H, W] at the input resolution (``data.image_size=native``: a list of each
+        image's [1, H, W]) and image scores [B].
 
         ``held_out`` [B]: the batch is the fit's own images at these positions; a memory model then
         scores each as if fitted without it (``model.leave_one_out``), for an unbiased threshold.
@@ -264,10 +267,11 @@ class BaseModeler(TilingMixin):
         """Image score = maximum of the map, unless a model defines otherwise."""
         return maps.amax(dim=(1, 2, 3))
 
-    def begin_fit(self, num_images: int) -> None:
-        """Tells a one-pass model how many training images will come (PatchCore preallocates)."""
+    def begin_fit(self, num_images: int, num_tiles: int | None = None) -> None:
+        """Tells a one-pass model how many training images (tiled: tiles, which ``num_tiles`` counts where
+        images differ in size) will come (PatchCore preallocates)."""
         if self.one_pass:
-            self.model.begin_fit(num_images * self.tiles_per_image())
+            self.model.begin_fit(num_tiles if num_tiles is not None else num_images * self.tiles_per_image())
 
     def set_epoch_length(self, batches: int) -> None:
         """Tells a modeler whose learning rate changes per batch (CFlow's warm-up) how many batches an

@@ -1,1 +1,1 @@
-"""Tensor operations that models and metrics share: Gaussian smoothing and map upsampling."""
+"""Tensor operations that models and metrics share: Gaussian smoothing, map upsampling, maps of differing sizes."""

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 from anomaly_framework.reporting.predictions import label_text  # noqa: E402
 from anomaly_framework.ops.normalize import denormalize  # noqa: E402
+from anomaly_framework.ops.ragged import value_range  # noqa: E402
 
 NORMAL_COLOUR, ANOMALY_COLOUR = "#1f77b4", "#d62728"
 DPI = 100
@@ -50,7 +51,7 @@ def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | 
     folder.mkdir(exist_ok=True)
     total = len(predictions.scores)
     indices = np.unique(np.linspace(0, total - 1, num=min(count, total)).round().astype(int)) if count > 0 else []
-    low, high = float(predictions.maps.min()), float(predictions.maps.max())
+    low, high = value_range(predictions.maps)  # native size: a list of maps of their own sizes
     if pixel_threshold is not None and pixel_threshold > low:
         high = 2 * pixel_threshold - low
     normalize = getattr(dataset, "normalize", "imagenet")
@@ -58,14 +59,14 @@ def save_sample_figures(run_dir: Path, predictions, dataset, threshold: float | 
     for index in indices:
         image = dataset[int(index)]["image"].unsqueeze(0)
         rgb = denormalize(image, normalize)[0].permute(1, 2, 0).numpy()
-        anomaly_map = predictions.maps[index, 0]
+        anomaly_map = predictions.maps[index][0]
         heat = torch.nn.functional.interpolate(anomaly_map[None, None], size=rgb.shape[:2], mode="bilinear",
                                                align_corners=False)[0, 0].numpy()
         score, label = float(predictions.scores[index]), int(predictions.labels[index])
         figure, axes = plt.subplots(1, 4, figsize=(15, 4.3), gridspec_kw={"width_ratios": [1, 1, 1.08, 1]})
         axes[0].imshow(rgb)
         axes[0].set_title(Path(predictions.image_paths[index]).name, fontsize=11)
-        axes[1].imshow(predictions.masks[index, 0].numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[1].imshow(predictions.masks[index][0].numpy(), cmap="gray", vmin=0, vmax=1)
         axes[1].set_title("ground truth (anomaly_mask)", fontsize=11)
         axes[2].imshow(rgb)
         shown = axes[2].imshow(heat, cmap="jet", alpha=0.5, vmin=low, vmax=high)

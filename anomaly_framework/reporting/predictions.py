@@ -125,13 +125,14 @@ def normalized_score(score: float, threshold: float | None, scale: float | None)
     return 0.5 * (1.0 + math.tanh((score - threshold) / (2.0 * scale)))
 
 
-def save_overlays(folder: Path, input_path: Path, paths: Sequence[Path], maps: np.ndarray, scores: Sequence[float],
-                  threshold: float | None, resize: int, image_size: int,
+def save_overlays(folder: Path, input_path: Path, paths: Sequence[Path], maps: Sequence[np.ndarray], scores: Sequence[float],
+                  threshold: float | None, resize: int | None, image_size: int | str,
                   wrap: Callable[[Iterable], Iterable] = lambda items: items) -> None:
-    """``<name>_overlay.png`` for every scored image (``maps`` [N, h, w] at the model input): each map taken
-    back to its image's own size, one colour range over all maps, the score banner at ``threshold``.
-    ``wrap`` may decorate the loop (``predict``'s progress bar)."""
-    low, high = float(maps.min()), float(maps.max())
+    """``<name>_overlay.png`` for every scored image (``maps`` [N, h, w] at the model input; native size: a
+    list of maps at their images' sizes, ``resize`` None): each map taken back to its image's own size, one
+    colour range over all maps, the score banner at ``threshold``. ``wrap`` may decorate the loop
+    (``predict``'s progress bar)."""
+    low, high = min(float(heat.min()) for heat in maps), max(float(heat.max()) for heat in maps)
     root = input_path if input_path.is_dir() else input_path.parent
     for path, anomaly_map, score in wrap(list(zip(paths, maps, scores))):
         image = open_image(path, "RGB")

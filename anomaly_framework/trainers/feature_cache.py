@@ -35,19 +35,29 @@ from anomaly_framework.execution.interrupts import raise_if_interrupted
 class CachedFeatures(Dataset):
     """One split's per-stage backbone features [N, C_i, h_i, w_i] and, when kept, the rest of each item
     (label, mask, path...): items are ``{"features": [...], **targets}``. ``images``: the image dataset
-    they were computed from, which evaluation asks for the original masks (``ground_truth``)."""
+    they were computed from, which evaluation asks for the original masks (``ground_truth``).
+    ``offsets`` (``data.image_size=native``): item i is rows ``offsets[i]:offsets[i + 1]`` of stages of
+    tiles [ΣT, C_i, h_i, w_i], its own number of tiles."""
 
     def __init__(self, stages: list[torch.Tensor], targets: dict[str, torch.Tensor | list],
-                 images: Dataset | None = None) -> None:
-        self.stages, self.targets, self.images = stages, targets, images
+                 images: Dataset | None = None, offsets: list[int] | None = None) -> None:
+        self.stages, self.targets, self.images, self.offsets = stages, targets, images, offsets
         self.on_device = stages[0].device.type != "cpu"  # a loader must not pin these
 
     def __len__(self) -> int:
-        return len(self.stages[0])
+        return len(self.stages[0]) if self.offsets is None else len(self.offsets) - 1
 
     def __getitem__(self, index: int) -> dict:
-        return {"features": [stage[index] for stage in self.stages],
+        rows = index if self.offsets is None else slice(self.offsets[index], self.offsets[index + 1])
+        return {"features": [stage[rows] for stage in self.stages],
                 **{key: values[index] for key, values in self.targets.items()}}
+
+
+def item_rows(offsets: list[int] | None, indices: list[int]) -> list[int]:
+    """The stage rows of items ``indices``: the items themselves, or (native) each one's tiles."""
+    if offsets is None:
+        return list(indices)
+    return [row for index in indices for row in range(offsets[index], offsets[index + 1])]
 
 
 def _concatenated(parts: list) -> torch.Tensor | list:
@@ -117,17 +127,28 @@ class FeatureCacheMixin:
         return (dataset, None) if cache is None else (cache, 0)
 
     def feature_shapes(self) -> list[tuple[int, ...]]:
-        """Per-stage feature shape [C, h, w] of one image, from one probe through the extractor per run."""
+        """Per-stage feature shape [C, h, w] of one image (tiled [T, C, h, w]; native: of one tile), from one
+        probe through the extractor per run."""
         if "_feature_shapes" not in self.__dict__:
-            size = self.config["data"]["image_size"]
+            data = self.config["data"]
+            size = data["tile_size"] if self.modeler.native else data["image_size"]
             with torch.no_grad():
                 probe = torch.zeros(1, 3, size, size, device=self.device)
                 self._feature_shapes = [tuple(feature.shape[1:]) for feature in self.modeler.extract(probe)]
         return self._feature_shapes
 
-    def cache_size_mb(self, num_images: int) -> float:
-        """Memory the cached features of ``num_images`` images take (float32)."""
-        return num_images * sum(int(np.prod(shape)) for shape in self.feature_shapes()) * 4 / 2**20
+    def cache_size_mb(self, num_rows: int) -> float:
+        """Memory the cached features of ``num_rows`` images (native: tiles) take (float32)."""
+        return num_rows * sum(int(np.prod(shape)) for shape in self.feature_shapes()) * 4 / 2**20
+
+    def tile_offsets(self, dataset: Dataset) -> list[int] | None:
+        """``data.image_size=native``: where each item's tiles start in the split's stages (and their
+        total last), from the files' sizes; None for square images (one row per item)."""
+        if not self.modeler.native:
+            return None
+        counts = [self.modeler.tiles_of(*source.input_shape(inner))
+                  for source, inner in (_source(dataset, index) for index in range(len(dataset)))]
+        return np.cumsum([0, *counts]).tolist()
 
     def split_features(self, dataset: Dataset, split: str, with_targets: bool = False) -> CachedFeatures | None:
         """The split's features (and targets when asked), computed or read once per run; None when they
@@ -139,7 +160,8 @@ class FeatureCacheMixin:
                 known = memo[id(dataset)] = (dataset, known[1].result())
         if known is None or known[0] is not dataset:
             budget = self.config["train"]["feature_cache_mb"]
-            needed = self.cache_size_mb(len(dataset))
+            offsets = self.tile_offsets(dataset)
+            needed = self.cache_size_mb(len(dataset) if offsets is None else offsets[-1])
             cached = None
             if needed > budget:
                 if is_main():
@@ -147,7 +169,7 @@ class FeatureCacheMixin:
                                f"{budget}: recomputing them on every pass instead (raise the key to cache them)")
             else:
                 with self.modeler.timer("cache_features"):
-                    cached = self._compute(dataset, split, with_targets)
+                    cached = self._compute(dataset, split, with_targets, offsets=offsets)
             known = memo[id(dataset)] = (dataset, cached)
         cached = known[1]
         if cached is None:
@@ -157,7 +179,8 @@ class FeatureCacheMixin:
                 del memo[id(dataset)]
                 return self.split_features(dataset, split, with_targets)
             cached.targets = self._targets(dataset)
-        return CachedFeatures(cached.stages, cached.targets, dataset) if with_targets else CachedFeatures(cached.stages, {})
+        return CachedFeatures(cached.stages, cached.targets if with_targets else {}, dataset if with_targets else None,
+                              cached.offsets)
 
     def prefetch_split_features(self, dataset: Dataset | None, split: str, with_targets: bool = False) -> None:
         """Starts computing ``dataset``'s features in a background thread; ``split_features`` waits for them.
@@ -175,21 +198,22 @@ class FeatureCacheMixin:
                 or not isinstance(self._backbone_loader(dataset), ThreadedLoader)):
             return
         pool = ThreadPoolExecutor(1, thread_name_prefix=f"{split} features")
-        memo[id(dataset)] = (dataset, pool.submit(self._compute, dataset, split, with_targets, False))
+        memo[id(dataset)] = (dataset, pool.submit(self._compute, dataset, split, with_targets, False, self.tile_offsets(dataset)))
         pool.shutdown(wait=False)  # the thread ends with its one task
 
-    @staticmethod
-    def _targets(dataset: Dataset) -> dict[str, torch.Tensor | list]:
-        """Labels, masks, paths and defect types of an image split, without decoding its images."""
+    def _targets(self, dataset: Dataset) -> dict[str, torch.Tensor | list]:
+        """Labels, masks, paths and defect types of an image split, without decoding its images (native:
+        masks of their own sizes, kept as a list)."""
         items = [source.targets(inner) for source, inner in (_source(dataset, i) for i in range(len(dataset)))]
+        ragged = ("mask",) if self.modeler.native else ()
         return {key: torch.stack([item[key] for item in items]) if isinstance(items[0][key], torch.Tensor)
-                else [item[key] for item in items] for key in items[0]}
+                and key not in ragged else [item[key] for item in items] for key in items[0]}
 
-    def _store(self, dataset: Dataset) -> tuple[ArrayStore | None, list[str] | None]:
+    def _store(self, dataset: Dataset, num_rows: int) -> tuple[ArrayStore | None, list[str] | None]:
         """The cross-run store for this split and its items' keys, or (None, None) when not stored."""
         budget = self.config["train"]["feature_disk_cache_mb"]
         keys = item_keys(dataset) if budget > 0 and self.config["data"]["cache"] else None
-        if keys is None or self.cache_size_mb(len(dataset)) > budget:
+        if keys is None or self.cache_size_mb(num_rows) > budget:
             return None, None
         if "_extractor_key" not in self.__dict__:  # hashing every weight once per run
             tiling = self.modeler.tiling  # an image's entry holds its tiles' features: one folder per tiling
@@ -197,53 +221,61 @@ class FeatureCacheMixin:
             self._extractor_key = extractor_key(self.modeler.model.extractor, self.device) + suffix
         return ArrayStore(cache_root(self.config["data"]["cache_dir"]) / "features" / self._extractor_key), keys
 
-    def _compute(self, dataset: Dataset, split: str, with_targets: bool, progress: bool = True) -> CachedFeatures:
-        """Reads the stored images' features, runs the backbone over the others (storing them)."""
+    def _compute(self, dataset: Dataset, split: str, with_targets: bool, progress: bool = True,
+                 offsets: list[int] | None = None) -> CachedFeatures:
+        """Reads the stored images' features, runs the backbone over the others (storing them). An entry
+        holds its item's rows (native: its T tiles, ``offsets``) per stage, flattened, stage after stage."""
         shapes = self.feature_shapes()
         sizes = [int(np.prod(shape)) for shape in shapes]
-        stages = [torch.empty((len(dataset), *shape), device=self.device) for shape in shapes]
-        store, keys = self._store(dataset)
+        counts = [1] * len(dataset) if offsets is None else np.diff(offsets).tolist()
+        stages = [torch.empty((sum(counts), *shape), device=self.device) for shape in shapes]
+        store, keys = self._store(dataset, sum(counts))
         missing = list(range(len(dataset)))
         if store is not None:
             # Stored rows are gathered on the host and moved to the device once per stage, not per image.
             found, stored_rows, missing = [], [], []
             for index, key in enumerate(keys):
                 stored = store.read(key)
-                if stored is None or stored.size != sum(sizes):
+                if stored is None or stored.size != counts[index] * sum(sizes):
                     missing.append(index)
                     continue
                 with contextlib.suppress(OSError):  # evicted meanwhile, or a read-only cache
                     os.utime(store.path(key))  # recently used: kept longest by the eviction
                 found.append(index)
-                stored_rows.append(stored)
+                ends = np.cumsum([counts[index] * size for size in sizes])[:-1]
+                stored_rows.append([part.reshape(counts[index], -1) for part in np.split(stored, ends)])
             if found:
-                rows = torch.from_numpy(np.stack(stored_rows))
-                for stage, part in zip(stages, rows.split(sizes, dim=1)):
-                    stage[found] = part.reshape(len(found), *stage.shape[1:]).to(self.device)
+                rows = item_rows(offsets, found)
+                for stage, parts in zip(stages, zip(*stored_rows)):
+                    stage[rows] = torch.from_numpy(np.concatenate(parts)).reshape(len(rows), *stage.shape[1:]).to(self.device)
         targets: dict[str, list] = {}
         if missing:
             self._run_backbone(Subset(dataset, missing), missing, stages, split, targets if with_targets else None,
-                               progress)
+                               progress, offsets)
             if store is not None:
-                computed = torch.cat([stage[missing].flatten(1) for stage in stages], dim=1).cpu().numpy()
-                for row, index in enumerate(missing):
-                    store.write(keys[index], computed[row])
+                computed = [stage[item_rows(offsets, missing)].flatten(1).cpu().numpy() for stage in stages]
+                start = 0
+                for index in missing:
+                    store.write(keys[index], np.concatenate([part[start:start + counts[index]].ravel() for part in computed]))
+                    start += counts[index]
                 evict(store.folder.parent, self.config["train"]["feature_disk_cache_mb"])
         if with_targets and item_keys(dataset) is not None:
-            return CachedFeatures(stages, self._targets(dataset))
-        return CachedFeatures(stages, {key: _concatenated(parts) for key, parts in targets.items()})
+            return CachedFeatures(stages, self._targets(dataset), offsets=offsets)
+        return CachedFeatures(stages, {key: _concatenated(parts) for key, parts in targets.items()}, offsets=offsets)
 
     def _backbone_loader(self, dataset: Dataset) -> ThreadedLoader | torch.utils.data.DataLoader:
         """The loader of a backbone pass: in-process threads when the data loader would use no workers
-        (decoding off the backbone's path), else the data loader's own."""
+        (decoding off the backbone's path), else the data loader's own (and at native size, whose batches
+        are lists: the threads' default collation stacks)."""
         loader = self.dataloader.make_loader(dataset, shuffle=False)
-        if loader.num_workers == 0 and not loader.pin_memory:
+        if loader.num_workers == 0 and not loader.pin_memory and not self.modeler.native:
             return ThreadedLoader(dataset, loader.batch_size)
         return loader
 
     def _run_backbone(self, subset: Subset, indices: list[int], stages: list[torch.Tensor], split: str,
-                      targets: dict[str, list] | None, progress: bool = True) -> None:
-        """Fills ``stages`` at ``indices`` with the extractor's features; collects the batches' targets."""
+                      targets: dict[str, list] | None, progress: bool = True, offsets: list[int] | None = None) -> None:
+        """Fills ``stages`` at the rows of items ``indices`` with the extractor's features; collects the
+        batches' targets."""
         start = 0
         loader = self._backbone_loader(subset)
         # fork_rng: iterating a DataLoader draws a seed, which would change every later shuffle (threads draw none).
@@ -251,11 +283,12 @@ class FeatureCacheMixin:
         with drawing, torch.no_grad():
             for batch in tqdm(loader, desc=f"cache {split} features", leave=False, disable=not (progress and is_main())):
                 raise_if_interrupted()
-                features = self.modeler.extract(self.modeler.images(batch))  # tiled: [B, T, ...]
-                rows = torch.tensor(indices[start:start + len(features[0])], device=self.device)
+                features = self.modeler.extract(self.modeler.images(batch))  # tiled: [B, T, ...]; native: [ΣT, ...]
+                count = len(batch["image"])
+                rows = torch.tensor(item_rows(offsets, indices[start:start + count]), device=self.device)
                 for stage, feature in zip(stages, features):
                     stage[rows] = feature.float()
-                start += len(features[0])
+                start += count
                 if targets is not None:
                     for key, value in batch.items():
                         if key != "image":

@@ -23,6 +23,7 @@ from anomaly_framework.metrics.false_alarms import budget_threshold
 from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
 from anomaly_framework.backbones.extractors import weights_record
 from anomaly_framework.ops.filters import upsample_maps
+from anomaly_framework.ops.ragged import flat, joined, map_maxima
 from anomaly_framework.reporting.predictions import score_scale
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.utils import StageTimer
@@ -58,14 +59,14 @@ def save_atomically(state: dict, path: Path) -> None:
 
 @dataclass
 class Predictions:
-    """Everything evaluation needs, on the CPU: scores [N], maps and masks [N, 1, S, S] at the model input,
-    labels [N]; with ``ground_truth``, the maps and original masks at the evaluation resolution (one
-    [h, w] pair per image, sizes may differ)."""
+    """Everything evaluation needs, on the CPU: scores [N], maps and masks [N, 1, S, S] at the model input
+    (``data.image_size=native``: lists of each image's [1, H, W]), labels [N]; with ``ground_truth``, the maps
+    and original masks at the evaluation resolution (one [h, w] pair per image, sizes may differ)."""
 
     scores: torch.Tensor
-    maps: torch.Tensor
+    maps: torch.Tensor | list[torch.Tensor]
     labels: torch.Tensor
-    masks: torch.Tensor
+    masks: torch.Tensor | list[torch.Tensor]
     image_paths: list[str]
     defect_types: list[str]
     eval_maps: list[np.ndarray] | None = None
@@ -80,12 +81,10 @@ class Predictions:
     @classmethod
     def concatenate(cls, parts: list["Predictions"]) -> "Predictions":
         """The predictions of several passes (cross-fitting's folds) as one, in the order given."""
-        def joined(name: str):
+        def field(name: str):
             values = [getattr(part, name) for part in parts]
-            if values[0] is None:
-                return None
-            return torch.cat(values) if isinstance(values[0], torch.Tensor) else [v for value in values for v in value]
-        return cls(**{name: joined(name) for name in cls.__dataclass_fields__})
+            return None if values[0] is None else joined(values)
+        return cls(**{name: field(name) for name in cls.__dataclass_fields__})
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Unpacks as ``scores, labels``, the design's ``predict`` return (as ``os.stat_result`` unpacks
@@ -94,7 +93,10 @@ class Predictions:
 
 
 def evaluation_resolution(data_cfg: dict) -> int | str | None:
-    """``data.mask_size`` when it asks for another resolution than the model input, else None."""
+    """``data.mask_size`` when it asks for another resolution than the model input, else None; native at
+    ``data.image_size=native`` (the model input is then each file's own size, its masks the original ones)."""
+    if data_cfg["image_size"] == "native":
+        return "native"
     size = data_cfg["mask_size"]
     return None if size is None or size == data_cfg["image_size"] else size
 
@@ -104,6 +106,8 @@ def describe_resolution(data_cfg: dict) -> str:
     size = evaluation_resolution(data_cfg)
     if size is None:
         return f"input {data_cfg['image_size']}x{data_cfg['image_size']} (masks resized by nearest neighbour as the images)"
+    if data_cfg["image_size"] == "native":
+        return "native (each file read at its own size, no resize or crop; maps at that size, original masks)"
     if size == "native":
         crop = "" if data_cfg["crop_ratio"] == 1.0 else ", its centre-crop region"
         return f"native (each original image's own size{crop}; map bilinearly upsampled, original masks)"
@@ -226,6 +230,7 @@ class BaseTrainer:
         beside the mask read again from its original file, never from the mask already resized to the input.
 
         ``held_out``: the loader walks the fit's own images in fit order, each scored leave-one-out.
+        Native size: maps and masks are lists (one [1, H, W] per image), the evaluation maps those maps.
         The result unpacks as the design's ``scores, labels = trainer.predict(test_loader)``.
         """
         resolution = evaluation_resolution(self.config["data"]) if ground_truth else None
@@ -239,11 +244,13 @@ class BaseTrainer:
             positions = torch.arange(seen, seen + len(batch["label"])) if held_out else None
             seen += len(batch["label"])
             output = self.modeler.evaluate_step(batch, positions)
-            maps = output["anomaly_maps"].float().cpu()
+            maps = output["anomaly_maps"]
+            maps = [heat.float().cpu() for heat in maps] if isinstance(maps, list) else maps.float().cpu()
             for heat, path in zip(maps if resolution else [], batch["image_path"]):
                 mask = images.ground_truth(index[path], resolution)[0]
                 parts["eval_masks"].append(mask.numpy().astype(bool))
-                parts["eval_maps"].append(upsample_maps(heat[None], mask.shape)[0, 0].numpy())
+                native = isinstance(maps, list) and heat.shape[-2:] == mask.shape  # already the file's own size
+                parts["eval_maps"].append(heat[0].numpy() if native else upsample_maps(heat[None], mask.shape)[0, 0].numpy())
             parts["scores"].append(output["anomaly_scores"].float().cpu())
             parts["maps"].append(maps)
             parts["labels"].append(batch["label"])
@@ -254,9 +261,9 @@ class BaseTrainer:
             raise FrameworkError(f"No images to {desc}: the split is empty")
         return Predictions(
             scores=torch.cat(parts["scores"]),
-            maps=torch.cat(parts["maps"]),
+            maps=joined(parts["maps"]),
             labels=torch.cat(parts["labels"]),
-            masks=torch.cat(parts["masks"]),
+            masks=joined(parts["masks"]),
             image_paths=parts["paths"],
             defect_types=parts["types"],
             eval_maps=parts["eval_maps"] if resolution else None,
@@ -307,8 +314,8 @@ class BaseTrainer:
             self.threshold_source = (f"f1_adaptive on the labelled validation split ({len(predictions.labels)} test "
                                      f"images held out: {anomalous} anomalous)")
             self.pixel_threshold, self.pixel_threshold_source = self.threshold, "the image threshold (no masks)"
-            if self.dataloader.has_masks and predictions.masks.any():
-                self.pixel_threshold = f1_max(predictions.masks.numpy().ravel(), predictions.maps.numpy().ravel())[1]
+            if self.dataloader.has_masks and flat(predictions.masks).any():
+                self.pixel_threshold = f1_max(flat(predictions.masks), flat(predictions.maps))[1]
                 self.pixel_threshold_source = "pixel F1-max on the labelled validation split's masks"
         else:
             self.calibrate_on_normal_scores(evaluation)
@@ -318,7 +325,7 @@ class BaseTrainer:
         """false_alarm_rate / normal_quantile: thresholds from out-of-sample normal images' scores (image)
         and map maxima (pixel), and the normalised score's scale from the same scores."""
         predictions, split = self.normal_predictions()
-        scores, maxima = predictions.scores.numpy(), predictions.maps.amax(dim=(1, 2, 3)).numpy()
+        scores, maxima = predictions.scores.numpy(), map_maxima(predictions.maps).numpy()
         if evaluation["threshold_strategy"] == "false_alarm_rate":
             budget, confidence = evaluation["false_alarm_rate"], evaluation["false_alarm_confidence"]
             self.threshold, self.threshold_calibration = budget_threshold(scores, budget, confidence)

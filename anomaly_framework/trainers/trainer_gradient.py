@@ -140,8 +140,9 @@ class GradientTrainer(BaseTrainer):
         """Mean of the model's selection maps over every pixel of the held-out normal images."""
         total, count = 0.0, 0
         for batch in loader:
-            maps = self.modeler.selection_maps(batch).float()
-            total, count = total + float(maps.sum()), count + maps.numel()
+            maps = self.modeler.selection_maps(batch)
+            for part in maps if isinstance(maps, list) else [maps]:  # native size: one map per image
+                total, count = total + float(part.float().sum()), count + part.numel()
         return total / max(count, 1)
 
     def monitored_value(self, train_metrics: dict, valid_metrics: dict, valid_loader, defect_loader) -> float:

@@ -22,6 +22,11 @@ from anomaly_framework.utils import StageTimer
 CROSS_FIT_FOLDS = 5
 
 
+def tiles_in(offsets: list[int] | None, indices) -> int | None:
+    """How many tiles the images at ``indices`` hold (native size), None for square images."""
+    return None if offsets is None else sum(offsets[index + 1] - offsets[index] for index in indices)
+
+
 @TRAINER_REGISTRY.register("memory")
 class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
     """One pass over train/good under ``torch.inference_mode()``, then the modeler's explicit ``fit``.
@@ -57,7 +62,12 @@ class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
         dataset = full = train_loader.dataset
         if world_size() > 1:
             dataset = Subset(dataset, list(shard(len(dataset))))
-        self.modeler.begin_fit(len(dataset))
+        # Native size: images have their own numbers of tiles; where each one's first tile lies in the fit
+        # (every rank's shard, in rank order) for leave-one-tile-out, and how many this rank collects.
+        offsets = self.tile_offsets(full)
+        self.modeler.fit_tile_offsets = None if offsets is None else torch.tensor(offsets)
+        mine = dataset.indices if isinstance(dataset, Subset) else range(len(dataset))
+        self.modeler.begin_fit(len(dataset), tiles_in(offsets, mine))
         prepare = getattr(self.modeler.model, "prepare_extractor", None)  # PatchCore's official batch-norm pass
         if prepare is not None:
             prepare(self.config["data"].get("tile_size") or self.config["data"]["image_size"])  # before any feature is computed or looked up
@@ -112,7 +122,7 @@ class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
             for fold in range(folds):
                 kept = [i for i in range(len(source)) if i % folds != fold]
                 self.modeler.model = copy.deepcopy(fitted)
-                self.modeler.begin_fit(len(kept))
+                self.modeler.begin_fit(len(kept), tiles_in(self.tile_offsets(self.dataloader.train_dataset), kept))
                 self.run_epoch(self.dataloader.make_loader(Subset(source, kept), shuffle=False, num_workers=workers))
                 self.modeler.fit()
                 held = self.dataloader.make_loader(Subset(source, range(fold, len(source), folds)), shuffle=False,
