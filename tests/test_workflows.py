@@ -177,6 +177,10 @@ def test_benchmark_refuses_torchrun(tmp_path, demo_root, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(FrameworkError, match="without torchrun"):
         run_benchmark(_overrides(tmp_path, demo_root, **{"model.name": "patchcore"}))
+    monkeypatch.delenv("WORLD_SIZE")
+    native = {"model.name": "patchcore", "data.image_size": "native", "data.tile_size": 32}
+    with pytest.raises(FrameworkError, match="set data.image_size to a number"):
+        run_benchmark(_overrides(tmp_path, demo_root, **native))
 
 
 # -- prediction ----------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def search_arithmetic_tflop(run_dir: str, fit: dict, test_images: int, data: dic
     """2 · test patches · bank entries · dimension: the work of the brute-force exact nearest-neighbour
     search (the official one) over the test split, for models with a memory bank (None for the others).
     A tiled run searches every tile's patches: the model's grid at the tile size times the tiles of an image."""
-    if "bank_patches" not in fit or not isinstance(data["image_size"], int):  # native: sizes vary per image
+    if "bank_patches" not in fit:
         return None
     modeler, _ = load_checkpoint(run_dir)  # the patch grid per image, from the fitted model itself
     side = data.get("tile_size") or data["image_size"]
@@ -83,6 +83,9 @@ def run_benchmark(config: dict | None = None) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FrameworkError("--benchmark times a single process against single-process floors: run it without torchrun")
     resolved = resolve_config(config)
+    if not isinstance(resolved["data"]["image_size"], int):
+        raise FrameworkError("--benchmark measures its floors on images of one size: set data.image_size to a "
+                             "number (native sizes vary per image)")
     floor = backbone_floor(resolved)
     copy_gbs = copy_bandwidth_gbs()
     gflops = matmul_gflops(resolve_device(resolved["device"]))
