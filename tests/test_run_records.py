@@ -77,6 +77,26 @@ def _truncated(path: Path, keep: float) -> Path:
     return path
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full (a device that is always full)")
+def test_a_checkpoint_write_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, demo_root, capsys, monkeypatch):
+    """The run's checkpoint write hits a full disk (its temporary file is /dev/full): one line naming the
+    file, no traceback, neither a checkpoint nor a temporary file left in the run folder."""
+    import anomaly_framework.trainers.trainer_base as trainer_base
+
+    def full_disk(state, path):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.symlink_to("/dev/full")
+        return save(state, path)
+
+    save = trainer_base.save_atomically
+    monkeypatch.setattr(trainer_base, "save_atomically", full_disk)
+    assert main(_argv(tmp_path, demo_root)) == 2
+    line = _one_error_line(capsys)
+    run_dir = next((tmp_path / "runs").rglob("config.json")).parent
+    assert f"Cannot write '{run_dir / 'checkpoint.pt'}': No space left on device" in line
+    assert not list(run_dir.glob("checkpoint.pt*"))
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.0])
 @pytest.mark.parametrize("command", [["predict", "--input", "."], ["export", "--format", "onnx"]])
 def test_truncated_or_empty_checkpoint_for_predict_and_export_is_one_line(tmp_path, capsys, keep, command):

@@ -48,11 +48,17 @@ def read_checkpoint(path: Path, device: torch.device | str, needs: tuple[str, ..
 
 
 def save_atomically(state: dict, path: Path) -> None:
-    """``torch.save`` through a temporary file, so that Ctrl-C or a full disk never leaves a truncated file."""
+    """``torch.save`` through a temporary file, so that Ctrl-C or a full disk never leaves a truncated file;
+    a write that fails (a full disk) is a one-line error naming the file. Written through a Python file,
+    whose failure is the operating system's OSError (torch's own writer reports an assertion instead)."""
     temporary = path.with_name(path.name + ".tmp")
     try:
-        torch.save(state, temporary)
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
         os.replace(temporary, path)
+    except OSError as error:
+        raise FrameworkError(f"Cannot write '{path}': {error.strerror or error} (free some disk space, or set "
+                             f"output_dir elsewhere)") from error
     finally:
         temporary.unlink(missing_ok=True)
 
