@@ -30,7 +30,7 @@ from anomaly_framework.errors import FrameworkError
 from anomaly_framework.inference.checkpoint import load_checkpoint
 from anomaly_framework.ops.normalize import IMAGENET_MEAN, IMAGENET_STD
 from anomaly_framework.reporting.predictions import NORMALIZED_FORMULA
-from anomaly_framework.trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
+from anomaly_framework.trainers.checkpoint_files import CHECKPOINT_NAME, read_checkpoint
 from anomaly_framework.utils import library_versions
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "openvino": ".xml"}

@@ -7,7 +7,7 @@ from pathlib import Path
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.factories import build_model, build_modeler, load_plugins
 from anomaly_framework.modelers.modeler_base import BaseModeler
-from anomaly_framework.trainers.trainer_base import CHECKPOINT_NAME, read_checkpoint
+from anomaly_framework.trainers.checkpoint_files import CHECKPOINT_NAME, read_checkpoint
 from anomaly_framework.utils import resolve_device
 
 

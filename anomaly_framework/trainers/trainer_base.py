@@ -5,8 +5,6 @@ for the gradient-style ones), so evaluation is written once here.
 """
 from __future__ import annotations
 
-import os
-import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from anomaly_framework.execution.interrupts import raise_if_interrupted
+from anomaly_framework.trainers.checkpoint_files import CHECKPOINT_NAME, save_atomically
 from anomaly_framework.metrics.false_alarms import budget_threshold
 from anomaly_framework.metrics.metrics_base import f1_adaptive_threshold, f1_max, normal_threshold
 from anomaly_framework.backbones.extractors import weights_record
@@ -27,41 +26,6 @@ from anomaly_framework.ops.ragged import flat, joined, map_maxima
 from anomaly_framework.reporting.predictions import score_scale
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.utils import StageTimer
-
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def read_checkpoint(path: Path, device: torch.device | str, needs: tuple[str, ...] = ("model",)) -> dict:
-    """``torch.load(weights_only=True)`` of a checkpoint, or one line naming the file when it is truncated,
-    empty, not a checkpoint, or lacks one of ``needs``."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as error:
-        size = path.stat().st_size if path.is_file() else 0
-        raise FrameworkError(f"'{path}' ({size:,} bytes) is not a readable checkpoint (truncated, empty or another "
-                             f"file; an interrupted copy?): {str(error).splitlines()[0] if str(error) else ''}"
-                             .rstrip(": ")) from error
-    missing = [key for key in needs if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise FrameworkError(f"'{path}' is not a checkpoint of this framework: it lacks {', '.join(missing)}")
-    return state
-
-
-def save_atomically(state: dict, path: Path) -> None:
-    """``torch.save`` through a temporary file, so that Ctrl-C or a full disk never leaves a truncated file;
-    a write that fails (a full disk) is a one-line error naming the file. Written through a Python file,
-    whose failure is the operating system's OSError (torch's own writer reports an assertion instead)."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-        os.replace(temporary, path)
-    except OSError as error:
-        raise FrameworkError(f"Cannot write '{path}': {error.strerror or error} (free some disk space, or set "
-                             f"output_dir elsewhere)") from error
-    finally:
-        temporary.unlink(missing_ok=True)
-
 
 @dataclass
 class Predictions:

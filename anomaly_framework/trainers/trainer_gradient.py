@@ -29,7 +29,8 @@ from anomaly_framework.execution.interrupts import raise_if_interrupted
 from anomaly_framework.metrics.metrics_base import auroc
 from anomaly_framework.modelers.modeler_base import NonFiniteLossError
 from anomaly_framework.registry import TRAINER_REGISTRY
-from anomaly_framework.trainers.trainer_base import CHECKPOINT_NAME, BaseTrainer, read_checkpoint, save_atomically
+from anomaly_framework.trainers.checkpoint_files import CHECKPOINT_NAME, read_checkpoint, save_atomically
+from anomaly_framework.trainers.trainer_base import BaseTrainer
 from anomaly_framework.trainers.training_log import TrainingLog
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.utils import StageTimer
