@@ -18,6 +18,7 @@ is cut on its own grid and its map stitched at its own size (maps come back as a
 """
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Iterator
 
 import torch
@@ -74,10 +75,14 @@ class TilingMixin:
             yield batch
             return
         if "features" in batch:  # per stage [B, T, ...], or (native) a list of [T_i, ...]
-            stages = batch["features"]
-            for pairs in tile_chunks([len(tiles) for tiles in stages[0]], self._chunk()):
-                yield {"features": [torch.stack([stage[image][tile] for image, tile in pairs]) for stage in stages],
-                       "tiles": True, "pairs": pairs}
+            counts = [len(tiles) for tiles in batch["features"][0]]
+            # Every tile of the batch as one row per stage (a view for [B, T, ...]), gathered a chunk at a time.
+            stages = [stage.flatten(0, 1) if isinstance(stage, torch.Tensor) else torch.cat(stage)
+                      for stage in batch["features"]]
+            first = [0, *accumulate(counts)]  # each image's first row
+            for pairs in tile_chunks(counts, self._chunk()):
+                rows = torch.tensor([first[image] + tile for image, tile in pairs], device=stages[0].device)
+                yield {"features": [stage.index_select(0, rows) for stage in stages], "tiles": True, "pairs": pairs}
             return
         images = batch["image"]
         origins = [tile_origins(*image.shape[-2:], *self.tiling) for image in images]

@@ -17,14 +17,20 @@ def joined(parts: list) -> torch.Tensor | list:
 
 def flat(values: torch.Tensor | list[torch.Tensor]) -> np.ndarray:
     """Every pixel of maps or masks [N, 1, S, S] (or a list of [1, H, W]), image by image, as one array."""
+    if isinstance(values, torch.Tensor):
+        return values.flatten().numpy()
     return torch.cat([value.flatten() for value in values]).numpy()
 
 
 def map_maxima(maps: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     """Each map's maximum [N]."""
+    if isinstance(maps, torch.Tensor):
+        return maps.amax(dim=(1, 2, 3))
     return torch.stack([heat.amax() for heat in maps])
 
 
 def value_range(maps: torch.Tensor | list[torch.Tensor]) -> tuple[float, float]:
     """The smallest and largest value over every map."""
+    if isinstance(maps, torch.Tensor):
+        return float(maps.min()), float(maps.max())
     return min(float(heat.min()) for heat in maps), max(float(heat.max()) for heat in maps)

@@ -284,8 +284,9 @@ class BaseTrainer:
             self.threshold_source = (f"f1_adaptive on the labelled validation split ({len(predictions.labels)} test "
                                      f"images held out: {anomalous} anomalous)")
             self.pixel_threshold, self.pixel_threshold_source = self.threshold, "the image threshold (no masks)"
-            if self.dataloader.has_masks and flat(predictions.masks).any():
-                self.pixel_threshold = f1_max(flat(predictions.masks), flat(predictions.maps))[1]
+            masks = flat(predictions.masks) if self.dataloader.has_masks else None
+            if masks is not None and masks.any():
+                self.pixel_threshold = f1_max(masks, flat(predictions.maps))[1]
                 self.pixel_threshold_source = "pixel F1-max on the labelled validation split's masks"
         else:
             self.calibrate_on_normal_scores(evaluation)
