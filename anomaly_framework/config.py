@@ -132,6 +132,7 @@ MODEL_CONFIGS: dict[str, dict] = {
             "n_features": None,  # None = paper rule: R18 100, WR50 550, other backbones min(550, all)
             "sigma": 4.0,
             "feature_seed": None,  # seed of the random channel subset; None = the run's seed
+            "tile_ensemble": False,  # tiled runs: one Gaussian set per tile position (high_resolution.md)
         },
         "train": {"trainer": "memory"},
         "data": {"image_size": 224, "crop_ratio": 0.875, "interpolation": "lanczos"},

@@ -96,6 +96,7 @@ def check_consistency(config: dict) -> None:
             raise FrameworkError(f"Config key 'data.{key}' must be positive, got {data[key]}")
     check_tiling(data)
     check_native(config)
+    check_tile_ensemble(config)
     if data["num_workers"] is not None and data["num_workers"] < 0:
         raise FrameworkError(f"Config key 'data.num_workers' must be >= 0 or null (auto), got {data['num_workers']}")
     if config["device"] not in ("auto", "cpu", "cuda"):
@@ -159,3 +160,16 @@ def check_native(config: dict) -> None:
     if config["train"].get("monitor") == "synthetic_pixel_auroc":
         raise FrameworkError("Config key 'train.monitor'=synthetic_pixel_auroc needs square images (its textures are "
                              "data.image_size squares): not with data.image_size=native")
+
+
+def check_tile_ensemble(config: dict) -> None:
+    """PaDiM's tiled ensemble fits one Gaussian set per tile position: it needs tiles, on one grid for every image."""
+    data = config["data"]
+    if not config["model"].get("tile_ensemble"):
+        return
+    if data["tile_size"] is None:
+        raise FrameworkError("Config key 'model.tile_ensemble'=true needs data.tile_size (it fits one Gaussian set per "
+                             "tile position), e.g. --set data.tile_size=224")
+    if data["image_size"] == NATIVE:
+        raise FrameworkError("Config key 'model.tile_ensemble'=true needs the same tile positions in every image: "
+                             "not with data.image_size=native (set an image_size, or leave the ensemble off)")

@@ -128,13 +128,14 @@ def export(run_dir: str | Path, format: str, output: str | Path | None = None, f
     modeler, saved = load_run(run_dir)
     config = saved["config"]
     deployed = deployable(modeler, config, saved["threshold"])
-    size = input_side(config["data"])
-    example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    size, group = input_side(config["data"]), modeler.tile_group()  # a tiled ensemble: its tiles per image
+    example = torch.randint(0, 256, (2 * group, size, size, 3), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(0))
     output.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings on Python ints: sizes are fixed by the run, batch aside
         WRITERS[format](deployed, example, output)
-    sidecar, sidecar_path = describe(config, saved, format, output), Path(f"{output}.json")
+    sidecar, sidecar_path = describe(config, saved, format, output, group), Path(f"{output}.json")
     sidecar_path.write_text(json.dumps(sidecar, indent=2))  # the ONNX runner reads it
     sidecar["export_check"] = export_check(modeler, config, saved["threshold"], load_artifact(output, format))
     sidecar_path.write_text(json.dumps(sidecar, indent=2))
@@ -234,17 +235,19 @@ def differences(reference: tuple, candidate: tuple) -> dict[str, float]:
 
 
 def export_check(modeler, config: dict, threshold: float, runner: Runner) -> dict:
-    """Exported vs eager outputs on random images, at batch 1 and 3 (the trace used 2: the batch is dynamic)."""
-    size = input_side(config["data"])
-    images = np.random.default_rng(1).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    """Exported vs eager outputs on random images, at batch 1 and 3 (the trace used 2: the batch is dynamic;
+    a tiled ensemble's batches count whole images' tiles)."""
+    size, group = input_side(config["data"]), modeler.tile_group()
+    images = np.random.default_rng(1).integers(0, 256, (3 * group, size, size, 3), dtype=np.uint8)
     eager = eager_runner(modeler, config, threshold)
-    reports = [differences(eager(batch), runner(batch)) for batch in (images[:1], images)]
-    return {"images": "random uint8, batches of 1 and 3",
+    reports = [differences(eager(batch), runner(batch)) for batch in (images[:group], images)]
+    return {"images": f"random uint8, batches of {group} and {3 * group}",
             **{key: max(report[key] for report in reports) for key in reports[0]}}
 
 
-def describe(config: dict, saved: dict, format: str, output: Path) -> dict:
-    """The sidecar: the model, the input contract, the outputs, the threshold and its source, the versions."""
+def describe(config: dict, saved: dict, format: str, output: Path, group: int = 1) -> dict:
+    """The sidecar: the model, the input contract, the outputs, the threshold and its source, the versions;
+    ``group``: the tiles an image's call must hold (a tiled ensemble's tile positions), else 1."""
     data, model = config["data"], config["model"]
     size, native = input_side(data), data["image_size"] == "native"
     versions = library_versions()
@@ -262,11 +265,14 @@ def describe(config: dict, saved: dict, format: str, output: Path) -> dict:
         "input": {"name": "images", "dtype": "uint8", "layout": "NHWC", "shape": ["batch", size, size, 3],
                   "colour": "RGB", "image_size": data["image_size"], "resize": None if native else round(data["image_size"] / data["crop_ratio"]),
                   "tile_size": data.get("tile_size"), "tile_stride": data.get("tile_stride") or data.get("tile_size"),
+                  "tile_group": group,
                   "interpolation": data["interpolation"],
                   "outside_the_model": ("each image at its own size (image_size native: no resize, no crop)" if native else
                                         "resize to resize×resize (interpolation, on uint8), centre-crop image_size")
                   + (", cut tile_size tiles every tile_stride px (images.tiling); tile maps stitched by overlap "
-                     "averaging, score = the stitched map's maximum" if data.get("tile_size") else ""),
+                     "averaging, score = the stitched map's maximum" if data.get("tile_size") else "")
+                  + (", every tile of an image in one call, in tile order (tile_group: a Gaussian set per tile "
+                     "position)" if group > 1 else ""),
                   "inside_the_model": f"/255, normalize {data['normalize']}"},
         "outputs": {"anomaly_map": ["batch", size, size], "score": ["batch"],
                     "label": "batch, int64, 1 if score >= threshold"},

@@ -55,6 +55,7 @@ class OnnxDetector:
         contract = self.info["input"]
         self.image_size, self.resize = contract["image_size"], contract["resize"]
         self.tile_size, self.tile_stride = contract.get("tile_size"), contract.get("tile_stride")
+        self.tile_group = contract.get("tile_group") or 1  # > 1: an image's tiles go in together (tiled ensemble)
         self.input_size = self.tile_size or self.image_size
         self.interpolation = interpolation_code(contract["interpolation"])
         options = onnxruntime.SessionOptions()
@@ -100,8 +101,9 @@ class OnnxDetector:
             height, width = image.shape[:2]
             tiles = np.stack(cut(image.transpose(2, 0, 1), tile_origins(height, width, size, stride), size))
             tiles = tiles.transpose(0, 2, 3, 1)  # [T, t, t, 3]
-            tile_maps = [self.run(np.ascontiguousarray(tiles[start:start + batch_size]))[0]
-                         for start in range(0, len(tiles), batch_size)]
+            step = len(tiles) if self.tile_group > 1 else batch_size
+            tile_maps = [self.run(np.ascontiguousarray(tiles[start:start + step]))[0]
+                         for start in range(0, len(tiles), step)]
             maps.append(stitch(np.concatenate(tile_maps), height, width, size, stride))
         scores = np.array([heat.max() for heat in maps])
         labels = (scores.astype(np.float64) >= self.info["threshold"]).astype(np.int64)

@@ -13,5 +13,10 @@ class PadimModeler(BaseModeler):
 
     one_pass = True
 
+    def begin_fit(self, num_images: int, num_tiles: int | None = None) -> None:
+        """A tiled ensemble (``model.tile_ensemble``) fits one Gaussian set per tile position: tells the model how many."""
+        super().begin_fit(num_images, num_tiles)
+        self.model.tile_positions = self.tile_group()
+
     def maps_from_outputs(self, outputs: dict, batch: dict) -> torch.Tensor:
         return self.smooth_to_input(outputs["patch_scores"], self.input_size(batch), self.model.sigma)

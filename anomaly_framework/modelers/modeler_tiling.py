@@ -12,6 +12,10 @@ positions (PaDiM: one Gaussian per position within the tile, fitted on every til
 features of an image are its tiles' features, stacked [T, C, h, w] per stage. The fit's own images are
 scored leave-one-tile-out: each tile as if its own features had been left out of the fit.
 
+PaDiM's tiled ensemble (``model.tile_ensemble``): one Gaussian set per tile position, so the model takes
+whole images' tiles in tile order (``tile_group``), ``data.batch_size`` images a call, and scores the fit's
+own images leave-one-image-out (an image adds one sample to each Gaussian).
+
 ``data.image_size=native``: each image keeps its own size, so a batch holds lists (images [3, H, W], masks,
 cached features [T, C, h, w] per image and stage, the number T of tiles differing by image); each image
 is cut on its own grid and its map stitched at its own size (maps come back as a list of [1, H, W]).
@@ -55,6 +59,10 @@ class TilingMixin:
         """Tiles of one image of that size (1 untiled)."""
         return 1 if self.tiling is None else tiles_per_image(height, width, *self.tiling)
 
+    def _chunk(self) -> int:
+        """Tiles per model call: ``data.batch_size``; a tiled ensemble's, ``data.batch_size`` whole images."""
+        return self.config["data"]["batch_size"] * self.tile_group()
+
     def tiles_per_image(self) -> int:
         """Tiles of one ``data.image_size`` square (1 untiled; native sizes differ: ``tiles_of``)."""
         if self.tiling is None:
@@ -64,30 +72,38 @@ class TilingMixin:
         side = self.config["data"]["image_size"]
         return self.tiles_of(side, side)
 
-    def _chunk(self) -> int:
-        return self.config["data"]["batch_size"]
+    def tile_group(self) -> int:
+        """Tiles the model must take together: every tile of an image, in tile order, when its fitted
+        statistics differ by tile position (PaDiM's ``model.tile_ensemble``); else 1 (any tiles)."""
+        if self.tiling is None or not getattr(self.model, "tile_ensemble", False):
+            return 1
+        return self.tiles_per_image()
 
-    def tile_batches(self, batch: dict) -> Iterator[dict]:
-        """The batch's tiles as batches of at most ``data.batch_size`` tiles, image by image: ``{"image"
-        [n, 3, t, t] or "features" [n, ...] per stage, "tiles": True, "pairs": [(image, tile), ...]}``.
-        Untiled, or already tiles: the batch itself."""
+    def tile_batches(self, batch: dict, backbone: bool = False) -> Iterator[dict]:
+        """The batch's tiles as batches of at most ``data.batch_size`` tiles (a tiled ensemble:
+        ``data.batch_size`` whole images' tiles), image by image: ``{"image" [n, 3, t, t] or "features"
+        [n, ...] per stage, "tiles": True, "pairs": [(image, tile), ...]}``; ``backbone``: the backbone's
+        batches of images, ``data.batch_size`` tiles. Untiled, or already tiles: the batch itself."""
         if self.tiling is None or batch.get("tiles"):
             yield batch
             return
+        chunk = self.config["data"]["batch_size"] if backbone else self._chunk()
+        if not backbone and self.tile_group() > 1 and "features" not in batch:
+            batch = {"features": self.extract(self.images(batch))}  # whole images per call: the backbone's batches first
         if "features" in batch:  # per stage [B, T, ...], or (native) a list of [T_i, ...]
             counts = [len(tiles) for tiles in batch["features"][0]]
             # Every tile of the batch as one row per stage (a view for [B, T, ...]), gathered a chunk at a time.
             stages = [stage.flatten(0, 1) if isinstance(stage, torch.Tensor) else torch.cat(stage)
                       for stage in batch["features"]]
             first = [0, *accumulate(counts)]  # each image's first row
-            for pairs in tile_chunks(counts, self._chunk()):
+            for pairs in tile_chunks(counts, chunk):
                 rows = torch.tensor([first[image] + tile for image, tile in pairs], device=stages[0].device)
                 yield {"features": [stage.index_select(0, rows) for stage in stages], "tiles": True, "pairs": pairs}
             return
         images = batch["image"]
         origins = [tile_origins(*image.shape[-2:], *self.tiling) for image in images]
         views = [cut(image, grid, self.tiling[0]) for image, grid in zip(images, origins)]  # views: a chunk is the only copy
-        for pairs in tile_chunks([len(grid) for grid in origins], self._chunk()):
+        for pairs in tile_chunks([len(grid) for grid in origins], chunk):
             yield {"image": torch.stack([views[image][index] for image, index in pairs]), "tiles": True, "pairs": pairs}
 
     def all_tiles(self, batch: dict) -> dict:
@@ -106,7 +122,7 @@ class TilingMixin:
         tiles going through the backbone a batch at a time."""
         if self.tiling is None:
             return self.model.extract(images)
-        parts = [self.model.extract(self.images(part)) for part in self.tile_batches({"image": images})]
+        parts = [self.model.extract(self.images(part)) for part in self.tile_batches({"image": images}, backbone=True)]
         stages = [torch.cat(stage) for stage in zip(*parts)]
         if self.native:
             return stages

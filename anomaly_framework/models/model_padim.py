@@ -29,11 +29,16 @@ DEFAULT_N_FEATURES = 550
 COVARIANCE_EPS = 0.01
 # The state-dict key of the stored upper triangles of the inverse covariances.
 PACKED_KEY = "inv_covariance_upper"
-# Float64 covariances factorised at once by the leave-one-out scores (positions per chunk = this / (8·d²)).
-LEAVE_ONE_OUT_CHUNK_BYTES = 64 * 2**20
+# Covariances factorised at once by finalize (float32: this / (4·d²) positions) and the leave-one-out scores (float64).
+POSITION_CHUNK_BYTES = 64 * 2**20
 # The factors are kept across the calibration pass's batches up to this size (Lite0 at 224 px: 0.8 GB), and
 # recomputed for each batch above it (WR50's 550 channels: 7.6 GB).
 LEAVE_ONE_OUT_CACHE_BYTES = 2**30
+
+
+def _exporting() -> bool:
+    """Traced for an export (TorchScript, ONNX): shapes must stay symbolic and tensors out of place."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 @MODEL_REGISTRY.register("padim")
@@ -54,6 +59,10 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         feature_seed: seed of the random channel subset (the config passes the run's seed unless
             ``model.feature_seed`` is set; the reference code's Python ``random`` draw with seed 1024
             cannot be reproduced by torch, so no particular seed is the paper's).
+        tile_ensemble: tiled runs (``data.tile_size``): one Gaussian set per tile position (the "tiled
+            ensemble") instead of one shared by every tile. The modeler then hands over whole images' tiles
+            in tile order and sets ``tile_positions``; the fitted buffers hold the positions of all tile
+            positions, [T·h·w, ...] (a fitted model reads T from them).
     """
 
     def __init__(
@@ -65,6 +74,7 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         n_features: int | None = None,
         sigma: float = 4.0,
         feature_seed: int = 1024,
+        tile_ensemble: bool = False,
     ) -> None:
         super().__init__()
         self.extractor = TimmFeatureExtractor(backbone, layers, pretrained=pretrained, weights=weights)
@@ -74,6 +84,9 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         if not 0 < n_features <= total:
             raise FrameworkError(f"model.n_features must be in 1..{total} for {backbone} {layers}, got {n_features}")
         self.sigma = sigma
+        self.tile_ensemble = tile_ensemble
+        # Tile positions with their own Gaussians in the next fit (the modeler sets it; 1 = shared or untiled).
+        self.tile_positions = 1
         generator = torch.Generator().manual_seed(feature_seed)
         subset = torch.randperm(total, generator=generator)[:n_features].sort().values
         self.register_buffer("feature_index", subset)
@@ -99,22 +112,26 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         """Streaming statistics need no reservation; starts a fresh accumulation."""
         self._count, self._scatter = 0, None
 
-    def _by_position(self, inputs: torch.Tensor | list[torch.Tensor], dtype: torch.dtype = torch.float32,
-                     centre: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """The embedding as one [P, d, B] stack per position (minus ``centre`` [P, d] if given), and its
-        grid (h, w), P = h·w: contiguous, so the batched products read each position's [d, B] block in
-        one piece (on the strided layout of a [B, d, h, w] embedding the scatter update ran 1.9x and the
-        batch mean 25x slower: Lite0, batch 32, one thread). An export traces the plain recipe instead,
-        whose shapes stay symbolic."""
+    def _by_position(self, inputs: torch.Tensor | list[torch.Tensor],
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The embedding as one [P, d, B] stack per position and its grid (h, w), P = h·w: contiguous, so
+        the batched products read each position's [d, B] block in one piece (on the strided layout of a
+        [B, d, h, w] embedding the scatter update ran 1.9x and the batch mean 25x slower: Lite0, batch 32,
+        one thread). An export traces the plain recipe instead, whose shapes stay symbolic."""
         features = self.extract(inputs) if isinstance(inputs, torch.Tensor) else inputs
         height, width = features[0].shape[-2:]
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            stacked = self._concatenated(features).to(dtype).flatten(2).permute(2, 1, 0)
-            return (stacked if centre is None else stacked - centre.to(dtype).unsqueeze(2)), (height, width)
-        stacked = self._stacked(features, dtype)
-        if centre is not None:
-            stacked -= centre.to(dtype).unsqueeze(2)
-        return stacked, (height, width)
+        if _exporting():
+            return self._concatenated(features).to(dtype).flatten(2).permute(2, 1, 0), (height, width)
+        return self._stacked(features, dtype), (height, width)
+
+    def _centred(self, inputs: torch.Tensor | list[torch.Tensor],
+                 dtype: torch.dtype) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        """The embedding minus the fitted means [G·P, d, B] (in place but when exported), with the fitted
+        tile positions G (1 unless a tiled ensemble) and the grid (h, w)."""
+        stacked, (height, width) = self._by_position(inputs, dtype)
+        groups = self._fitted_groups(height * width)
+        centred, mean = self._grouped(stacked, groups), self.mean.to(dtype).unsqueeze(2)
+        return (centred - mean if _exporting() else centred.sub_(mean)), groups, (height, width)
 
     def _concatenated(self, features: list[torch.Tensor]) -> torch.Tensor:
         """The reference recipe [B, d, h, w]: deeper maps upsampled to the first grid by nearest neighbour
@@ -148,10 +165,31 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
             blocks[:, :, :, :, slots] = feature.permute(2, 3, 1, 0)[:, None, :, None]  # broadcast: the repetition
         return stacked.view(height * width, -1, batch)
 
+    def _grouped(self, stacked: torch.Tensor, groups: int) -> torch.Tensor:
+        """[P, d, B·G] of B images' G tiles each (image by image, tiles in order) → [G·P, d, B]: each tile
+        position's grid positions are Gaussians of their own (the tiled ensemble). G = 1: ``stacked`` itself."""
+        if groups == 1:
+            return stacked
+        positions, dim, count = stacked.shape
+        if count % groups:
+            raise FrameworkError(f"PaDiM's tiled ensemble takes whole images: {count} tiles are not a multiple "
+                                 f"of its {groups} tile positions")
+        return stacked.reshape(positions, dim, -1, groups).permute(3, 0, 1, 2).reshape(groups * positions, dim, -1)
+
+    def _fitted_groups(self, positions: int) -> int:
+        """Tile positions of the fitted Gaussians (1 unless a tiled ensemble): their rows per grid of ``positions``."""
+        return max(1, self.mean.shape[0] // positions)
+
+    @staticmethod
+    def _as_maps(values: torch.Tensor, groups: int, height: int, width: int) -> torch.Tensor:
+        """Per-position values [G·P, B] → maps [B·G, 1, h, w], a map per tile (image by image, tiles in order)."""
+        return values.reshape(groups, height * width, -1).permute(2, 0, 1).reshape(-1, 1, height, width)
+
     @torch.no_grad()
     def update(self, inputs: torch.Tensor | list[torch.Tensor]) -> None:
         """Adds a batch of normal images (or their features) to the running per-position mean and scatter."""
-        samples, _ = self._by_position(inputs, torch.float32)  # [P, d, B]
+        stacked, _ = self._by_position(inputs, torch.float32)
+        samples = self._grouped(stacked, self.tile_positions)  # [G·P, d, B]
         batch = samples.shape[2]
         batch_mean = samples.mean(dim=2)
         centred = samples.sub_(batch_mean.unsqueeze(2))
@@ -186,16 +224,22 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         """Turns the accumulated scatter into the regularised inverse covariance, in place."""
         if self._count < 2:
             raise FrameworkError(f"PaDiM needs at least 2 training images, got {self._count}")
-        # Out of place: the accumulators were made under inference mode, the buffers must outlive it.
-        covariance = self._scatter / (self._count - 1)
-        covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
-        # Symmetric positive definite (scatter + ε·I): a Cholesky inverse is as accurate and 1.8× faster than LU
-        # (3136 inverses of 176² for Lite0 at 224 px: 1.7 s instead of 3.0 s on one core).
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(covariance))
-        # Exactly symmetric (rounding-level asymmetry otherwise) and row-major as a loaded checkpoint is,
-        # so that storing one triangle is lossless and a reloaded model scores bit for bit the same; written
-        # over the covariance, no longer needed (no third [P, d, d] array).
-        self.inv_covariance = torch.add(inverse, inverse.mT, out=covariance).mul_(0.5)
+        # Out of place: the accumulators were made under inference mode, the buffers must outlive it. A chunk of
+        # positions at a time: the peak is the scatter, the inverse and one chunk's temporaries (a whole-array
+        # pass held four [P, d, d] arrays: 25 GB for Lite0's tiled ensemble of 16 tiles).
+        inverse = torch.empty_like(self._scatter)
+        step = max(1, POSITION_CHUNK_BYTES // (4 * inverse.shape[-1] ** 2))
+        for start in range(0, len(inverse), step):
+            block = slice(start, start + step)
+            covariance = self._scatter[block] / (self._count - 1)
+            covariance.diagonal(dim1=1, dim2=2).add_(COVARIANCE_EPS)
+            # Symmetric positive definite (scatter + ε·I): a Cholesky inverse is as accurate and 1.8× faster
+            # than LU (3136 inverses of 176² for Lite0 at 224 px: 1.7 s instead of 3.0 s on one core).
+            factor_inverse = torch.cholesky_inverse(torch.linalg.cholesky(covariance))
+            # Exactly symmetric (rounding-level asymmetry otherwise) and row-major as a loaded checkpoint is,
+            # so that storing one triangle is lossless and a reloaded model scores bit for bit the same.
+            torch.add(factor_inverse, factor_inverse.mT, out=inverse[block]).mul_(0.5)
+        self.inv_covariance = inverse
         self.mean = self.mean.clone()
         # Kept for leave_one_out (as large as the inverse; the peak above already held both).
         self._fit_scatter, self._refit_factors = self._scatter, {}
@@ -229,9 +273,9 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         images or their features."""
         if self.inv_covariance.numel() == 0:
             raise FrameworkError("PaDiM is not fitted: run the memory trainer (or load a checkpoint) first")
-        centred, (height, width) = self._by_position(inputs, torch.float32, centre=self.mean)  # [P, d, B]
-        squared = ((self.inv_covariance @ centred) * centred).sum(1)  # [P, B]
-        return squared.clamp_min(0).T.reshape(-1, 1, height, width)
+        centred, groups, (height, width) = self._centred(inputs, torch.float32)  # [G·P, d, B]
+        squared = ((self.inv_covariance @ centred) * centred).sum(1)  # [G·P, B]
+        return self._as_maps(squared.clamp_min(0), groups, height, width)
 
     def forward(self, inputs: torch.Tensor | list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Mahalanobis distance of every position's embedding to its Gaussian [B, 1, h, w] (images or features)."""
@@ -252,10 +296,10 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         count = self.fit_images
         if count < 3 or self._fit_scatter is None:
             raise FrameworkError("PaDiM's leave-one-out scores need the fit's own images (at least 3) in this process")
-        centred, (height, width) = self._by_position(images, torch.float64, centre=self.mean)  # [P, d, B]
+        centred, groups, (height, width) = self._centred(images, torch.float64)  # [G·P, d, B]
         positions, dim, batch = centred.shape
         downdate = count / ((count - 1) * (count - 2))
-        step = max(1, LEAVE_ONE_OUT_CHUNK_BYTES // (8 * dim * dim))
+        step = max(1, POSITION_CHUNK_BYTES // (8 * dim * dim))
         squared = torch.empty(positions, batch, dtype=torch.float64, device=centred.device)
         for start in range(0, positions, step):
             block = slice(start, start + step)
@@ -263,7 +307,7 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
             quadratic = solved.square().sum(dim=1)
             # The refitted covariance is positive definite (ε·I), so 1 − c·q > 0 up to float64 rounding.
             squared[block] = quadratic * (count / (count - 1)) ** 2 / (1 - downdate * quadratic).clamp_min(1e-300)
-        return {"patch_scores": squared.T.reshape(batch, 1, height, width).sqrt().float()}
+        return {"patch_scores": self._as_maps(squared, groups, height, width).sqrt().float()}
 
     def _refit_factor(self, block: slice, count: int) -> torch.Tensor:
         """Float64 Cholesky factor of M = S/(n−2) + ε·I at the positions of ``block``, kept when all fit

@@ -104,7 +104,8 @@ class MemoryTrainer(FeatureCacheMixin, BaseTrainer):
             return super().normal_predictions()
         loader = self.eval_loader(self.dataloader.train_dataset, "train")  # the fit's order, its cached features
         if hasattr(self.modeler.model, "leave_one_out"):
-            unit = "tile" if self.modeler.tiling else "image"  # tiled: each tile without its own features
+            # tiled: each tile without its own features; a tiled ensemble: each image (one sample per Gaussian)
+            unit = "tile" if self.modeler.tiling and self.modeler.tile_group() == 1 else "image"
             return self.predict(loader, desc="threshold", held_out=True), f"train/good, leave-one-{unit}-out"
         folds = min(CROSS_FIT_FOLDS, len(loader.dataset))
         return self.cross_fitted(loader, folds), f"train/good, {folds}-fold cross-fitted"
