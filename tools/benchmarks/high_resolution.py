@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int)
     parser.add_argument("--tile-stride", type=int)
     parser.add_argument("--epochs", type=int)
+    parser.add_argument("--tile-ensemble", action="store_true", help="PaDiM: one Gaussian set per tile position")
     parser.add_argument("--coreset-ratio", type=float, help="PatchCore's model.coreset_ratio (default 0.1)")
     parser.add_argument("--small-fraction", type=float, default=0.001)
     parser.add_argument("--medium-fraction", type=float, default=0.01, help="a second, larger size class")
@@ -75,6 +76,8 @@ def main() -> None:
         config["train"] = {"epochs": args.epochs}
     if args.coreset_ratio:
         config["model"]["coreset_ratio"] = args.coreset_ratio
+    if args.tile_ensemble:
+        config["model"]["tile_ensemble"] = True
     start, cpu_start = time.perf_counter(), os.times()
     results = run_experiment(config)
     wall, cpu = time.perf_counter() - start, os.times()
@@ -85,7 +88,7 @@ def main() -> None:
     recall.update({key.replace("small", "medium"): value for key, value in medium.items() if key.startswith("small")})
     row = {"model": args.model, "backbone": args.backbone, "image_size": args.image_size, "tile_size": args.tile_size,
            "tile_stride": args.tile_stride, "epochs": args.epochs, "coreset_ratio": args.coreset_ratio,
-           **{key: metrics[key] for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_threshold")}, **recall,
+           "tile_ensemble": args.tile_ensemble, **{key: metrics[key] for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_threshold")}, **recall,
            "wall_s": round(wall, 1), "cpu_s": round(cpu.user + cpu.system - cpu_start.user - cpu_start.system, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
            "load": os.getloadavg(), "run_dir": results["run_dir"], "timings": results.get("timings")}
