@@ -145,15 +145,17 @@ def test_dfm_scores_under_torchrun_as_in_one_process(tmp_path, demo_root, scores
     assert all(got[key] == pytest.approx(value, rel=1e-4) for key, value in expected.items())
 
 
-def test_tiled_padim_under_torchrun_scores_as_in_one_process(tmp_path, demo_root, scores_auroc):
+@pytest.mark.parametrize("ensemble", [False, True], ids=["shared", "tile_ensemble"])
+def test_tiled_padim_under_torchrun_scores_as_in_one_process(tmp_path, demo_root, scores_auroc, ensemble):
     # Overlapping 32-px tiles of the 64-px images (3 × 3 per image): the ranks fit one Gaussian set from every
-    # tile of their shards, rank 0 stitches and scores the whole images.
-    tiles = {"data.tile_size": 32, "data.tile_stride": 16}
+    # tile of their shards (the ensemble: one per tile position, from whole images), rank 0 stitches and scores.
+    tiles = {"data.tile_size": 32, "data.tile_stride": 16, **({"model.tile_ensemble": True} if ensemble else {})}
     single = _single(tmp_path, demo_root, "padim", **tiles)
     run_dir = _torchrun(_flags(tmp_path, demo_root, "padim", *[f for key, value in tiles.items()
-                                                              for f in ("--set", f"{key}={value}")]))
+                                                              for f in ("--set", f"{key}={str(value).lower()}")]))
     results = _check_run(run_dir, demo_root, scores_auroc)
-    assert json.loads((run_dir / "config.json").read_text())["data"]["tile_size"] == 32
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"]["tile_size"] == 32 and config["model"]["tile_ensemble"] is ensemble
     assert results["fit"]["train_images"] == single["fit"]["train_images"]
     expected, got = _scores(single["run_dir"]), _scores(run_dir)
     assert expected.keys() == got.keys()
