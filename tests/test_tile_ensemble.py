@@ -17,7 +17,7 @@ from anomaly_framework.images.tiling import cut, tile_origins
 from anomaly_framework.inference.checkpoint import load_checkpoint
 from anomaly_framework.main import run_experiment
 from anomaly_framework.models.model_padim import COVARIANCE_EPS, PadimModel
-from tests.test_tiling import brute_force_stitch
+from tests.test_tiling import assert_runner_matches_eager, brute_force_stitch
 
 IMAGE, TILE, STRIDE = 64, 48, 16  # 2×2 overlapping tiles: 4 tile positions
 GROUPS = 4
@@ -162,15 +162,7 @@ def test_an_exported_ensemble_takes_each_image_s_tiles_together(ensemble_run, de
     paths = sorted((Path(demo_root) / "fabric" / "test").rglob("*.png"))[:3]
     uint8 = np.stack([detector.load(path) for path in paths])
     maps, scores, _ = detector.detect(uint8, batch_size=3)  # 3 < 4 tiles: the runner sends an image's 4
-    modeler, _ = load_checkpoint(ensemble_run["run_dir"], "cpu")
-    images = (torch.from_numpy(uint8).permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
-        / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    with torch.no_grad():
-        eager = modeler.evaluate_step({"image": images})
-    reference = eager["anomaly_maps"][:, 0].numpy()
-    np.testing.assert_allclose(maps, reference, atol=1e-4 * np.abs(reference).max())
-    np.testing.assert_allclose(scores, eager["anomaly_scores"].numpy(), rtol=1e-4)
-
+    assert_runner_matches_eager(ensemble_run["run_dir"], uint8, maps, scores)
 
 @pytest.mark.parametrize("data, fragment", [
     ({"image_size": 64}, "'model.tile_ensemble'=true needs data.tile_size"),

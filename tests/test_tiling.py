@@ -127,6 +127,13 @@ def test_onnx_runner_tiles_and_stitches_as_the_eager_model(tiled_runs, demo_root
     paths = sorted((Path(demo_root) / "fabric" / "test").rglob("*.png"))[:3]
     uint8 = np.stack([detector.load(path) for path in paths])
     maps, scores, labels = detector.detect(uint8, batch_size=3)
+    eager_scores, threshold = assert_runner_matches_eager(run_dir, uint8, maps, scores)
+    assert labels.tolist() == [int(float(s) >= threshold) for s in eager_scores]
+
+
+def assert_runner_matches_eager(run_dir, uint8: np.ndarray, maps: np.ndarray, scores: np.ndarray):
+    """The runner's maps and scores of uint8 RGB images [B, H, W, 3] against the run's eager (tiled) model;
+    returns the eager scores and the run's threshold."""
     modeler, saved = load_checkpoint(run_dir, "cpu")
     images = (torch.from_numpy(uint8).permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
         / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -135,7 +142,7 @@ def test_onnx_runner_tiles_and_stitches_as_the_eager_model(tiled_runs, demo_root
     reference = eager["anomaly_maps"][:, 0].numpy()
     np.testing.assert_allclose(maps, reference, atol=1e-4 * np.abs(reference).max())
     np.testing.assert_allclose(scores, eager["anomaly_scores"].numpy(), rtol=1e-4)
-    assert labels.tolist() == [int(float(s) >= saved["threshold"]) for s in eager["anomaly_scores"]]
+    return eager["anomaly_scores"], saved["threshold"]
 
 
 def test_a_4000_by_3000_image_is_predicted_within_bounded_memory(tiled_runs, tmp_path):
