@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from anomaly_framework.config_checks import check_consistency, check_value, refuse_epoch_keys_of_one_pass_models
+from anomaly_framework.config_checks import NATIVE, check_consistency, check_value, refuse_epoch_keys_of_one_pass_models
 from anomaly_framework.config_overrides import SCOPE_SEPARATOR, deep_merge, expand_dotted, split_scoped
 from anomaly_framework.errors import FrameworkError
 from anomaly_framework.factories import load_plugins
@@ -132,7 +132,9 @@ MODEL_CONFIGS: dict[str, dict] = {
             "n_features": None,  # None = paper rule: R18 100, WR50 550, other backbones min(550, all)
             "sigma": 4.0,
             "feature_seed": None,  # seed of the random channel subset; None = the run's seed
-            "tile_ensemble": False,  # tiled runs: one Gaussian set per tile position (high_resolution.md)
+            # Tiled runs: one Gaussian set per tile position (True) or one shared by every tile (False); None = on
+            # when tiled at a fixed image_size (measured better on bottle), off at image_size native (high_resolution.md)
+            "tile_ensemble": None,
         },
         "train": {"trainer": "memory"},
         "data": {"image_size": 224, "crop_ratio": 0.875, "interpolation": "lanczos"},
@@ -354,6 +356,9 @@ def resolve_config(overrides: dict | None = None) -> dict:
     _apply(config, overrides)
     check_consistency(config)
     config["data"]["mask_size"] = config["data"]["mask_size"] or ("native" if config["data"]["tile_size"] else None)
+    if "tile_ensemble" in config["model"] and config["model"]["tile_ensemble"] is None:
+        data = config["data"]
+        config["model"]["tile_ensemble"] = data["tile_size"] is not None and data["image_size"] != NATIVE
     for key in DERIVED_SEEDS:
         if key in config["model"] and config["model"][key] is None:
             config["model"][key] = config["seed"]

@@ -31,6 +31,7 @@ NULLABLE_TYPES: dict[str, tuple[type, ...]] = {
     "train.texture_root": (str,),
     "eval.threshold_value": (float, int),
     "model.feature_seed": (int,),
+    "model.tile_ensemble": (bool,),
     "model.coreset_seed": (int,),
     "model.recompute_activations": (bool,),
     "model.reflect_padding": (bool,),

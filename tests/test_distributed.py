@@ -149,7 +149,7 @@ def test_dfm_scores_under_torchrun_as_in_one_process(tmp_path, demo_root, scores
 def test_tiled_padim_under_torchrun_scores_as_in_one_process(tmp_path, demo_root, scores_auroc, ensemble):
     # Overlapping 32-px tiles of the 64-px images (3 × 3 per image): the ranks fit one Gaussian set from every
     # tile of their shards (the ensemble: one per tile position, from whole images), rank 0 stitches and scores.
-    tiles = {"data.tile_size": 32, "data.tile_stride": 16, **({"model.tile_ensemble": True} if ensemble else {})}
+    tiles = {"data.tile_size": 32, "data.tile_stride": 16, "model.tile_ensemble": ensemble}
     single = _single(tmp_path, demo_root, "padim", **tiles)
     run_dir = _torchrun(_flags(tmp_path, demo_root, "padim", *[f for key, value in tiles.items()
                                                               for f in ("--set", f"{key}={str(value).lower()}")]))

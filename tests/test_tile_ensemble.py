@@ -172,3 +172,14 @@ def test_an_ensemble_without_one_tile_grid_is_a_one_line_error(data, fragment):
     with pytest.raises(FrameworkError) as error:
         resolve_config({"model": {"name": "padim", "tile_ensemble": True}, "data": data})
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_ensemble_is_padim_s_default_on_one_tile_grid_only():
+    """Default (None): on when tiled at a fixed image_size, off at native and untiled; a set value is kept."""
+    def resolved(**data) -> bool:
+        return resolve_config({"model": {"name": "padim"}, "data": data})["model"]["tile_ensemble"]
+    assert resolved(image_size=448, tile_size=224) is True
+    assert resolved(image_size="native", tile_size=224) is False
+    assert resolved(image_size=448) is False
+    assert resolve_config({"model": {"name": "padim", "tile_ensemble": False},
+                           "data": {"image_size": 448, "tile_size": 224}})["model"]["tile_ensemble"] is False

@@ -22,7 +22,8 @@ from anomaly_framework.models.model_base import check_tiling
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE, TILE, STRIDE = 64, 48, 16  # 2×2 overlapping tiles
-MODELS = {"padim": {}, "patchcore": {"coreset_ratio": 0.25}, "stfpm": {}, "fastflow": {}}
+# PaDiM with its shared Gaussian set (the tiled ensemble, its default at a fixed size: test_tile_ensemble.py).
+MODELS = {"padim": {"tile_ensemble": False}, "patchcore": {"coreset_ratio": 0.25}, "stfpm": {}, "fastflow": {}}
 
 
 def brute_force_stitch(tile_maps: np.ndarray, height: int, width: int, tile: int, stride: int) -> np.ndarray:

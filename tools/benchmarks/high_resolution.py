@@ -16,6 +16,7 @@ import json
 import os
 import resource
 import time
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -52,7 +53,8 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int)
     parser.add_argument("--tile-stride", type=int)
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--tile-ensemble", action="store_true", help="PaDiM: one Gaussian set per tile position")
+    parser.add_argument("--tile-ensemble", choices=("true", "false"),
+                        help="PaDiM: one Gaussian set per tile position, or one shared (default: the config's)")
     parser.add_argument("--coreset-ratio", type=float, help="PatchCore's model.coreset_ratio (default 0.1)")
     parser.add_argument("--small-fraction", type=float, default=0.001)
     parser.add_argument("--medium-fraction", type=float, default=0.01, help="a second, larger size class")
@@ -77,18 +79,19 @@ def main() -> None:
     if args.coreset_ratio:
         config["model"]["coreset_ratio"] = args.coreset_ratio
     if args.tile_ensemble:
-        config["model"]["tile_ensemble"] = True
+        config["model"]["tile_ensemble"] = args.tile_ensemble == "true"
     start, cpu_start = time.perf_counter(), os.times()
     results = run_experiment(config)
     wall, cpu = time.perf_counter() - start, os.times()
     metrics = results["metrics"]
+    run_config = json.loads((Path(results["run_dir"]) / "config.json").read_text())
     predictions = captured["evaluation"]["predictions"]
     recall = region_recall(predictions.eval_masks, predictions.eval_maps, metrics["pixel_threshold"], args.small_fraction)
     medium = region_recall(predictions.eval_masks, predictions.eval_maps, metrics["pixel_threshold"], args.medium_fraction)
     recall.update({key.replace("small", "medium"): value for key, value in medium.items() if key.startswith("small")})
     row = {"model": args.model, "backbone": args.backbone, "image_size": args.image_size, "tile_size": args.tile_size,
            "tile_stride": args.tile_stride, "epochs": args.epochs, "coreset_ratio": args.coreset_ratio,
-           "tile_ensemble": args.tile_ensemble, **{key: metrics[key] for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_threshold")}, **recall,
+           "tile_ensemble": run_config["model"].get("tile_ensemble"), **{key: metrics[key] for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_threshold")}, **recall,
            "wall_s": round(wall, 1), "cpu_s": round(cpu.user + cpu.system - cpu_start.user - cpu_start.system, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
            "load": os.getloadavg(), "run_dir": results["run_dir"], "timings": results.get("timings")}
