@@ -91,7 +91,8 @@ def main() -> None:
     recall.update({key.replace("small", "medium"): value for key, value in medium.items() if key.startswith("small")})
     row = {"model": args.model, "backbone": args.backbone, "image_size": args.image_size, "tile_size": args.tile_size,
            "tile_stride": args.tile_stride, "epochs": args.epochs, "coreset_ratio": args.coreset_ratio,
-           "tile_ensemble": run_config["model"].get("tile_ensemble"), **{key: metrics[key] for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_threshold")}, **recall,
+           "tile_ensemble": run_config["model"].get("tile_ensemble"),
+           **{key: metrics[key] for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_threshold")}, **recall,
            "wall_s": round(wall, 1), "cpu_s": round(cpu.user + cpu.system - cpu_start.user - cpu_start.system, 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
            "load": os.getloadavg(), "run_dir": results["run_dir"], "timings": results.get("timings")}
