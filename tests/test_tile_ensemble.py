@@ -183,3 +183,20 @@ def test_the_ensemble_is_padim_s_default_on_one_tile_grid_only():
     assert resolved(image_size=448) is False
     assert resolve_config({"model": {"name": "padim", "tile_ensemble": False},
                            "data": {"image_size": 448, "tile_size": 224}})["model"]["tile_ensemble"] is False
+
+
+def test_statistics_beyond_the_machine_s_memory_are_refused_before_they_are_allocated(monkeypatch):
+    """4 tile positions × 64 grid positions × 20² floats, scatter and inverse: 0.8 MB; refused on a 0.5 MB
+    machine in one line naming the way out, accepted on a 1 MB one."""
+    ensemble = _padim(tile_ensemble=True)
+    ensemble.begin_fit(2)
+    ensemble.tile_positions = GROUPS
+    monkeypatch.setattr(model_padim, "memory_bytes", lambda device: 2**19)
+    with pytest.raises(FrameworkError) as error:
+        ensemble.update(_features(2 * GROUPS, 3))
+    message = str(error.value)
+    assert "need 0.0 GB (256 Gaussians of 20 dimensions" in message and "model.tile_ensemble=false" in message
+    assert "\n" not in message and ensemble._scatter is None
+    monkeypatch.setattr(model_padim, "memory_bytes", lambda device: 2**20)
+    ensemble.update(_features(2 * GROUPS, 3))
+    assert ensemble._scatter.shape == (256, 20, 20)

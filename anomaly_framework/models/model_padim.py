@@ -6,6 +6,7 @@ xiahaifeng1995/PaDiM-Anomaly-Detection-Localization-master.
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -39,6 +40,26 @@ LEAVE_ONE_OUT_CACHE_BYTES = 2**30
 def _exporting() -> bool:
     """Traced for an export (TorchScript, ONNX): shapes must stay symbolic and tensors out of place."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The memory the statistics live in: the GPU's, or this machine's RAM (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return None
+
+
+def check_statistics_fit(positions: int, dim: int, device: torch.device) -> None:
+    """The fit holds the scatter and then the inverse, [positions, d, d] float32 each: refuses, before they are
+    allocated, sizes beyond the device's memory (a tiled ensemble at 896 px with 49 tile positions: 38 GB)."""
+    needed, total = 2 * positions * dim * dim * 4, memory_bytes(device)
+    if total is not None and needed > total:
+        raise FrameworkError(f"PaDiM's statistics need {needed / 2**30:.1f} GB ({positions} Gaussians of {dim} dimensions, "
+                             f"scatter and inverse) but the {device.type} has {total / 2**30:.1f} GB: lower data.image_size "
+                             "or model.n_features, raise data.tile_stride, or set model.tile_ensemble=false")
 
 
 @MODEL_REGISTRY.register("padim")
@@ -194,6 +215,7 @@ class PadimModel(FrozenExtractorMixin, FittedBuffersMixin, nn.Module):
         batch_mean = samples.mean(dim=2)
         centred = samples.sub_(batch_mean.unsqueeze(2))
         if self._count == 0:
+            check_statistics_fit(samples.shape[0], samples.shape[1], samples.device)
             self.mean, self._scatter = batch_mean, centred @ centred.mT  # [P, d, d]
         else:
             # In place: a [P, d, d] temporary per batch (800 MB for Lite0 at 320 px) would dominate the fit.
