@@ -8,13 +8,13 @@ every model (a tile's own image score, e.g. PatchCore's re-weighted one, sees on
 
 Training: a batch of B images becomes the B·T tiles of its images (a memory model collects them a chunk
 at a time; a gradient model takes one step on all of them), so one statistic set is shared by all tile
-positions (PaDiM: one Gaussian per position within the tile, fitted on every tile). Cached backbone
-features of an image are its tiles' features, stacked [T, C, h, w] per stage. The fit's own images are
-scored leave-one-tile-out: each tile as if its own features had been left out of the fit.
+positions (PaDiM with ``model.tile_ensemble=false``: one Gaussian per position within the tile, fitted on
+every tile). Cached backbone features of an image are its tiles' features, stacked [T, C, h, w] per stage.
+The fit's own images are scored leave-one-tile-out: each tile as if its own features had been left out.
 
-PaDiM's tiled ensemble (``model.tile_ensemble``): one Gaussian set per tile position, so the model takes
-whole images' tiles in tile order (``tile_group``), ``data.batch_size`` images a call, and scores the fit's
-own images leave-one-image-out (an image adds one sample to each Gaussian).
+PaDiM's tiled ensemble (``model.tile_ensemble``, its default on a fixed grid): one Gaussian set per tile
+position, so the model takes whole images' tiles in tile order (``tile_group``), ``data.batch_size`` images
+a call, and scores the fit's own images leave-one-image-out (an image adds one sample to each Gaussian).
 
 ``data.image_size=native``: each image keeps its own size, so a batch holds lists (images [3, H, W], masks,
 cached features [T, C, h, w] per image and stage, the number T of tiles differing by image); each image
