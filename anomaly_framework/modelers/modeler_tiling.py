@@ -97,6 +97,9 @@ class TilingMixin:
                       for stage in batch["features"]]
             first = [0, *accumulate(counts)]  # each image's first row
             for pairs in tile_chunks(counts, chunk):
+                if len(pairs) == len(stages[0]):  # the whole batch in one chunk (a tiled ensemble's): no gather
+                    yield {"features": stages, "tiles": True, "pairs": pairs}
+                    continue
                 rows = torch.tensor([first[image] + tile for image, tile in pairs], device=stages[0].device)
                 yield {"features": [stage.index_select(0, rows) for stage in stages], "tiles": True, "pairs": pairs}
             return
